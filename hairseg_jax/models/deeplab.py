@@ -1,0 +1,206 @@
+"""DeepLabV3+ with a ResNet backbone.
+
+Submodule names mirror the PyTorch project jfzhang95/pytorch-deeplab-xception (``aspp/aspp2/
+atrous_conv``, ``decoder/last_conv_4`` ...) so that its checkpoints can be imported later.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hairseg_jax.models.resnet import batch_norm, resnet
+
+# Default ASPP rates of the three dilated branches per output stride.
+_ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
+
+_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The PyTorch project's kaiming_normal_ (fan_in, gain sqrt(2), untruncated) for head convs.
+_head_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _head_conv(
+    features: int,
+    kernel_size: int,
+    *,
+    dilation: int = 1,
+    use_bias: bool = False,
+    dtype: Any,
+    name: str,
+) -> nn.Conv:
+    """A head conv with symmetric padding ``dilation * (kernel_size // 2)``."""
+    pad = dilation * (kernel_size // 2)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=dilation,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=_head_kernel_init,
+        name=name,
+    )
+
+
+def _resize(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinearly resizes NHWC ``x`` to ``height`` x ``width``."""
+    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear")
+
+
+class ASPPBranch(nn.Module):
+    """``atrous_conv`` (1x1, or 3x3 dilated by ``rate``) -> ``bn`` -> ReLU."""
+
+    features: int
+    kernel_size: int
+    rate: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = _head_conv(
+            self.features,
+            self.kernel_size,
+            dilation=self.rate,
+            dtype=self.dtype,
+            name="atrous_conv",
+        )(x)
+        return nn.relu(batch_norm(train, dtype=self.dtype, name="bn")(x))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, three dilated 3x3 branches and image
+    pooling, concatenated and projected back to ``features`` channels."""
+
+    features: int
+    rates: Sequence[int]
+    dropout: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        branches = [ASPPBranch(self.features, 1, dtype=self.dtype, name="aspp1")(x, train)]
+        for i, rate in enumerate(self.rates):
+            branch = ASPPBranch(self.features, 3, rate, dtype=self.dtype, name=f"aspp{i + 2}")
+            branches.append(branch(x, train))
+        pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+        pooled = _head_conv(self.features, 1, dtype=self.dtype, name="global_avg_pool_conv")(pooled)
+        pooled = nn.relu(batch_norm(train, dtype=self.dtype, name="global_avg_pool_bn")(pooled))
+        branches.append(jnp.broadcast_to(pooled, branches[0].shape))
+        x = jnp.concatenate(branches, axis=-1)
+        x = _head_conv(self.features, 1, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+        return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class Decoder(nn.Module):
+    """Fuses the upsampled ASPP output with projected low-level features into logits."""
+
+    features: int
+    low_level_features: int
+    dropout: tuple[float, float]
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, low_level: jax.Array, train: bool) -> jax.Array:
+        low_level = _head_conv(self.low_level_features, 1, dtype=self.dtype, name="conv1")(
+            low_level
+        )
+        low_level = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(low_level))
+        x = _resize(x, low_level.shape[1], low_level.shape[2])
+        x = jnp.concatenate([x, low_level], axis=-1)
+        for i, rate in enumerate(self.dropout):
+            x = _head_conv(self.features, 3, dtype=self.dtype, name=f"last_conv_{4 * i}")(x)
+            x = nn.relu(batch_norm(train, dtype=self.dtype, name=f"last_conv_{4 * i + 1}")(x))
+            x = nn.Dropout(rate, deterministic=not train)(x)
+        return _head_conv(self.num_classes, 1, use_bias=True, dtype=self.dtype, name="last_conv_8")(
+            x
+        )
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ segmentation model: ResNet backbone, ASPP and decoder.
+
+    Attributes:
+        backbone: a key of ``hairseg_jax.models.resnet.BACKBONES``.
+        output_stride: 8, 16 or 32, stride of the backbone's last feature map.
+        multi_grid: dilation multipliers of the backbone's layer4 blocks.
+        aspp_channels: channels of each ASPP branch and of its output.
+        aspp_rates: dilations of the three 3x3 ASPP branches; ``None`` picks (12, 24, 36) at
+            output stride 8, (6, 12, 18) at 16 and (3, 6, 9) at 32.
+        decoder_channels: channels of the decoder's two 3x3 convs.
+        low_level_channels: channels the layer1 features are projected to.
+        aspp_dropout: dropout rate after the ASPP projection.
+        decoder_dropout: dropout rates after the decoder's two 3x3 convs.
+        num_classes: logit channels.
+        dtype: computation dtype; parameters stay float32 and logits are float32.
+    """
+
+    backbone: str = "resnet101"
+    output_stride: int = 16
+    multi_grid: Sequence[int] = (1, 2, 4)
+    aspp_channels: int = 256
+    aspp_rates: Sequence[int] | None = None
+    decoder_channels: int = 256
+    low_level_channels: int = 48
+    aspp_dropout: float = 0.5
+    decoder_dropout: tuple[float, float] = (0.5, 0.1)
+    num_classes: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+        """Maps normalised NHWC images to float32 logits (N, H, W, num_classes)."""
+        rates = self.aspp_rates
+        if rates is None:
+            if self.output_stride not in _ASPP_RATES:
+                raise ValueError(
+                    f"output_stride must be one of {list(_ASPP_RATES)}, got {self.output_stride}."
+                )
+            rates = _ASPP_RATES[self.output_stride]
+        features = resnet(
+            self.backbone,
+            output_stride=self.output_stride,
+            multi_grid=self.multi_grid,
+            dtype=self.dtype,
+            name="backbone",
+        )(images, train)
+        x = ASPP(self.aspp_channels, rates, self.aspp_dropout, dtype=self.dtype, name="aspp")(
+            features["layer4"], train
+        )
+        x = Decoder(
+            self.decoder_channels,
+            self.low_level_channels,
+            tuple(self.decoder_dropout),
+            self.num_classes,
+            dtype=self.dtype,
+            name="decoder",
+        )(x, features["layer1"], train)
+        return _resize(x.astype(jnp.float32), images.shape[1], images.shape[2])
+
+
+def build_model(config: Any) -> DeepLabV3Plus:
+    """Builds the model from a config with ``get`` (e.g. an ``ml_collections.ConfigDict``).
+
+    Reads ``backbone``, ``output_stride``, ``multi_grid``, ``aspp_channels``,
+    ``decoder_channels``, ``dropout`` (ASPP rate; the decoder uses ``(dropout, dropout / 5)``)
+    and ``dtype`` (``"float32"`` or ``"bfloat16"``); missing fields take the defaults.
+    """
+    defaults = DeepLabV3Plus()
+    dtype_name = config.get("dtype", "float32")
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype_name!r}; known: {', '.join(_DTYPES)}.")
+    dropout = config.get("dropout", defaults.aspp_dropout)
+    return DeepLabV3Plus(
+        backbone=config.get("backbone", defaults.backbone),
+        output_stride=config.get("output_stride", defaults.output_stride),
+        multi_grid=tuple(config.get("multi_grid", defaults.multi_grid)),
+        aspp_channels=config.get("aspp_channels", defaults.aspp_channels),
+        decoder_channels=config.get("decoder_channels", defaults.decoder_channels),
+        aspp_dropout=dropout,
+        decoder_dropout=(dropout, dropout / 5),
+        dtype=_DTYPES[dtype_name],
+    )

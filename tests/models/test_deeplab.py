@@ -1,0 +1,171 @@
+"""Tests of the DeepLabV3+ head on a ResNet-18 backbone with small inputs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from hairseg_jax.models import DeepLabV3Plus, build_model
+
+# Narrow head so the one compiled model stays quick on CPU.
+SMALL = {"aspp_channels": 16, "decoder_channels": 16, "low_level_channels": 8}
+
+
+def key(seed: int) -> jax.Array:
+    """A PRNG key whose random ops compile about twice as fast as threefry's on CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def abstract_init(model: DeepLabV3Plus, height: int = 64, width: int = 96):
+    """Returns the (logits, variables) shapes of ``model.init`` on two RGB images."""
+    x = jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
+
+
+@pytest.fixture(scope="module")
+def model() -> DeepLabV3Plus:
+    return DeepLabV3Plus(backbone="resnet18", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def images() -> jax.Array:
+    return jax.random.normal(jax.random.key(1), (2, 64, 96, 3))
+
+
+@pytest.fixture(scope="module")
+def variables(model, images):
+    return jax.jit(functools.partial(model.init, train=False))(key(0), images)
+
+
+@pytest.fixture(scope="module")
+def train_apply(model):
+    @jax.jit
+    def apply(variables, images, rng):
+        return model.apply(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+        )
+
+    return apply
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize(("height", "width"), [(64, 96), (65, 97)])
+def test_logits_have_input_size(output_stride, height, width):
+    logits, _ = abstract_init(
+        DeepLabV3Plus(backbone="resnet18", output_stride=output_stride), height, width
+    )
+    assert logits.shape == (2, height, width, 1)
+    assert logits.dtype == jnp.float32
+
+
+def test_bfloat16_keeps_float32_params_and_logits():
+    logits, variables = abstract_init(DeepLabV3Plus(backbone="resnet18", dtype=jnp.bfloat16))
+    assert logits.dtype == jnp.float32
+    assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
+
+
+def test_head_param_names_mirror_pytorch_project():
+    _, variables = abstract_init(DeepLabV3Plus(backbone="resnet18", num_classes=3))
+    params = variables["params"]
+    assert set(params) == {"backbone", "aspp", "decoder"}
+    aspp, decoder = params["aspp"], params["decoder"]
+    assert aspp["aspp1"]["atrous_conv"]["kernel"].shape == (1, 1, 512, 256)
+    for name in ("aspp2", "aspp3", "aspp4"):
+        assert aspp[name]["atrous_conv"]["kernel"].shape == (3, 3, 512, 256)
+        assert set(aspp[name]["bn"]) == {"scale", "bias"}
+    assert aspp["global_avg_pool_conv"]["kernel"].shape == (1, 1, 512, 256)
+    assert "global_avg_pool_bn" in aspp
+    assert aspp["conv1"]["kernel"].shape == (1, 1, 5 * 256, 256)
+    assert decoder["conv1"]["kernel"].shape == (1, 1, 64, 48)
+    assert decoder["last_conv_0"]["kernel"].shape == (3, 3, 256 + 48, 256)
+    assert decoder["last_conv_4"]["kernel"].shape == (3, 3, 256, 256)
+    assert {"last_conv_1", "last_conv_5", "bn1"} <= set(decoder)
+    assert decoder["last_conv_8"]["kernel"].shape == (1, 1, 256, 3)
+    assert decoder["last_conv_8"]["bias"].shape == (3,)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    convs = {jax.tree_util.keystr(path[:-1]) for path, _ in leaves if path[-1].key == "kernel"}
+    biased = {jax.tree_util.keystr(path[:-1]) for path, _ in leaves if path[-1].key == "bias"}
+    assert convs & biased == {"['decoder']['last_conv_8']"}
+
+
+@pytest.mark.parametrize(
+    ("output_stride", "aspp_rates", "expected"),
+    [
+        (16, None, {1, 2, 4, 6, 12, 18}),
+        (8, None, {1, 2, 4, 8, 12, 24, 36}),
+        (32, None, {1, 2, 3, 6, 9}),
+        (16, (3, 5, 7), {1, 2, 4, 3, 5, 7}),
+    ],
+)
+def test_aspp_rates(output_stride, aspp_rates, expected):
+    model = DeepLabV3Plus(
+        backbone="resnet18", output_stride=output_stride, aspp_rates=aspp_rates, **SMALL
+    )
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+    dilations = {
+        eqn.params["rhs_dilation"][0]
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "conv_general_dilated"
+    }
+    assert dilations == expected
+
+
+def test_train_mode_updates_batch_stats(variables, images, train_apply):
+    logits, updates = train_apply(variables, images, key(2))
+    assert logits.shape == (2, 64, 96, 1)
+    assert np.isfinite(logits).all()
+    old, new = variables["batch_stats"], updates["batch_stats"]
+    assert jax.tree.structure(new) == jax.tree.structure(old)
+    assert not np.allclose(new["aspp"]["bn1"]["mean"], old["aspp"]["bn1"]["mean"])
+    assert not np.allclose(new["backbone"]["bn1"]["var"], old["backbone"]["bn1"]["var"])
+
+
+def test_dropout_is_random_in_train_and_off_in_eval(model, variables, images, train_apply):
+    first, _ = train_apply(variables, images, key(3))
+    again, _ = train_apply(variables, images, key(3))
+    other, _ = train_apply(variables, images, key(4))
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+    evaluate = jax.jit(functools.partial(model.apply, train=False))
+    np.testing.assert_array_equal(evaluate(variables, images), evaluate(variables, images))
+
+
+def test_unknown_backbone_lists_known_names():
+    with pytest.raises(ValueError, match="resnet18.*resnet152"):
+        abstract_init(DeepLabV3Plus(backbone="vgg16"))
+
+
+def test_build_model_reads_config():
+    config = ml_collections.ConfigDict(
+        {
+            "backbone": "resnet50",
+            "output_stride": 8,
+            "multi_grid": [1, 1, 1],
+            "aspp_channels": 128,
+            "decoder_channels": 64,
+            "dropout": 0.25,
+            "dtype": "bfloat16",
+        }
+    )
+    model = build_model(config)
+    assert model.backbone == "resnet50"
+    assert model.output_stride == 8
+    assert model.multi_grid == (1, 1, 1)
+    assert (model.aspp_channels, model.decoder_channels) == (128, 64)
+    assert model.aspp_dropout == 0.25
+    assert model.decoder_dropout == (0.25, 0.05)
+    assert model.dtype == jnp.bfloat16
+
+
+def test_build_model_defaults():
+    assert build_model(ml_collections.ConfigDict()) == DeepLabV3Plus()
+
+
+def test_build_model_rejects_unknown_dtype():
+    with pytest.raises(ValueError, match="'float16'"):
+        build_model(ml_collections.ConfigDict({"dtype": "float16"}))
