@@ -1,0 +1,160 @@
+"""Stratified train/val/test split of Figaro1k by hair type.
+
+Usage:
+    python -m hairseg_jax.data.split --data_dir=DIR --out=FILE [--seed=0] \
+        [--fractions=0.7,0.2,0.1] [--overwrite]
+
+Lists ``DIR/GT/images/*-org.jpg``, splits the frames so that every hair type is cut by the
+same fractions, and writes the split as JSON in the original project's format.
+"""
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from hairseg_jax.data.figaro1k import SPLITS
+
+HAIR_TYPES = ("straight", "wavy", "curly", "kinky", "braids", "dreadlocks", "short")
+FRAMES_PER_TYPE = 150
+NUM_FRAMES = FRAMES_PER_TYPE * len(HAIR_TYPES)
+
+
+_FRAME_RE = re.compile(r"Frame(\d{5})(?:-org\.jpg|-gt\.pbm|\.npy)?")
+
+
+def _frame_number(frame: str) -> int:
+    """Returns the number N of a frame named like "FrameNNNNN", with an optional file suffix."""
+    match = _FRAME_RE.fullmatch(frame)
+    number = int(match.group(1)) if match else 0
+    if not 1 <= number <= NUM_FRAMES:
+        raise ValueError(
+            f"Not a Figaro1k frame: {frame!r}; expected 'FrameNNNNN' with NNNNN in "
+            f"00001..{NUM_FRAMES:05d}, optionally followed by '-org.jpg', '-gt.pbm' or '.npy'."
+        )
+    return number
+
+
+def frame_name(frame: str) -> str:
+    """Returns the bare frame name, e.g. "Frame00123" for "Frame00123-org.jpg"."""
+    return f"Frame{_frame_number(frame):05d}"
+
+
+def hair_type(frame: str) -> str:
+    """Returns the hair type of a frame ("Frame00123", "Frame00123-org.jpg", ...)."""
+    return HAIR_TYPES[(_frame_number(frame) - 1) // FRAMES_PER_TYPE]
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Returns the fractions as a triple, or raises ValueError if they are not a distribution."""
+    if len(fractions) != len(SPLITS):
+        raise ValueError(f"Need {len(SPLITS)} fractions (train, val, test); got {fractions}.")
+    if not all(f >= 0 for f in fractions):
+        raise ValueError(f"Fractions must not be negative; got {fractions}.")
+    if not abs(sum(fractions) - 1) <= 1e-6:
+        raise ValueError(f"Fractions must sum to 1; got {fractions} (sum {sum(fractions):g}).")
+    return tuple(float(f) for f in fractions)
+
+
+def stratified_split(
+    frames: Sequence[str], fractions: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0
+) -> dict[str, list[str]]:
+    """Splits frames into "train", "val" and "test", cutting each hair type by `fractions`.
+
+    Each type's frames are sorted, shuffled with ``np.random.default_rng(seed)`` and cut at the
+    rounded cumulative fractions, so every frame lands in exactly one split and each split holds
+    within one frame of its fraction of every type. Returns bare frame names, sorted.
+    """
+    fractions = _check_fractions(fractions)
+    names = sorted({frame_name(f) for f in frames})
+    if len(names) != len(frames):
+        raise ValueError(f"Frames must be unique; got {len(frames) - len(names)} duplicates.")
+    rng = np.random.default_rng(seed)
+    split = {name: [] for name in SPLITS}
+    for kind in HAIR_TYPES:
+        group = [n for n in names if hair_type(n) == kind]
+        shuffled = [group[i] for i in rng.permutation(len(group))]
+        bounds = [0, *(int(round(c * len(group))) for c in np.cumsum(fractions)[:-1]), len(group)]
+        for name, start, stop in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+            split[name].extend(shuffled[start:stop])
+    return {name: sorted(split[name]) for name in SPLITS}
+
+
+def split_to_json(split: dict[str, Sequence[str]]) -> dict[str, list[dict[str, str]]]:
+    """Returns the split in the original project's train_val_test.json format."""
+    return {
+        name: [
+            {"annotation": f"{frame_name(f)}.npy", "image": f"{frame_name(f)}-org.jpg"}
+            for f in frames
+        ]
+        for name, frames in split.items()
+    }
+
+
+def _write_json(data: dict, out: Path, overwrite: bool) -> None:
+    """Writes `data` to a temporary file beside `out`, then renames it to `out`."""
+    if out.is_dir():
+        raise SystemExit(f"error: --out {out} is a directory.")
+    if out.exists() and not overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it.")
+    if not out.parent.is_dir():
+        raise SystemExit(f"error: output directory {out.parent} does not exist.")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _print_counts(split: dict[str, list[str]]) -> None:
+    """Prints a table of frame counts per split and hair type."""
+    print(f"{'split':<6}{'total':>7}" + "".join(f"{kind:>12}" for kind in HAIR_TYPES))
+    for name, frames in split.items():
+        types = [hair_type(f) for f in frames]
+        print(f"{name:<6}{len(frames):>7}" + "".join(f"{types.count(k):>12}" for k in HAIR_TYPES))
+
+
+def main(argv: Sequence[str]) -> None:
+    """Splits the frames of --data_dir and writes the JSON to --out."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    flag = flags.FLAGS
+    data_dir = Path(flag.data_dir)
+    if not data_dir.is_dir():
+        raise SystemExit(f"error: data directory {data_dir} does not exist.")
+    images = sorted(p.name for p in (data_dir / "GT" / "images").glob("*-org.jpg"))
+    if not images:
+        raise SystemExit(f"error: no *-org.jpg images found in {data_dir / 'GT' / 'images'}.")
+    try:
+        fractions = [float(f) for f in flag.fractions]
+        split = stratified_split(images, fractions, flag.seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(flag.out)
+    _write_json(split_to_json(split), out, flag.overwrite)
+    _print_counts(split)
+    print(f"wrote {out}")
+
+
+def _define_flags() -> None:
+    """Defines the CLI flags (only when run as a script, so importing defines none)."""
+    flags.DEFINE_string("data_dir", None, "Figaro1k root, holding GT/images/*-org.jpg.")
+    flags.DEFINE_string("out", None, "Where to write the split JSON.")
+    flags.DEFINE_integer("seed", 0, "Seed of the shuffle within each hair type.")
+    flags.DEFINE_list("fractions", ["0.7", "0.2", "0.1"], "Train, val and test fractions.")
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+    flags.mark_flags_as_required(["data_dir", "out"])
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

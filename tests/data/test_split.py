@@ -1,0 +1,172 @@
+"""Tests of the stratified Figaro1k split and its CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hairseg_jax.data.split import (
+    HAIR_TYPES,
+    frame_name,
+    hair_type,
+    split_to_json,
+    stratified_split,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SYNTHETIC_FRAMES = [f"Frame{i:05d}-org.jpg" for i in range(1, 1051)]
+
+
+@pytest.fixture(params=["real", "synthetic"])
+def frames(request: pytest.FixtureRequest) -> list[str]:
+    """Image names of the real Figaro1k, or the 1050 names it would have."""
+    if request.param == "synthetic":
+        return SYNTHETIC_FRAMES
+    images = request.getfixturevalue("figaro_dir") / "GT" / "images"
+    names = sorted(p.name for p in images.glob("*-org.jpg"))
+    assert len(names) == 1050, f"expected 1050 images in {images}, found {len(names)}"
+    return names
+
+
+@pytest.mark.parametrize(
+    ("frame", "kind"),
+    [
+        ("Frame00001", "straight"),
+        ("Frame00150", "straight"),
+        ("Frame00151", "wavy"),
+        ("Frame00300-org.jpg", "wavy"),
+        ("Frame00301.npy", "curly"),
+        ("Frame00600", "kinky"),
+        ("Frame00601-gt.pbm", "braids"),
+        ("Frame00751", "dreadlocks"),
+        ("Frame00901", "short"),
+        ("Frame01050", "short"),
+    ],
+)
+def test_hair_type(frame: str, kind: str):
+    assert hair_type(frame) == kind
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["Frame00000", "Frame01051", "Frame123", "frame00001", "Frame00001.png", "", "x/Frame00001"],
+)
+def test_hair_type_rejects(frame: str):
+    with pytest.raises(ValueError, match="Not a Figaro1k frame"):
+        hair_type(frame)
+
+
+def test_default_split(frames: list[str]):
+    split = stratified_split(frames)
+    assert list(split) == ["train", "val", "test"]
+    assert [len(v) for v in split.values()] == [735, 210, 105]
+    names = [n for v in split.values() for n in v]
+    assert sorted(names) == sorted(frame_name(f) for f in frames)  # complete and disjoint
+    for fraction, part in zip((0.7, 0.2, 0.1), split.values(), strict=True):
+        assert part == sorted(part)
+        types = [hair_type(n) for n in part]
+        for kind in HAIR_TYPES:
+            assert abs(types.count(kind) - fraction * 150) <= 1, (kind, fraction)
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.25, 0.25), (0.8, 0.0, 0.2), (1 / 3, 1 / 3, 1 / 3)])
+def test_other_fractions(frames: list[str], fractions: tuple[float, float, float]):
+    split = stratified_split(frames, fractions, seed=3)
+    names = [n for v in split.values() for n in v]
+    assert len(names) == len(set(names)) == 1050
+    for fraction, part in zip(fractions, split.values(), strict=True):
+        types = [hair_type(n) for n in part]
+        for kind in HAIR_TYPES:
+            assert abs(types.count(kind) - fraction * 150) <= 1, (kind, fraction)
+
+
+def test_seed(frames: list[str]):
+    assert stratified_split(frames, seed=5) == stratified_split(list(reversed(frames)), seed=5)
+    assert stratified_split(frames, seed=5) != stratified_split(frames, seed=6)
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.2, 0.1), (1.2, -0.1, -0.1), (0.5, 0.5)])
+def test_bad_fractions(fractions: tuple[float, ...]):
+    with pytest.raises(ValueError, match="[Ff]ractions"):
+        stratified_split(SYNTHETIC_FRAMES, fractions)
+
+
+def test_duplicates():
+    with pytest.raises(ValueError, match="unique"):
+        stratified_split(["Frame00001", "Frame00001-org.jpg"])
+
+
+def test_split_to_json():
+    split = {"train": ["Frame00002"], "val": ["Frame00151-org.jpg"], "test": []}
+    assert split_to_json(split) == {
+        "train": [{"annotation": "Frame00002.npy", "image": "Frame00002-org.jpg"}],
+        "val": [{"annotation": "Frame00151.npy", "image": "Frame00151-org.jpg"}],
+        "test": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir of empty files named like Figaro1k's images."""
+    root = tmp_path_factory.mktemp("figaro")
+    images = root / "GT" / "images"
+    images.mkdir(parents=True)
+    for name in SYNTHETIC_FRAMES:
+        (images / name).touch()
+    return root
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hairseg_jax.data.split", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_writes_split(data_dir: Path, tmp_path: Path):
+    out = tmp_path / "split.json"
+    result = _cli(f"--data_dir={data_dir}", f"--out={out}", "--seed=1")
+    assert result.returncode == 0, result.stderr
+    assert "735" in result.stdout and "dreadlocks" in result.stdout
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+    written = json.loads(out.read_text())
+    expected = stratified_split(SYNTHETIC_FRAMES, seed=1)
+    assert written == split_to_json(expected)
+    assert {k: [frame_name(e["image"]) for e in v] for k, v in written.items()} == expected
+    assert all(
+        frame_name(e["annotation"]) == frame_name(e["image"]) for v in written.values() for e in v
+    )
+
+    before = out.read_text()
+    refused = _cli(f"--data_dir={data_dir}", f"--out={out}", "--seed=2")
+    assert refused.returncode != 0
+    assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert out.read_text() == before
+
+    replaced = _cli(f"--data_dir={data_dir}", f"--out={out}", "--seed=2", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads(out.read_text()) == split_to_json(stratified_split(SYNTHETIC_FRAMES, seed=2))
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--data_dir={tmp}/missing"], "does not exist"),
+        (["--data_dir={tmp}"], "no *-org.jpg images"),
+        (["--data_dir={data}", "--fractions=0.5,0.2,0.1"], "sum to 1"),
+        (["--data_dir={data}", "--fractions=1.2,-0.1,-0.1"], "negative"),
+    ],
+)
+def test_cli_errors(data_dir: Path, tmp_path: Path, args: list[str], error: str):
+    out = tmp_path / "split.json"
+    args = [a.format(tmp=tmp_path, data=data_dir) for a in args]
+    result = _cli(*args, f"--out={out}")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
