@@ -23,8 +23,9 @@ class Examples:
     def __post_init__(self):
         if not len(self.names) == len(self.images) == len(self.masks):
             raise ValueError(
-                    f"Examples need as many names, images and masks; got {len(self.names)}, "
-                    f"{len(self.images)} and {len(self.masks)}.")
+                f"Examples need as many names, images and masks; got {len(self.names)}, "
+                f"{len(self.images)} and {len(self.masks)}."
+            )
 
     def __len__(self) -> int:
         return len(self.names)

@@ -1,0 +1,132 @@
+"""Training augmentation in TensorFlow: joint spatial transforms, image-only colour jitter.
+
+Every spatial transform (random resized crop, rotation, flips) is folded into one affine map
+from output pixels to input pixels. The image is resampled through it bilinearly and the mask
+through the very same map with nearest neighbours, so labels stay on the pixels they describe.
+All randomness is stateless and derived from a per-example seed, so a pipeline position always
+yields the same augmented example.
+"""
+
+import math
+
+import ml_collections
+import tensorflow as tf
+
+
+def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
+    return tf.random.stateless_uniform([], seed, low, high)
+
+
+def _bernoulli(seed: tf.Tensor, probability: float) -> tf.Tensor:
+    return _uniform(seed, 0.0, 1.0) < probability
+
+
+def sample_affine(
+    seeds: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    size: int,
+    cfg: ml_collections.ConfigDict,
+) -> tf.Tensor:
+    """Draws a crop, rotation and flips; returns the 3x3 map output -> input pixel centres.
+
+    Coordinates are continuous (pixel ``i`` covers ``[i, i + 1)``), x along width, y along height.
+    """
+    height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    area = height * width
+    scale = _uniform(seeds[0], *cfg.scale)
+    log_ratio = _uniform(seeds[1], math.log(cfg.ratio[0]), math.log(cfg.ratio[1]))
+    crop_w = tf.minimum(tf.sqrt(scale * area * tf.exp(log_ratio)), width)
+    crop_h = tf.minimum(tf.sqrt(scale * area / tf.exp(log_ratio)), height)
+    x0 = _uniform(seeds[2], 0.0, 1.0) * (width - crop_w)
+    y0 = _uniform(seeds[3], 0.0, 1.0) * (height - crop_h)
+    angle = _uniform(seeds[4], -cfg.rotation, cfg.rotation) * (math.pi / 180.0)
+    flip_x = tf.where(_bernoulli(seeds[5], 0.5 if cfg.hflip else 0.0), -1.0, 1.0)
+    flip_y = tf.where(_bernoulli(seeds[6], 0.5 if cfg.vflip else 0.0), -1.0, 1.0)
+
+    # Output square [0, size]^2, centred and flipped -> crop box scale -> rotated -> shifted to
+    # the crop centre in the input.
+    half = size / 2.0
+    sx, sy = flip_x * crop_w / size, flip_y * crop_h / size
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = x0 + crop_w / 2.0, y0 + crop_h / 2.0
+    a0, a1 = cos * sx, -sin * sy
+    b0, b1 = sin * sx, cos * sy
+    return tf.stack(
+        [
+            [a0, a1, cx - (a0 + a1) * half],
+            [b0, b1, cy - (b0 + b1) * half],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+
+
+def warp(image: tf.Tensor, affine: tf.Tensor, size: int, interpolation: str) -> tf.Tensor:
+    """Resamples an (H, W, C) image through ``affine`` (continuous coordinates) to size^2."""
+    # ImageProjectiveTransformV3 maps integer output indices to input indices: shift by the
+    # half-pixel on both sides of the continuous map.
+    to_centres = tf.constant([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    from_centres = tf.constant([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
+    matrix = from_centres @ affine @ to_centres
+    matrix = matrix / matrix[2, 2]
+    transform = tf.reshape(matrix, [9])[:8]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform[None],
+        output_shape=tf.constant([size, size]),
+        fill_value=0.0,
+        interpolation=interpolation,
+        fill_mode="REFLECT",
+    )[0]
+
+
+def colour_jitter(image: tf.Tensor, seeds: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
+    """Brightness, contrast, saturation and hue jitter of a float image in [0, 1]."""
+    if cfg.brightness:
+        image = tf.image.stateless_random_brightness(image, cfg.brightness, seeds[0])
+    if cfg.contrast:
+        image = tf.image.stateless_random_contrast(
+            image, 1 - cfg.contrast, 1 + cfg.contrast, seeds[1]
+        )
+    if cfg.saturation:
+        image = tf.image.stateless_random_saturation(
+            image, 1 - cfg.saturation, 1 + cfg.saturation, seeds[2]
+        )
+    if cfg.hue:
+        image = tf.image.stateless_random_hue(image, cfg.hue, seeds[3])
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def train_transform(
+    image: tf.Tensor,
+    mask: tf.Tensor,
+    seed: tf.Tensor,
+    size: int,
+    cfg: ml_collections.ConfigDict,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Augments one uint8 (H, W, 3) image and its (H, W) mask to ``size`` x ``size``.
+
+    Args:
+      image: uint8 RGB image.
+      mask: uint8 mask of the same height and width.
+      seed: int32 or int64 tensor of shape (2,), the example's stateless seed.
+      size: side of the square output.
+      cfg: ``config.augment`` (scale, ratio, rotation, hflip, vflip, brightness, contrast,
+        saturation, hue).
+
+    Returns:
+      The uint8 (size, size, 3) image and uint8 (size, size) mask.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=11)
+    shape = tf.shape(image)
+    affine = sample_affine(seeds[:7], shape[0], shape[1], size, cfg)
+    image = warp(tf.cast(image, tf.float32), affine, size, "BILINEAR") / 255.0
+    mask = warp(mask[..., None], affine, size, "NEAREST")[..., 0]
+    image = colour_jitter(image, seeds[7:], cfg)
+    return tf.cast(tf.round(image * 255.0), tf.uint8), mask
+
+
+def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Resizes a whole uint8 image to ``size`` x ``size`` (no crop), antialiased."""
+    resized = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)

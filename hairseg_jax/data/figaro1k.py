@@ -1,0 +1,143 @@
+"""Reads a Figaro1k folder in the original project's layout into NumPy arrays.
+
+Layout (unchanged from the original PyTorch project)::
+
+    GT/images/FrameNNNNN-org.jpg      RGB photos
+    GT/labels/FrameNNNNN-gt.pbm       binary masks, hair = 1
+    GT/np_labels/FrameNNNNN.npy       (or GT/labels/*.npy) uint8 (H, W, 3) masks, 0 or 255
+    train_val_test.json               {"train": [{"annotation": ..., "image": ...}], "val", "test"}
+"""
+
+import concurrent.futures
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hairseg_jax.data.examples import Examples
+
+SPLITS = ("train", "val", "test")
+MASK_SOURCES = ("auto", "pbm", "npy")
+
+
+class DataError(ValueError):
+    """A dataset folder, split file or example that cannot be used as it is."""
+
+
+def resolve_split_file(data_dir: str | os.PathLike, split_file: str | os.PathLike) -> Path:
+    """Returns ``split_file`` itself if absolute, else relative to ``data_dir``."""
+    path = Path(split_file)
+    return path if path.is_absolute() else Path(data_dir) / path
+
+
+def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[str, str]]:
+    """Returns the ``{"annotation", "image"}`` entries of one split of a split file."""
+    if split not in SPLITS:
+        raise DataError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+    path = Path(split_file)
+    if not path.is_file():
+        raise DataError(f"Split file {path} does not exist.")
+    try:
+        entries = json.loads(path.read_text())[split]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"Split file {path} has no readable {split!r} list: {e}") from e
+    if not entries:
+        raise DataError(f"Split {split!r} of {path} is empty.")
+    return entries
+
+
+def frame_name(image_file: str) -> str:
+    """``"Frame00001-org.jpg"`` -> ``"Frame00001"``."""
+    return Path(image_file).name.removesuffix(".jpg").removesuffix("-org")
+
+
+def mask_candidates(data_dir: Path, annotation: str, mask_source: str) -> list[Path]:
+    """The mask files that may hold the mask of ``annotation``, in order of preference."""
+    stem = Path(annotation).stem.removesuffix("-gt")
+    pbm = [data_dir / "GT" / "labels" / f"{stem}-gt.pbm"]
+    npy = [
+        data_dir / "GT" / "np_labels" / f"{stem}.npy",
+        data_dir / "GT" / "labels" / f"{stem}.npy",
+    ]
+    if mask_source == "pbm":
+        return pbm
+    if mask_source == "npy":
+        return npy
+    if mask_source == "auto":
+        return pbm + npy
+    raise DataError(f"Unknown mask source {mask_source!r}; expected one of {MASK_SOURCES}.")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decodes an image file to uint8 RGB (grey, RGBA, CMYK and 16-bit are converted)."""
+    with Image.open(path) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = Image.fromarray((np.asarray(image, np.uint32) >> 8).astype(np.uint8))
+        return np.asarray(image.convert("RGB"))
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Decodes a PBM or original-format ``.npy`` mask to uint8 (H, W) with values 0/1."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        mask = np.load(path)
+        if mask.ndim == 3:
+            mask = mask[..., 0]
+        if mask.ndim != 2 or not np.isin(mask, (0, 1, 255)).all():
+            raise DataError(f"Mask {path} is not a binary (H, W[, 3]) array of 0/255.")
+        return (mask > 0).astype(np.uint8)
+    with Image.open(path) as image:
+        if image.mode != "1":
+            raise DataError(f"Mask {path} is not a 1-bit image (mode {image.mode}).")
+        return np.asarray(image).astype(np.uint8)
+
+
+def read_example(
+    data_dir: Path, entry: dict[str, str], mask_source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one split entry's image and mask and checks that they fit together."""
+    image_path = data_dir / "GT" / "images" / entry["image"]
+    if not image_path.is_file():
+        raise DataError(f"Image {image_path} does not exist.")
+    candidates = mask_candidates(data_dir, entry["annotation"], mask_source)
+    mask_path = next((p for p in candidates if p.is_file()), None)
+    if mask_path is None:
+        raise DataError(
+            f"No mask for {entry['image']}: looked for {', '.join(map(str, candidates))}."
+        )
+    image, mask = read_image(image_path), read_mask(mask_path)
+    if image.shape[:2] != mask.shape:
+        raise DataError(
+            f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{image.shape[1]}x{image.shape[0]}."
+        )
+    return image, mask
+
+
+def read_split(
+    data_dir: str | os.PathLike,
+    split: str,
+    split_file: str | os.PathLike = "train_val_test.json",
+    mask_source: str = "auto",
+    limit: int | None = None,
+    num_threads: int = 8,
+) -> Examples:
+    """Decodes the first ``limit`` examples (all for ``None``) of a split into memory."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(
+            f"Data directory {data_dir} does not exist; point config.data.data_dir at a "
+            "Figaro1k folder (see data/README.md)."
+        )
+    entries = read_split_entries(resolve_split_file(data_dir, split_file), split)[:limit]
+    logging.info("Reading %d %s examples from %s.", len(entries), split, data_dir)
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        pairs = list(pool.map(lambda e: read_example(data_dir, e, mask_source), entries))
+    return Examples(
+        names=[frame_name(e["image"]) for e in entries],
+        images=[image for image, _ in pairs],
+        masks=[mask for _, mask in pairs],
+    )

@@ -1,0 +1,89 @@
+"""tf.data pipelines over in-memory examples, delivering NumPy batches to JAX.
+
+TensorFlow lives only on the host side: it is hidden from any GPU when this module is imported.
+"""
+
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from hairseg_jax.data import augment
+from hairseg_jax.data.examples import Examples
+
+tf.config.set_visible_devices([], "GPU")
+
+
+def _lookup(examples: Examples):
+    """A tf.data map function: example index -> (image, mask) uint8 tensors."""
+
+    def fetch(index: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        return examples.images[index], examples.masks[index]
+
+    def lookup(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image, mask = tf.numpy_function(fetch, [index], (tf.uint8, tf.uint8), stateful=False)
+        image.set_shape([None, None, 3])
+        mask.set_shape([None, None])
+        return image, mask
+
+    return lookup
+
+
+def train_batches(
+    examples: Examples,
+    batch_size: int,
+    image_size: int,
+    augment_config: ml_collections.ConfigDict,
+    seed: int,
+    start_step: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """An endless iterator of augmented training batches.
+
+    The order (a reshuffle every epoch) and every augmentation draw depend only on ``seed`` and
+    the position in the stream, so ``start_step`` resumes exactly where a run stopped.
+
+    Yields:
+      ``{"image": uint8 (B, S, S, 3), "mask": uint8 (B, S, S)}``.
+    """
+    count = len(examples)
+    if count < batch_size:
+        raise ValueError(f"Batch size {batch_size} is larger than the {count} training examples.")
+    lookup = _lookup(examples)
+
+    def load(position: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
+        image, mask = lookup(index)
+        example_seed = tf.stack([tf.constant(seed, tf.int64), position])
+        image, mask = augment.train_transform(image, mask, example_seed, image_size, augment_config)
+        return {"image": image, "mask": mask}
+
+    ds = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.repeat().enumerate().skip(start_step * batch_size)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return iter(tfds.as_numpy(ds))
+
+
+def eval_batches(
+    examples: Examples, batch_size: int, image_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Whole images resized to ``image_size``, in order, the last batch padded with zeros.
+
+    Yields:
+      ``{"image": uint8 (B, S, S, 3), "index": int64 (B,)}`` where padding has index -1.
+    """
+    lookup = _lookup(examples)
+
+    def load(index: tf.Tensor) -> dict[str, tf.Tensor]:
+        image, _ = lookup(index)
+        return {"image": augment.eval_transform(image, image_size), "index": index}
+
+    ds = tf.data.Dataset.range(len(examples))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for batch in tfds.as_numpy(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)):
+        missing = batch_size - len(batch["index"])
+        yield {
+            "image": np.pad(batch["image"], [(0, missing), (0, 0), (0, 0), (0, 0)]),
+            "index": np.pad(batch["index"], (0, missing), constant_values=-1),
+        }

@@ -1,0 +1,24 @@
+"""Which examples a config names: a Figaro1k split or synthetic images."""
+
+import ml_collections
+
+from hairseg_jax.data import figaro1k, synthetic
+from hairseg_jax.data.examples import Examples
+
+
+def load_examples(config: ml_collections.ConfigDict, split: str, limit: int = 0) -> Examples:
+    """The first ``limit`` examples (0: all) of ``split`` of ``config.data``'s dataset."""
+    data = config.data
+    if data.dataset == "synthetic":
+        count = limit or data.synthetic_counts[split]
+        seed = config.seed + figaro1k.SPLITS.index(split) * 1_000_003
+        return synthetic.make_examples(count, size=data.synthetic_size, seed=seed)
+    if data.dataset == "figaro1k":
+        return figaro1k.read_split(
+            data.data_dir,
+            split,
+            split_file=data.split_file,
+            mask_source=data.mask_source,
+            limit=limit or None,
+        )
+    raise ValueError(f"Unknown dataset {data.dataset!r}; use figaro1k or synthetic.")
