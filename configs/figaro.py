@@ -1,0 +1,95 @@
+"""DeepLabV3+ ResNet-101 on Figaro1k with the original project's defaults.
+
+Variants (``--config=configs/figaro.py:VARIANT``):
+  smoke: about 20 steps of a small ResNet-18 model on 16 real images at 96 px, evaluated on
+    8 images; for tests and quick checks.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the experiment config; ``variant`` picks a named variant."""
+    config = ml_collections.ConfigDict()
+    config.mode = "train"  # train | eval
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "figaro1k"  # figaro1k | synthetic
+    config.data.data_dir = "data/Figaro1k"
+    config.data.split_file = "train_val_test.json"  # relative to data_dir unless absolute
+    config.data.mask_source = "auto"  # auto (PBM, else .npy) | pbm | npy
+    config.data.max_train_images = 0  # 0: all
+    config.data.max_val_images = 0
+    config.data.image_size = 227  # side of the square training crops
+
+    # Pixel normalisation before the model; ImageNet statistics match torchvision's weights.
+    config.input = ml_collections.ConfigDict()
+    config.input.mean = (123.675, 116.28, 103.53)
+    config.input.std = (58.395, 57.12, 57.375)
+    config.input.channel_order = "RGB"  # RGB | BGR
+
+    # Spatial transforms move image and mask together; colour ones touch the image only.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.scale = (0.25, 1.0)  # random resized crop: fraction of the image area
+    config.augment.ratio = (3 / 4, 4 / 3)  # and aspect ratio range
+    config.augment.rotation = 15.0  # degrees, uniform in [-r, r]
+    config.augment.hflip = True
+    config.augment.vflip = False
+    config.augment.brightness = 0.2  # 0 switches a colour transform off
+    config.augment.contrast = 0.2
+    config.augment.saturation = 0.2
+    config.augment.hue = 0.05
+
+    config.model = ml_collections.ConfigDict()
+    config.model.backbone = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+    config.model.output_stride = 16  # 16 | 8
+    config.model.multi_grid = (1, 2, 4)
+    config.model.aspp_channels = 256
+    config.model.decoder_channels = 256
+    config.model.dropout = 0.5
+    config.model.dtype = "float32"
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "sgd"  # sgd | adamw
+    config.optim.learning_rate = 0.01
+    config.optim.momentum = 0.9
+    config.optim.nesterov = False
+    config.optim.weight_decay = 5e-4
+    config.optim.head_lr_multiplier = 10.0
+    config.optim.schedule = "poly"  # poly | cosine | constant
+    config.optim.poly_power = 0.9
+    config.optim.warmup_steps = 0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 16
+    config.train.num_epochs = 50
+    config.train.num_steps = 0  # > 0 overrides num_epochs
+    config.train.log_every_steps = 20
+    config.train.eval_every_steps = 0  # 0: once per epoch
+    config.train.keep_checkpoints = 2
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = "test"  # split that --config.mode=eval reports
+    config.eval.image_size = 227  # whole images are resized to this square for the model
+    config.eval.batch_size = 8
+    config.eval.threshold = 0.5
+    config.eval.max_images = 0  # 0: all
+
+    if variant == "smoke":
+        config.data.max_train_images = 16
+        config.data.max_val_images = 8
+        config.data.image_size = 96
+        config.model.backbone = "resnet18"
+        config.model.aspp_channels = 64
+        config.model.decoder_channels = 64
+        config.train.batch_size = 4
+        config.train.num_steps = 20
+        config.train.log_every_steps = 5
+        config.train.eval_every_steps = 10
+        config.eval.image_size = 96
+        config.eval.batch_size = 4
+        config.eval.max_images = 8
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r} of configs/figaro.py; known: smoke.")
+    return config

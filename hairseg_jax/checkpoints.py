@@ -1,0 +1,53 @@
+"""Orbax checkpoints of a workdir: the latest train states, and the best model by val Dice."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from hairseg_jax.steps import TrainState
+
+BEST_METRIC = "dice"
+
+
+def latest_manager(workdir: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
+    """Full train states (optimizer included) under ``workdir/checkpoints``, newest ``keep``."""
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+    )
+
+
+def best_manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
+    """Model variables of the step with the highest validation Dice under ``workdir/best``."""
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / "best",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1,
+            best_fn=lambda metrics: metrics[BEST_METRIC],
+            best_mode="max",
+            create=True,
+        ),
+    )
+
+
+def model_variables(state: TrainState) -> dict[str, Any]:
+    """The part of a train state that inference needs."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def best_score(manager: ocp.CheckpointManager) -> float:
+    """The validation Dice of the best checkpoint, -inf if there is none."""
+    step = manager.best_step()
+    return -float("inf") if step is None else float(manager.metrics(step)[BEST_METRIC])
+
+
+def save(manager: ocp.CheckpointManager, step: int, item: Any, metrics: Any = None) -> None:
+    """Saves ``item`` (any pytree) at ``step``."""
+    manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+    """Restores the checkpoint at ``step`` into the structure of ``target``."""
+    return manager.restore(step, args=ocp.args.StandardRestore(target))

@@ -1,0 +1,111 @@
+"""Training loop: data -> jitted steps -> clu metric writers and orbax checkpoints."""
+
+import logging
+import os
+from pathlib import Path
+
+import flax
+import jax
+import ml_collections
+from clu import metric_writers, metrics, parameter_overview, periodic_actions
+
+from hairseg_jax import checkpoints, evaluate, models, steps
+from hairseg_jax.data import pipeline, sources
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains with periodic validation and checkpoints; resumes from ``workdir`` if possible.
+
+    Returns:
+      The validation summary of the last evaluation.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+    train_data = sources.load_examples(config, "train", config.data.max_train_images)
+    val_data = sources.load_examples(config, "val", config.data.max_val_images)
+    batch_size = config.train.batch_size
+    steps_per_epoch = len(train_data) // batch_size
+    total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+    eval_every = config.train.eval_every_steps or steps_per_epoch
+    logging.info(
+        "%d train / %d val images, %d steps of batch %d (%.1f epochs).",
+        len(train_data),
+        len(val_data),
+        total_steps,
+        batch_size,
+        total_steps / max(steps_per_epoch, 1),
+    )
+
+    model = models.build_model(config.model)
+    schedule = steps.learning_rate_schedule(config.optim, total_steps)
+    state = steps.create_train_state(
+        jax.random.PRNGKey(config.seed),
+        model,
+        config.data.image_size,
+        steps.create_optimizer(config.optim, schedule),
+    )
+    parameter_overview.log_parameter_overview(state.params)
+
+    latest = checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
+    best = checkpoints.best_manager(workdir)
+    if latest.latest_step() is not None:
+        state = checkpoints.restore(latest, latest.latest_step(), state)
+        logging.info("Resumed from step %d of %s.", int(state.step), latest.directory)
+    start_step = int(state.step)
+
+    train_step, predict_step = steps.jit_steps(config.input)
+    batches = pipeline.train_batches(
+        train_data, batch_size, config.data.image_size, config.augment, config.seed, start_step
+    )
+    report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    train_metrics = None
+    val_summary = {}
+    with metric_writers.ensure_flushes(writer):
+        for step in range(start_step + 1, total_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = train_step(state, next(batches))
+            update = TrainMetrics.single_from_model_output(**step_metrics)
+            train_metrics = update if train_metrics is None else train_metrics.merge(update)
+            report_progress(step)
+
+            if step % config.train.log_every_steps == 0 or step == total_steps:
+                writer.write_scalars(
+                    step,
+                    {f"train_{k}": v for k, v in train_metrics.compute().items()}
+                    | {"learning_rate": schedule(step - 1)},
+                )
+                train_metrics = None
+
+            if step % eval_every == 0 or step == total_steps:
+                with report_progress.timed("eval"):
+                    val_summary, _ = evaluate.evaluate_examples(
+                        predict_step,
+                        state,
+                        val_data,
+                        config.eval.image_size,
+                        config.eval.batch_size,
+                        config.eval.threshold,
+                    )
+                writer.write_scalars(
+                    step,
+                    {f"val_{k}": val_summary[k] for k in ("loss", "dice", "pooled_dice", "iou")},
+                )
+                checkpoints.save(latest, step, state)
+                if val_summary["dice"] > checkpoints.best_score(best):
+                    checkpoints.save(
+                        best,
+                        step,
+                        checkpoints.model_variables(state),
+                        metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
+                    )
+    latest.wait_until_finished()
+    best.wait_until_finished()
+    return val_summary
