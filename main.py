@@ -1,9 +1,13 @@
 """Trains or evaluates a hair segmenter: ``python main.py --config=... --workdir=...``."""
 
+import logging as std_logging
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hairseg_jax import evaluate, train
+from hairseg_jax.data.figaro1k import DataError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, reports.")
@@ -16,18 +20,40 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses flags; a bad flag or config override ends the program with one readable line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull for help.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        while isinstance(e, BaseException) and e.args:  # unwrap ml_collections' nesting
+            e = e.args[0]
+        overrides = " ".join(a for a in argv if a.startswith("--config."))
+        sys.exit(f"FATAL Bad config override ({overrides}): {e}".replace("\n", " "))
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter; its warnings and errors still pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     config = FLAGS.config
     logging.info("Config:\n%s", config)
-    if config.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
-    elif config.mode == "eval":
-        evaluate.evaluate(config, FLAGS.workdir)
-    else:
-        raise app.UsageError(f"Unknown --config.mode={config.mode!r}; use train or eval.")
+    modes = {"train": train.train_and_evaluate, "eval": evaluate.evaluate}
+    if config.mode not in modes:
+        sys.exit(f"FATAL Unknown --config.mode={config.mode!r}; use one of {', '.join(modes)}.")
+    try:
+        modes[config.mode](config, FLAGS.workdir)
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"FATAL {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

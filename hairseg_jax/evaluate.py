@@ -95,10 +95,10 @@ def write_report(workdir: Path, split: str, summary: dict, rows: list[dict]) -> 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Evaluates the best checkpoint of ``workdir`` on ``config.eval.split``; writes reports."""
     workdir = Path(workdir)
-    manager = checkpoints.best_manager(workdir)
-    step = manager.best_step()
+    manager = checkpoints.best_manager(workdir) if (workdir / "best").is_dir() else None
+    step = manager and manager.best_step()
     if step is None:
-        raise FileNotFoundError(f"No best checkpoint in {workdir / 'best'}; train first.")
+        raise FileNotFoundError(f"No best checkpoint in {workdir / 'best'}; train there first.")
     model = models.build_model(config.model)
     _, predict_fn = steps.jit_steps(config.input)
     state = steps.create_train_state(

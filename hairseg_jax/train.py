@@ -24,13 +24,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns:
       The validation summary of the last evaluation.
     """
+    train_data = sources.load_examples(config, "train", config.data.max_train_images)
+    val_data = sources.load_examples(config, "val", config.data.max_val_images)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-    train_data = sources.load_examples(config, "train", config.data.max_train_images)
-    val_data = sources.load_examples(config, "val", config.data.max_val_images)
     batch_size = config.train.batch_size
     steps_per_epoch = len(train_data) // batch_size
     total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch

@@ -1,0 +1,96 @@
+"""End to end: ``main.py`` trains, resumes and evaluates on a handful of real Figaro1k images."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run_main(*args: str, figaro_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs ``main.py`` with the smoke config in a subprocess and returns its result."""
+    data = [f"--config.data.data_dir={figaro_dir}"] if figaro_dir else []
+    command = [sys.executable, "main.py", "--config=configs/figaro.py:smoke", *data, *args]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(figaro_dir, tmp_path_factory) -> Path:
+    """A workdir after the smoke run: 20 steps, checkpoints at steps 10 and 20."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    result = run_main(f"--workdir={workdir}", figaro_dir=figaro_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_training_writes_events_checkpoints_and_config(trained):
+    assert list(trained.glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["10", "20"]
+    assert len(list((trained / "best").iterdir())) == 1
+    saved = json.loads((trained / "config.json").read_text())
+    assert saved["model"]["backbone"] == "resnet18"
+    assert saved["train"]["num_steps"] == 20
+
+
+def test_eval_reports_dice_at_original_resolution(trained, figaro_dir):
+    result = run_main(f"--workdir={trained}", "--config.mode=eval", figaro_dir=figaro_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((trained / "eval_test.json").read_text())
+    assert summary["num_images"] == 8 and summary["split"] == "test"
+    for key in ("dice", "pooled_dice", "iou", "accuracy"):
+        assert 0.0 <= summary[key] <= 1.0
+    rows = (trained / "eval_test.csv").read_text().splitlines()
+    assert rows[0].startswith("name,height,width,dice")
+    assert len(rows) == 1 + 8
+    # Each row is scored at the image's own size, not the 96 px model input.
+    test_entries = json.loads((figaro_dir / "train_val_test.json").read_text())["test"][:8]
+    from PIL import Image
+
+    for row, entry in zip(rows[1:], test_entries, strict=True):
+        name, height, width = row.split(",")[:3]
+        with Image.open(figaro_dir / "GT" / "images" / entry["image"]) as image:
+            assert (int(width), int(height)) == image.size
+        assert name == entry["image"].removesuffix("-org.jpg")
+
+
+def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
+    """Losing the step-20 checkpoint (a crash after step 10) and rerunning continues at 10."""
+    workdir = tmp_path / "resumed"
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("eval_*", "events.*"))
+    shutil.rmtree(workdir / "checkpoints" / "20")
+    result = run_main(f"--workdir={workdir}", figaro_dir=figaro_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from step 10" in result.stderr
+    assert "[15] learning_rate" in result.stderr and "[5] learning_rate" not in result.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.nope=3", "Bad config override (--config.train.nope=3)"),
+        ("--config.trian.batch_size=3", 'Did you mean "train"'),
+        ("--config.train.batch_size=abc", "invalid literal for int()"),
+        ("--config.mode=bogus", "Unknown --config.mode='bogus'"),
+        ("--config.data.data_dir=/no/such/dir", "Data directory /no/such/dir does not exist"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(override, message, tmp_path):
+    workdir = tmp_path / "w"
+    result = run_main(f"--workdir={workdir}", override)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_eval_without_checkpoint_fails_clearly(tmp_path):
+    result = run_main(f"--workdir={tmp_path}", "--config.mode=eval")
+    assert result.returncode != 0
+    assert "No best checkpoint" in result.stderr and "Traceback" not in result.stderr

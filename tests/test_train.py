@@ -1,0 +1,39 @@
+"""``train_and_evaluate`` on synthetic images: metrics, checkpoints and resumption in-process."""
+
+from configs import synthetic
+from hairseg_jax import checkpoints, train
+
+
+def tiny_config():
+    config = synthetic.get_config()
+    config.data.synthetic_size = 48
+    config.data.synthetic_counts = {"train": 8, "val": 4, "test": 4}
+    config.data.image_size = 32
+    config.model.aspp_channels = 8
+    config.model.decoder_channels = 8
+    config.train.batch_size = 4
+    config.train.num_steps = 4
+    config.train.log_every_steps = 2
+    config.train.eval_every_steps = 2
+    config.eval.image_size = 32
+    config.eval.batch_size = 4
+    return config
+
+
+def test_train_and_evaluate_on_synthetic_data(tmp_path):
+    summary = train.train_and_evaluate(tiny_config(), tmp_path)
+    assert summary["num_images"] == 4
+    assert 0.0 <= summary["dice"] <= 1.0
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
+    best = checkpoints.best_manager(tmp_path)
+    assert best.best_step() in (2, 4)
+    assert checkpoints.best_score(best) == max(
+        best.metrics(s)[checkpoints.BEST_METRIC] for s in best.all_steps()
+    )
+    assert (tmp_path / "config.json").is_file()
+
+    # Asking for more steps in the same workdir continues from step 4.
+    config = tiny_config()
+    config.train.num_steps = 6
+    train.train_and_evaluate(config, tmp_path)
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [4, 6]
