@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hairseg_jax.models.resnet import batch_norm, resnet
+from hairseg_jax.models.resnet import batch_norm, conv, resnet
 
 # Default ASPP rates of the three dilated branches per output stride.
 _ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
@@ -22,27 +22,9 @@ _DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _head_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def _head_conv(
-    features: int,
-    kernel_size: int,
-    *,
-    dilation: int = 1,
-    use_bias: bool = False,
-    dtype: Any,
-    name: str,
-) -> nn.Conv:
-    """A head conv with symmetric padding ``dilation * (kernel_size // 2)``."""
-    pad = dilation * (kernel_size // 2)
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        padding=((pad, pad), (pad, pad)),
-        kernel_dilation=dilation,
-        use_bias=use_bias,
-        dtype=dtype,
-        kernel_init=_head_kernel_init,
-        name=name,
-    )
+def _head_conv(features: int, kernel_size: int, **kwargs: Any) -> nn.Conv:
+    """A head conv: the backbone's padded conv with the PyTorch project's initialiser."""
+    return conv(features, kernel_size, kernel_init=_head_kernel_init, **kwargs)
 
 
 def _resize(x: jax.Array, height: int, width: int) -> jax.Array:

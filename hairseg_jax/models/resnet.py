@@ -36,10 +36,12 @@ def conv(
     *,
     strides: int = 1,
     dilation: int = 1,
+    use_bias: bool = False,
+    kernel_init: nn.initializers.Initializer = conv_kernel_init,
     dtype: Any = jnp.float32,
     name: str,
 ) -> nn.Conv:
-    """A bias-free conv with torch-style symmetric padding ``dilation * (kernel_size // 2)``."""
+    """A square conv with torch-style symmetric padding ``dilation * (kernel_size // 2)``."""
     pad = dilation * (kernel_size // 2)
     return nn.Conv(
         features,
@@ -47,9 +49,9 @@ def conv(
         strides=strides,
         padding=((pad, pad), (pad, pad)),
         kernel_dilation=dilation,
-        use_bias=False,
+        use_bias=use_bias,
         dtype=dtype,
-        kernel_init=conv_kernel_init,
+        kernel_init=kernel_init,
         name=name,
     )
 
