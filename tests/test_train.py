@@ -1,4 +1,4 @@
-"""``train_and_evaluate`` on synthetic images: metrics, checkpoints and resumption in-process."""
+"""``train_and_evaluate`` on synthetic images, in-process: summary and checkpoints."""
 
 from configs import synthetic
 from hairseg_jax import checkpoints, train
@@ -31,9 +31,3 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path):
         best.metrics(s)[checkpoints.BEST_METRIC] for s in best.all_steps()
     )
     assert (tmp_path / "config.json").is_file()
-
-    # Asking for more steps in the same workdir continues from step 4.
-    config = tiny_config()
-    config.train.num_steps = 6
-    train.train_and_evaluate(config, tmp_path)
-    assert checkpoints.latest_manager(tmp_path).all_steps() == [4, 6]

@@ -1,0 +1,206 @@
+"""Tests of the joint image/mask augmentation (TensorFlow, eager)."""
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hairseg_jax.data import augment
+
+SHAPE_COLOUR = np.array([230, 40, 20], np.uint8)
+BACKGROUND = np.array([20, 60, 200], np.uint8)
+NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+
+
+def augment_config(**overrides) -> ml_collections.ConfigDict:
+    """An augment config with no spatial change and no colour jitter, then ``overrides``."""
+    values = {
+        "scale": (1.0, 1.0),
+        "ratio": (1.0, 1.0),
+        "rotation": 0.0,
+        "hflip": False,
+        "vflip": False,
+        **NO_JITTER,
+    }
+    return ml_collections.ConfigDict({**values, **overrides})
+
+
+STRONG = augment_config(scale=(0.1, 1.0), ratio=(0.5, 2.0), rotation=45.0, hflip=True, vflip=True)
+
+
+def transform(image, mask, seed, size, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """``augment.train_transform`` on NumPy arrays with seed ``(7, seed)``."""
+    image, mask = augment.train_transform(
+        tf.constant(image), tf.constant(mask), tf.constant([7, seed], tf.int64), size, cfg
+    )
+    return image.numpy(), mask.numpy()
+
+
+def shape_picture(height: int = 120, width: int = 90) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipse, a thin diagonal bar and a rectangle in one colour on another; and its mask."""
+    y, x = np.mgrid[:height, :width]
+    shape = (y - 50) ** 2 / 30**2 + (x - 40) ** 2 / 20**2 <= 1
+    shape |= (np.abs((x - 5) - 0.6 * (y - 10)) <= 1.5) & (y > 10) & (y < 110)
+    shape |= (y >= 90) & (y < 105) & (x >= 55) & (x < 80)
+    image = np.where(shape[..., None], SHAPE_COLOUR, BACKGROUND).astype(np.uint8)
+    return image, shape.astype(np.uint8)
+
+
+def recovered_shape(image: np.ndarray) -> np.ndarray:
+    """The shape as seen in an augmented picture: pixels nearer the shape's colour."""
+    return (image[..., 0] > (int(SHAPE_COLOUR[0]) + int(BACKGROUND[0])) // 2).astype(np.uint8)
+
+
+def colour_edges(shape: np.ndarray) -> np.ndarray:
+    """Pixels with a differently classified pixel among their eight neighbours."""
+    padded = np.pad(shape, 1, mode="edge")
+    height, width = shape.shape
+    neighbours = [
+        padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    ]
+    return np.any([n != shape for n in neighbours], axis=0)
+
+
+@pytest.fixture(scope="module")
+def picture() -> tuple[np.ndarray, np.ndarray]:
+    return shape_picture()
+
+
+def test_mask_stays_on_the_shape_it_labels(picture):
+    """Under strong crops, rotations and flips the mask follows the image it came with.
+
+    Bilinear resampling of the image and nearest-neighbour resampling of the mask may only
+    disagree on the outline of the shape; a mask warped with another seed misses badly.
+    """
+    image, mask = picture
+    other_seed_agreement = []
+    for seed in range(30):
+        out_image, out_mask = transform(image, mask, seed, 64, STRONG)
+        assert out_image.shape == (64, 64, 3) and out_mask.shape == (64, 64)
+        shape = recovered_shape(out_image)
+        agreement = (shape == out_mask).mean()
+        assert agreement >= 0.99, f"seed {seed}: mask matches the image on {agreement:.2%}"
+        off_edge = (shape != out_mask) & ~colour_edges(shape)
+        assert not off_edge.any(), f"seed {seed}: {off_edge.sum()} mismatches off the outline"
+        _, other_mask = transform(image, mask, seed + 1000, 64, STRONG)
+        other_seed_agreement.append((shape == other_mask).mean())
+    # The tolerance above is tight enough to notice a mask from other draws.
+    assert min(other_seed_agreement) < 0.9
+    assert np.mean(np.array(other_seed_agreement) < 0.99) > 0.5
+
+
+def test_identity_settings_reproduce_the_input():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    mask = (np.random.default_rng(1).random((32, 32)) < 0.5).astype(np.uint8)
+    for seed in range(3):
+        out_image, out_mask = transform(image, mask, seed, 32, augment_config())
+        np.testing.assert_array_equal(out_image, image)
+        np.testing.assert_array_equal(out_mask, mask)
+
+
+def test_whole_image_downscale_samples_pixel_centres():
+    """scale 1 at the input's aspect ratio is a plain resize; with integer odd factors
+    (3 down, 5 across) each output pixel centre lies on an input pixel centre, so both the
+    bilinear image and the nearest-neighbour mask pick exactly that pixel."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (60, 100, 3), np.uint8)
+    mask = (rng.random((60, 100)) < 0.5).astype(np.uint8)
+    cfg = augment_config(ratio=(100 / 60, 100 / 60))
+    out_image, out_mask = transform(image, mask, 0, 20, cfg)
+    np.testing.assert_array_equal(out_image, image[1::3, 2::5])
+    np.testing.assert_array_equal(out_mask, mask[1::3, 2::5])
+
+
+def test_hflip_only_flips_image_and_mask_together():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (24, 24, 3), np.uint8)
+    mask = (rng.random((24, 24)) < 0.5).astype(np.uint8)
+    flipped = []
+    for seed in range(12):
+        out_image, out_mask = transform(image, mask, seed, 24, augment_config(hflip=True))
+        if np.array_equal(out_image, image):
+            np.testing.assert_array_equal(out_mask, mask)
+            flipped.append(False)
+        else:
+            np.testing.assert_array_equal(out_image, image[:, ::-1])
+            np.testing.assert_array_equal(out_mask, mask[:, ::-1])
+            flipped.append(True)
+    assert any(flipped) and not all(flipped)
+
+
+def test_vflip_only_flips_image_and_mask_together():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (24, 24, 3), np.uint8)
+    mask = (rng.random((24, 24)) < 0.5).astype(np.uint8)
+    outcomes = set()
+    for seed in range(12):
+        out_image, out_mask = transform(image, mask, seed, 24, augment_config(vflip=True))
+        flipped = not np.array_equal(out_image, image)
+        expected_image, expected_mask = (image[::-1], mask[::-1]) if flipped else (image, mask)
+        np.testing.assert_array_equal(out_image, expected_image)
+        np.testing.assert_array_equal(out_mask, expected_mask)
+        outcomes.add(flipped)
+    assert outcomes == {False, True}
+
+
+def test_output_types_and_mask_values(picture):
+    image, mask = picture
+    cfg = augment_config(**{**STRONG.to_dict(), "brightness": 0.2, "contrast": 0.2, "hue": 0.05})
+    for seed in range(3):
+        out_image, out_mask = transform(image, mask, seed, 40, cfg)
+        assert out_image.dtype == np.uint8 and out_image.shape == (40, 40, 3)
+        assert out_mask.dtype == np.uint8 and out_mask.shape == (40, 40)
+        assert set(np.unique(out_mask)) <= {0, 1}
+
+
+def test_same_seed_same_output_other_seed_differs(picture):
+    image, mask = picture
+    cfg = augment_config(**{**STRONG.to_dict(), "brightness": 0.2, "saturation": 0.2})
+    first = transform(image, mask, 3, 48, cfg)
+    again = transform(image, mask, 3, 48, cfg)
+    other = transform(image, mask, 4, 48, cfg)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[0], other[0])
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_int32_seed_is_accepted_and_deterministic(picture):
+    image, mask = picture
+    seed = tf.constant([7, 5], tf.int32)
+    a = augment.train_transform(tf.constant(image), tf.constant(mask), seed, 32, STRONG)
+    b = augment.train_transform(tf.constant(image), tf.constant(mask), seed, 32, STRONG)
+    assert a[0].shape == (32, 32, 3) and a[1].shape == (32, 32)
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+    np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+
+
+def test_colour_jitter_changes_image_not_mask(picture):
+    image, mask = picture
+    jitter = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1}
+    plain_cfg = augment_config(**{**STRONG.to_dict(), **NO_JITTER})
+    jitter_cfg = augment_config(**{**STRONG.to_dict(), **jitter})
+    changed = 0
+    for seed in range(4):
+        plain_image, plain_mask = transform(image, mask, seed, 48, plain_cfg)
+        jitter_image, jitter_mask = transform(image, mask, seed, 48, jitter_cfg)
+        np.testing.assert_array_equal(jitter_mask, plain_mask)
+        changed += not np.array_equal(jitter_image, plain_image)
+    assert changed == 4
+
+
+@pytest.mark.parametrize("size", [16, 50])
+def test_eval_transform_resizes_to_square_uint8(picture, size):
+    image, _ = picture
+    out = augment.eval_transform(tf.constant(image), size).numpy()
+    assert out.dtype == np.uint8 and out.shape == (size, size, 3)
+    # Only the two colours of the picture and blends of them appear.
+    assert out.min() >= 20 and out.max() <= 230
+
+
+def test_eval_transform_keeps_constant_images():
+    image = np.full((30, 20, 3), (12, 200, 99), np.uint8)
+    out = augment.eval_transform(tf.constant(image), 24).numpy()
+    np.testing.assert_array_equal(out, np.full((24, 24, 3), (12, 200, 99), np.uint8))

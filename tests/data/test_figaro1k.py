@@ -1,0 +1,300 @@
+"""Tests of the Figaro1k folder reader on the real data and on tiny generated folders."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hairseg_jax.data.figaro1k import DataError, read_example, read_image, read_split
+
+# The frames of the real Figaro1k that also have an original-format .npy mask.
+NPY_FRAMES = [f"Frame{i:05d}" for i in range(1, 1051, 50)]
+
+
+def entry(name: str) -> dict[str, str]:
+    """The split-file entry of a frame, as in the original train_val_test.json."""
+    return {"annotation": f"{name}.npy", "image": f"{name}-org.jpg"}
+
+
+def write_split(path: Path, names: list[str], split: str = "test") -> Path:
+    """Writes a split file that lists ``names`` under ``split``; returns its path."""
+    splits = {s: [] for s in ("train", "val", "test")}
+    splits[split] = [entry(n) for n in names]
+    path.write_text(json.dumps(splits))
+    return path
+
+
+# Real data.
+
+
+def test_pbm_and_npy_masks_agree_on_real_frames(figaro_dir, tmp_path):
+    """Every frame with an .npy mask reads the same 0/1 mask from its PBM."""
+    missing = [
+        n for n in NPY_FRAMES if not (figaro_dir / "GT" / "np_labels" / f"{n}.npy").is_file()
+    ]
+    assert not missing, f"expected .npy masks in GT/np_labels for {missing}"
+    split_file = write_split(tmp_path / "split.json", NPY_FRAMES)
+    pbm = read_split(figaro_dir, "test", split_file, mask_source="pbm", num_threads=2)
+    npy = read_split(figaro_dir, "test", split_file, mask_source="npy", num_threads=2)
+    assert pbm.names == npy.names == NPY_FRAMES
+    for name, image, a, b in zip(pbm.names, pbm.images, pbm.masks, npy.masks, strict=True):
+        assert a.dtype == b.dtype == np.uint8, name
+        assert a.shape == b.shape == image.shape[:2], name
+        assert set(np.unique(a)) <= {0, 1}, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_read_split_limit_on_real_data(figaro_dir):
+    """``limit`` reads the first examples of the real split file as RGB images and masks."""
+    examples = read_split(figaro_dir, "train", limit=5, num_threads=2)
+    assert len(examples) == 5
+    entries = json.loads((figaro_dir / "train_val_test.json").read_text())["train"][:5]
+    assert examples.names == [e["image"].removesuffix("-org.jpg") for e in entries]
+    assert examples.names[0] == "Frame00001"
+    for name, image, mask in zip(examples.names, examples.images, examples.masks, strict=True):
+        assert name.startswith("Frame") and len(name) == len("Frame00001")
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+        assert set(np.unique(mask)) == {0, 1}
+        assert 0.02 < mask.mean() < 0.98, f"{name} mask is nearly all one value"
+
+
+# Generated folders.
+
+
+def random_image(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
+
+
+def random_mask(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((height, width)) < 0.4).astype(np.uint8)
+
+
+def write_frame(
+    root: Path,
+    name: str,
+    image: np.ndarray | None = None,
+    pbm: np.ndarray | None = None,
+    np_labels: np.ndarray | None = None,
+    labels_npy: np.ndarray | None = None,
+) -> None:
+    """Writes a frame's JPEG and whichever of its PBM / .npy masks are given."""
+    for sub in ("images", "labels", "np_labels"):
+        (root / "GT" / sub).mkdir(parents=True, exist_ok=True)
+    if image is not None:
+        Image.fromarray(image).save(root / "GT" / "images" / f"{name}-org.jpg")
+    if pbm is not None:
+        Image.fromarray(pbm.astype(bool)).save(root / "GT" / "labels" / f"{name}-gt.pbm")
+    if np_labels is not None:
+        np.save(root / "GT" / "np_labels" / f"{name}.npy", np_labels)
+    if labels_npy is not None:
+        np.save(root / "GT" / "labels" / f"{name}.npy", labels_npy)
+
+
+def as_npy(mask: np.ndarray) -> np.ndarray:
+    """A 0/1 mask in the original .npy format: uint8 (H, W, 3) of 0/255."""
+    return np.repeat(mask[..., None] * 255, 3, axis=2).astype(np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A two-frame folder with JPEGs, PBM masks and a split file naming both under train."""
+    root = tmp_path / "Figaro1k"
+    for i, name in enumerate(["Frame00001", "Frame00002"]):
+        write_frame(root, name, random_image(seed=i), pbm=random_mask(seed=i))
+    write_split(root / "train_val_test.json", ["Frame00001", "Frame00002"], split="train")
+    return root
+
+
+def test_generated_folder_reads(folder):
+    """The generated folder reads back its masks exactly and its images close to the JPEGs."""
+    examples = read_split(folder, "train", num_threads=1)
+    assert examples.names == ["Frame00001", "Frame00002"]
+    for i, (image, mask) in enumerate(zip(examples.images, examples.masks, strict=True)):
+        assert image.dtype == np.uint8 and image.shape == (12, 16, 3)
+        np.testing.assert_array_equal(mask, random_mask(seed=i))
+
+
+def test_missing_data_dir(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=str(missing)):
+        read_split(missing, "train")
+
+
+def test_missing_split_file(folder):
+    with pytest.raises(DataError, match="does not exist"):
+        read_split(folder, "train", split_file="other.json")
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[1, 2]", '{"val": [], "test": []}', '{"train": null}'], ids=str
+)
+def test_malformed_split_file(folder, text):
+    (folder / "bad.json").write_text(text)
+    with pytest.raises(DataError, match="bad.json"):
+        read_split(folder, "train", split_file=folder / "bad.json")
+
+
+def test_empty_split(folder):
+    with pytest.raises(DataError, match="'val'.*empty"):
+        read_split(folder, "val")
+
+
+def test_unknown_split(folder):
+    with pytest.raises(DataError, match="Unknown split"):
+        read_split(folder, "validation")
+
+
+def test_absolute_split_file_outside_data_dir(folder, tmp_path):
+    split_file = write_split(tmp_path / "elsewhere.json", ["Frame00002"], split="val")
+    examples = read_split(folder, "val", split_file=split_file)
+    assert examples.names == ["Frame00002"]
+
+
+def test_missing_image(folder):
+    (folder / "GT" / "images" / "Frame00002-org.jpg").unlink()
+    with pytest.raises(DataError, match="Frame00002-org.jpg"):
+        read_split(folder, "train")
+
+
+def test_image_without_mask_names_looked_for_files(folder):
+    (folder / "GT" / "labels" / "Frame00002-gt.pbm").unlink()
+    with pytest.raises(DataError, match="No mask for Frame00002-org.jpg") as error:
+        read_split(folder, "train")
+    message = str(error.value)
+    for path in [
+        folder / "GT" / "labels" / "Frame00002-gt.pbm",
+        folder / "GT" / "np_labels" / "Frame00002.npy",
+        folder / "GT" / "labels" / "Frame00002.npy",
+    ]:
+        assert str(path) in message
+
+
+def test_npy_source_ignores_pbm(folder):
+    with pytest.raises(DataError, match="Frame00001.npy"):
+        read_example(folder, entry("Frame00001"), "npy")
+
+
+def test_unknown_mask_source(folder):
+    with pytest.raises(DataError, match="Unknown mask source"):
+        read_example(folder, entry("Frame00001"), "png")
+
+
+def test_mask_size_differs_from_image(folder):
+    write_frame(folder, "Frame00002", pbm=random_mask(12, 15))
+    with pytest.raises(DataError, match=r"15x12 but its image is 16x12"):
+        read_split(folder, "train")
+
+
+@pytest.mark.parametrize("value", [2, 128, 254])
+def test_npy_mask_with_other_values(folder, value):
+    mask = as_npy(random_mask())
+    mask[0, 0] = value
+    write_frame(folder, "Frame00003", random_image(), np_labels=mask)
+    with pytest.raises(DataError, match="Frame00003.npy"):
+        read_example(folder, entry("Frame00003"), "npy")
+
+
+def test_npy_mask_of_wrong_rank(folder):
+    write_frame(folder, "Frame00003", random_image(), np_labels=np.zeros((12, 16, 3, 1), np.uint8))
+    with pytest.raises(DataError, match="Frame00003.npy"):
+        read_example(folder, entry("Frame00003"), "npy")
+
+
+def test_pbm_that_is_not_one_bit(folder):
+    path = folder / "GT" / "labels" / "Frame00001-gt.pbm"
+    Image.fromarray(random_mask() * 255).save(path, format="PPM")  # a greyscale P5 file
+    with pytest.raises(DataError, match="1-bit"):
+        read_example(folder, entry("Frame00001"), "pbm")
+
+
+@pytest.mark.parametrize("layout", ["HW3", "HW"])
+def test_npy_mask_layouts(folder, layout):
+    """The original (H, W, 3) 0/255 layout and a plain (H, W) one both read as 0/1."""
+    mask = random_mask(seed=5)
+    npy = as_npy(mask) if layout == "HW3" else mask * 255
+    write_frame(folder, "Frame00003", random_image(), np_labels=npy)
+    _, read = read_example(folder, entry("Frame00003"), "npy")
+    assert read.dtype == np.uint8
+    np.testing.assert_array_equal(read, mask)
+
+
+def test_auto_mask_source_prefers_pbm_then_np_labels_then_labels(folder):
+    masks = [random_mask(seed=s) for s in (10, 11, 12)]
+    write_frame(
+        folder,
+        "Frame00003",
+        random_image(),
+        pbm=masks[0],
+        np_labels=as_npy(masks[1]),
+        labels_npy=as_npy(masks[2]),
+    )
+    labels = folder / "GT" / "labels"
+    for expected, remove in [
+        (masks[0], labels / "Frame00003-gt.pbm"),
+        (masks[1], folder / "GT" / "np_labels" / "Frame00003.npy"),
+        (masks[2], labels / "Frame00003.npy"),
+    ]:
+        _, mask = read_example(folder, entry("Frame00003"), "auto")
+        np.testing.assert_array_equal(mask, expected)
+        remove.unlink()
+    with pytest.raises(DataError, match="No mask"):
+        read_example(folder, entry("Frame00003"), "auto")
+
+
+def test_pbm_style_annotation_names(folder):
+    """Entries may name the ``-gt.pbm`` file instead of the ``.npy`` one."""
+    image, mask = read_example(
+        folder, {"annotation": "Frame00002-gt.pbm", "image": "Frame00002-org.jpg"}, "auto"
+    )
+    assert image.shape == (12, 16, 3)
+    np.testing.assert_array_equal(mask, random_mask(seed=1))
+
+
+# read_image.
+
+
+def test_read_rgb_png_exactly(tmp_path):
+    image = random_image(7, 9)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "x.png"), image)
+
+
+def test_read_grey_jpeg(tmp_path):
+    grey = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (12, 1))
+    Image.fromarray(grey).save(tmp_path / "x.jpg")
+    image = read_image(tmp_path / "x.jpg")
+    assert image.dtype == np.uint8 and image.shape == (12, 16, 3)
+    np.testing.assert_array_equal(image[..., 0], image[..., 1])
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+    assert np.abs(image[..., 0].astype(int) - grey).max() <= 8
+
+
+def test_read_rgba_png_drops_alpha(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 256, (12, 16, 4), np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
+    image = read_image(tmp_path / "x.png")
+    assert image.dtype == np.uint8
+    np.testing.assert_array_equal(image, rgba[..., :3])
+
+
+def test_read_cmyk_jpeg(tmp_path):
+    Image.new("CMYK", (16, 12), (0, 255, 255, 0)).save(tmp_path / "x.jpg")
+    with Image.open(tmp_path / "x.jpg") as saved:
+        assert saved.mode == "CMYK"
+    image = read_image(tmp_path / "x.jpg")
+    assert image.dtype == np.uint8 and image.shape == (12, 16, 3)
+    red = np.array([255, 0, 0])
+    assert np.abs(image.astype(int) - red).max() <= 8
+
+
+def test_read_16_bit_png_keeps_high_byte(tmp_path):
+    values = (np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 341 + 7).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "x.png")
+    with Image.open(tmp_path / "x.png") as saved:
+        assert saved.mode.startswith("I")
+    image = read_image(tmp_path / "x.png")
+    assert image.dtype == np.uint8 and image.shape == (12, 16, 3)
+    np.testing.assert_array_equal(image, np.repeat((values >> 8)[..., None], 3, axis=2))

@@ -1,0 +1,145 @@
+"""Tests of the tf.data training and evaluation pipelines on small in-memory examples."""
+
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import figaro
+from hairseg_jax.data import augment
+from hairseg_jax.data.examples import Examples
+from hairseg_jax.data.pipeline import eval_batches, train_batches
+from hairseg_jax.data.synthetic import make_examples
+
+SIZE = 32
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def examples() -> Examples:
+    return make_examples(12, (48, 40), seed=3)
+
+
+@pytest.fixture(scope="module")
+def augment_config() -> ml_collections.ConfigDict:
+    return figaro.get_config().augment
+
+
+def take(iterator, count: int) -> list[dict[str, np.ndarray]]:
+    return list(itertools.islice(iterator, count))
+
+
+def assert_batches_equal(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_train_batches_shapes_and_types(examples, augment_config):
+    batches = take(train_batches(examples, BATCH, SIZE, augment_config, seed=0), 4)
+    for batch in batches:
+        assert set(batch) == {"image", "mask"}
+        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (BATCH, SIZE, SIZE, 3)
+        assert batch["mask"].dtype == np.uint8 and batch["mask"].shape == (BATCH, SIZE, SIZE)
+        assert set(np.unique(batch["mask"])) <= {0, 1}
+    assert any(batch["mask"].any() for batch in batches)
+
+
+def test_train_batches_are_deterministic(examples, augment_config):
+    first = take(train_batches(examples, BATCH, SIZE, augment_config, seed=5), 4)
+    again = take(train_batches(examples, BATCH, SIZE, augment_config, seed=5), 4)
+    assert_batches_equal(first, again)
+
+
+def test_other_seed_gives_other_batches(examples, augment_config):
+    first = next(train_batches(examples, BATCH, SIZE, augment_config, seed=5))
+    other = next(train_batches(examples, BATCH, SIZE, augment_config, seed=6))
+    assert not np.array_equal(first["image"], other["image"])
+
+
+@pytest.mark.parametrize("start_step", [1, 4])
+def test_start_step_resumes_the_stream(examples, augment_config, start_step):
+    """Resuming at step k (here also past the first epoch of 3 steps) yields steps k, k+1..."""
+    fresh = take(train_batches(examples, BATCH, SIZE, augment_config, seed=2), start_step + 2)
+    resumed = take(
+        train_batches(examples, BATCH, SIZE, augment_config, seed=2, start_step=start_step), 2
+    )
+    assert_batches_equal(resumed, fresh[start_step:])
+
+
+def constant_examples(count: int) -> Examples:
+    """Examples whose images are one flat colour encoding their index (10 * index + 5)."""
+    images = [np.full((30, 20, 3), 10 * i + 5, np.uint8) for i in range(count)]
+    masks = [np.full((30, 20), i % 2, np.uint8) for i in range(count)]
+    return Examples([f"flat_{i}" for i in range(count)], images, masks)
+
+
+def test_each_epoch_visits_every_example_once(augment_config):
+    """Spatial augmentation keeps a flat colour, so each output names the example it came from."""
+    cfg = ml_collections.ConfigDict(augment_config.to_dict())
+    cfg.update(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    count, epochs = 12, 3
+    batches = take(train_batches(constant_examples(count), BATCH, 8, cfg, seed=1), 9)
+    indices = []
+    for batch in batches:
+        for image, mask in zip(batch["image"], batch["mask"], strict=True):
+            assert (image == image.flat[0]).all(), "a flat image did not stay flat"
+            index, remainder = divmod(int(image.flat[0]) - 5, 10)
+            assert remainder == 0
+            np.testing.assert_array_equal(mask, index % 2)
+            indices.append(index)
+    orders = [indices[e * count : (e + 1) * count] for e in range(epochs)]
+    for order in orders:
+        assert sorted(order) == list(range(count))
+    assert len({tuple(order) for order in orders}) == epochs, "epochs were not reshuffled"
+
+
+def test_batch_larger_than_dataset_raises(examples, augment_config):
+    with pytest.raises(ValueError, match="larger than the 12"):
+        train_batches(examples, 13, SIZE, augment_config, seed=0)
+
+
+def test_batch_as_large_as_dataset(examples, augment_config):
+    batch = next(train_batches(examples, 12, 16, augment_config, seed=0))
+    assert batch["image"].shape == (12, 16, 16, 3)
+
+
+def test_eval_batches_cover_every_example_in_order(examples):
+    batches = list(eval_batches(examples, 5, SIZE))
+    assert len(batches) == 3
+    for batch in batches:
+        assert set(batch) == {"image", "index"}
+        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (5, SIZE, SIZE, 3)
+        assert batch["index"].dtype == np.int64 and batch["index"].shape == (5,)
+    indices = np.concatenate([b["index"] for b in batches])
+    np.testing.assert_array_equal(indices, [*range(12), -1, -1, -1])
+    images = np.concatenate([b["image"] for b in batches])
+    for i in range(12):
+        expected = augment.eval_transform(tf.constant(examples.images[i]), SIZE).numpy()
+        np.testing.assert_array_equal(images[i], expected)
+    assert not images[12:].any(), "padding images are not zeros"
+
+
+def test_eval_batches_without_padding(examples):
+    batches = list(eval_batches(examples, 4, 24))
+    assert [b["index"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert all(b["image"].shape == (4, 24, 24, 3) for b in batches)
+
+
+def test_eval_batches_of_images_of_different_sizes():
+    data = Examples(
+        ["a", "b", "c"],
+        [
+            np.full((20, 30, 3), 40, np.uint8),
+            np.full((9, 7, 3), 90, np.uint8),
+            np.zeros((5, 5, 3), np.uint8),
+        ],
+        [np.zeros((20, 30), np.uint8), np.zeros((9, 7), np.uint8), np.zeros((5, 5), np.uint8)],
+    )
+    (batch,) = list(eval_batches(data, 4, 16))
+    np.testing.assert_array_equal(batch["index"], [0, 1, 2, -1])
+    assert (batch["image"][0] == 40).all() and (batch["image"][1] == 90).all()

@@ -1,0 +1,264 @@
+"""Tests of normalisation, learning-rate schedules, optimizers and the jitted train step."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import figaro
+from hairseg_jax import losses, steps
+from hairseg_jax.models import DeepLabV3Plus
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """A copy of the Figaro config's ``optim`` with ``overrides``."""
+    config = ml_collections.ConfigDict(figaro.get_config().optim.to_dict())
+    config.update(overrides)
+    return config
+
+
+# normalize.
+
+
+def test_normalize_by_hand():
+    images = jnp.array([[[[10, 20, 30], [255, 0, 128]]]], jnp.uint8)
+    out = steps.normalize(images, mean=(1.0, 2.0, 3.0), std=(2.0, 4.0, 8.0))
+    assert out.dtype == jnp.float32 and out.shape == (1, 1, 2, 3)
+    expected = [[[[4.5, 4.5, 3.375], [127.0, -0.5, 15.625]]]]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_normalize_bgr_flips_channels_before_mean_and_std():
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 3), np.uint8)
+    mean, std = (100.0, 110.0, 120.0), (50.0, 60.0, 70.0)
+    bgr = steps.normalize(jnp.asarray(images), mean, std, bgr=True)
+    expected = (images[..., ::-1].astype(np.float32) - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(bgr, expected, rtol=1e-6, atol=1e-6)
+    rgb = steps.normalize(jnp.asarray(images), mean, std)
+    assert not np.allclose(rgb, bgr)
+
+
+def test_jit_steps_preprocess_follows_channel_order():
+    """The jitted predict step normalises with config.input (identity model)."""
+    state = steps.TrainState.create(
+        apply_fn=lambda variables, x, train: x,
+        params={},
+        tx=optax.sgd(0.1),
+        batch_stats={},
+        rng=jax.random.key(0),
+    )
+    images = np.random.default_rng(1).integers(0, 256, (1, 2, 2, 3), np.uint8)
+    config = ml_collections.ConfigDict(figaro.get_config().input.to_dict())
+    mean, std = np.array(config.mean), np.array(config.std)
+    _, predict = steps.jit_steps(config)
+    np.testing.assert_allclose(predict(state, images), (images - mean) / std, rtol=1e-5)
+    config.channel_order = "BGR"
+    _, predict = steps.jit_steps(config)
+    np.testing.assert_allclose(predict(state, images), (images[..., ::-1] - mean) / std, rtol=1e-5)
+
+
+# learning_rate_schedule.
+
+
+def test_poly_schedule():
+    schedule = steps.learning_rate_schedule(optim_config(learning_rate=0.01), total_steps=100)
+    assert float(schedule(0)) == pytest.approx(0.01)
+    assert float(schedule(50)) == pytest.approx(0.01 * 0.5**0.9)
+    assert float(schedule(75)) == pytest.approx(0.01 * 0.25**0.9)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+    assert float(schedule(150)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_poly_power():
+    config = optim_config(learning_rate=0.1, poly_power=2.0)
+    schedule = steps.learning_rate_schedule(config, total_steps=10)
+    assert float(schedule(5)) == pytest.approx(0.1 * 0.25)
+
+
+def test_warmup_ramps_linearly_then_decays():
+    config = optim_config(learning_rate=0.01, warmup_steps=10)
+    schedule = steps.learning_rate_schedule(config, total_steps=110)
+    for step in range(11):
+        assert float(schedule(step)) == pytest.approx(0.01 * step / 10, abs=1e-9), step
+    # After warmup the poly decay runs over the remaining 100 steps.
+    assert float(schedule(60)) == pytest.approx(0.01 * 0.5**0.9)
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-12)
+    values = [float(schedule(s)) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_cosine_schedule():
+    config = optim_config(learning_rate=0.02, schedule="cosine")
+    schedule = steps.learning_rate_schedule(config, total_steps=100)
+    assert float(schedule(0)) == pytest.approx(0.02)
+    assert float(schedule(25)) == pytest.approx(0.01 * (1 + math.cos(math.pi / 4)))
+    assert float(schedule(50)) == pytest.approx(0.01)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_cosine_schedule_with_warmup():
+    config = optim_config(learning_rate=0.02, schedule="cosine", warmup_steps=20)
+    schedule = steps.learning_rate_schedule(config, total_steps=120)
+    assert float(schedule(10)) == pytest.approx(0.01)
+    assert float(schedule(20)) == pytest.approx(0.02)
+    assert float(schedule(70)) == pytest.approx(0.01)
+
+
+def test_constant_schedule():
+    schedule = steps.learning_rate_schedule(optim_config(schedule="constant"), total_steps=10)
+    assert [float(schedule(s)) for s in (0, 5, 10, 1000)] == pytest.approx([0.01] * 4)
+
+
+def test_unknown_schedule_raises():
+    with pytest.raises(ValueError, match="Unknown schedule 'step'"):
+        steps.learning_rate_schedule(optim_config(schedule="step"), total_steps=10)
+
+
+# Optimizer.
+
+
+def tiny_params() -> dict:
+    return {
+        "backbone": {"w": jnp.full((3,), 2.0), "bn": {"scale": jnp.ones((2,))}},
+        "aspp": {"w": jnp.full((3,), 2.0)},
+        "decoder": {"w": jnp.full((3,), 2.0)},
+    }
+
+
+def test_param_groups_label_backbone_and_head():
+    labels = steps.param_groups(tiny_params())
+    assert labels == {
+        "backbone": {"w": "backbone", "bn": {"scale": "backbone"}},
+        "aspp": {"w": "head"},
+        "decoder": {"w": "head"},
+    }
+
+
+def first_updates(config: ml_collections.ConfigDict, grads: dict, params: dict) -> dict:
+    """The updates of one optimizer step at a constant learning rate of 0.1."""
+    tx = steps.create_optimizer(config, optax.constant_schedule(0.1))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates
+
+
+def test_head_learning_rate_multiplier():
+    config = optim_config(momentum=0.0, weight_decay=0.0, head_lr_multiplier=10.0)
+    params = tiny_params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates = first_updates(config, grads, params)
+    np.testing.assert_allclose(updates["backbone"]["w"], -0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(updates["aspp"]["w"], -1.0 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(updates["decoder"]["w"], -1.0 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(updates["aspp"]["w"], 10 * updates["backbone"]["w"], rtol=1e-6)
+
+
+def test_sgd_weight_decay_adds_decay_times_param():
+    config = optim_config(momentum=0.0, weight_decay=0.01, head_lr_multiplier=10.0)
+    params = tiny_params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates = first_updates(config, grads, params)
+    np.testing.assert_allclose(updates["backbone"]["w"], -0.1 * (0.5 + 0.01 * 2.0), rtol=1e-6)
+    np.testing.assert_allclose(updates["aspp"]["w"], -1.0 * (0.5 + 0.01 * 2.0), rtol=1e-6)
+
+
+def test_sgd_momentum_accumulates():
+    config = optim_config(momentum=0.9, weight_decay=0.0, head_lr_multiplier=1.0)
+    params = tiny_params()
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = steps.create_optimizer(config, optax.constant_schedule(0.1))
+    state = tx.init(params)
+    first, state = tx.update(grads, state, params)
+    second, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(first["backbone"]["w"], -0.1, rtol=1e-6)
+    np.testing.assert_allclose(second["backbone"]["w"], -0.1 * 1.9, rtol=1e-6)
+
+
+def test_adamw_step():
+    config = optim_config(name="adamw", weight_decay=0.01, head_lr_multiplier=10.0)
+    params = tiny_params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates = first_updates(config, grads, params)
+    # Adam's first step moves each weight by about lr, plus the decoupled decay lr * wd * p.
+    np.testing.assert_allclose(updates["backbone"]["w"], -0.1 * (1 + 0.01 * 2.0), rtol=1e-4)
+    np.testing.assert_allclose(updates["aspp"]["w"], -1.0 * (1 + 0.01 * 2.0), rtol=1e-4)
+
+
+def test_unknown_optimizer_raises():
+    with pytest.raises(ValueError, match="Unknown optimizer 'lamb'"):
+        steps.create_optimizer(optim_config(name="lamb"), optax.constant_schedule(0.1))
+
+
+# One tiny model trained for a few steps (compiled once for the module).
+
+IMAGE_SIZE = 48
+NUM_STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict:
+    """Runs NUM_STEPS + 1 train steps on one fixed batch; records what the tests check."""
+    config = figaro.get_config()
+    model = DeepLabV3Plus(
+        backbone="resnet18", aspp_channels=16, decoder_channels=16, low_level_channels=8
+    )
+    optim = optim_config(learning_rate=0.01, schedule="constant")
+    tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 100))
+    # rbg keys compile faster than threefry's on CPU.
+    state = steps.create_train_state(jax.random.key(0, impl="rbg"), model, IMAGE_SIZE, tx)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    images[:, 10:30, 5:40] = rng.integers(180, 256, (2, 20, 35, 3), np.uint8)
+    batch = {"image": images, "mask": (images.mean(axis=-1) > 150).astype(np.uint8)}
+    train, predict = steps.jit_steps(config.input)
+
+    # The train step donates the state: copy what is compared later before stepping.
+    copy = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731
+    initial = {"batch_stats": copy(state.batch_stats), "params": copy(state.params)}
+    losses_seen = []
+    for _ in range(NUM_STEPS + 1):
+        state, metrics = train(state, batch)
+        losses_seen.append(float(metrics["loss"]))
+    logits = predict(state, batch["image"])
+    return {
+        "state": state,
+        "initial": initial,
+        "losses": losses_seen,
+        "logits": np.asarray(logits),
+        "batch": batch,
+    }
+
+
+def test_train_steps_lower_the_loss(trained):
+    losses_seen = trained["losses"]
+    assert all(np.isfinite(losses_seen)), losses_seen
+    assert losses_seen[-1] < losses_seen[0], losses_seen
+
+
+def test_train_step_counts_steps(trained):
+    assert int(trained["state"].step) == NUM_STEPS + 1
+
+
+def test_train_step_updates_params_and_batch_stats(trained):
+    state, initial = trained["state"], trained["initial"]
+    assert jax.tree.structure(state.batch_stats) == jax.tree.structure(initial["batch_stats"])
+    old, new = initial["batch_stats"], state.batch_stats
+    assert not np.allclose(new["backbone"]["bn1"]["mean"], old["backbone"]["bn1"]["mean"])
+    assert not np.allclose(new["aspp"]["bn1"]["var"], old["aspp"]["bn1"]["var"])
+    old_kernel = initial["params"]["decoder"]["last_conv_8"]["kernel"]
+    assert not np.allclose(state.params["decoder"]["last_conv_8"]["kernel"], old_kernel)
+
+
+def test_predict_step_returns_float32_logits(trained):
+    logits = trained["logits"]
+    assert logits.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 1)
+    assert logits.dtype == np.float32
+    assert np.isfinite(logits).all()
+
+
+def test_predict_loss_is_finite(trained):
+    loss = losses.sigmoid_bce(jnp.asarray(trained["logits"]), trained["batch"]["mask"])
+    assert np.isfinite(float(loss))
