@@ -27,9 +27,23 @@ def _head_conv(features: int, kernel_size: int, **kwargs: Any) -> nn.Conv:
     return conv(features, kernel_size, kernel_init=_head_kernel_init, **kwargs)
 
 
-def _resize(x: jax.Array, height: int, width: int) -> jax.Array:
-    """Bilinearly resizes NHWC ``x`` to ``height`` x ``width``."""
-    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear")
+def resize(x: jax.Array, height: int, width: int, align_corners: bool = False) -> jax.Array:
+    """Bilinearly resizes NHWC ``x`` to ``height`` x ``width`` without antialiasing.
+
+    ``align_corners=False`` is torch's default (half-pixel centres); ``True`` maps the corner
+    pixels onto each other, as the original PyTorch project did.
+    """
+    shape = (x.shape[0], height, width, x.shape[3])
+    if not align_corners:
+        return jax.image.resize(x, shape, "bilinear", antialias=False)
+    scale, translation = [], []
+    for old, new in ((x.shape[1], height), (x.shape[2], width)):
+        aligned = old > 1 and new > 1  # a single pixel maps onto every output pixel either way
+        scale.append((new - 1) / (old - 1) if aligned else new / old)
+        translation.append(0.5 - 0.5 * scale[-1] if aligned else 0.0)
+    return jax.image.scale_and_translate(
+        x, shape, (1, 2), jnp.array(scale), jnp.array(translation), "linear", antialias=False
+    )
 
 
 class ASPPBranch(nn.Module):
@@ -84,6 +98,7 @@ class Decoder(nn.Module):
     low_level_features: int
     dropout: tuple[float, float]
     num_classes: int
+    align_corners: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -92,7 +107,7 @@ class Decoder(nn.Module):
             low_level
         )
         low_level = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(low_level))
-        x = _resize(x, low_level.shape[1], low_level.shape[2])
+        x = resize(x, low_level.shape[1], low_level.shape[2], self.align_corners)
         x = jnp.concatenate([x, low_level], axis=-1)
         for i, rate in enumerate(self.dropout):
             x = _head_conv(self.features, 3, dtype=self.dtype, name=f"last_conv_{4 * i}")(x)
@@ -118,6 +133,8 @@ class DeepLabV3Plus(nn.Module):
         aspp_dropout: dropout rate after the ASPP projection.
         decoder_dropout: dropout rates after the decoder's two 3x3 convs.
         num_classes: logit channels.
+        align_corners: bilinear upsampling that maps corner pixels onto each other (the
+            original PyTorch project's choice, for its imported checkpoints).
         dtype: computation dtype; parameters stay float32 and logits are float32.
     """
 
@@ -131,6 +148,7 @@ class DeepLabV3Plus(nn.Module):
     aspp_dropout: float = 0.5
     decoder_dropout: tuple[float, float] = (0.5, 0.1)
     num_classes: int = 1
+    align_corners: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -158,18 +176,20 @@ class DeepLabV3Plus(nn.Module):
             self.low_level_channels,
             tuple(self.decoder_dropout),
             self.num_classes,
+            self.align_corners,
             dtype=self.dtype,
             name="decoder",
         )(x, features["layer1"], train)
-        return _resize(x.astype(jnp.float32), images.shape[1], images.shape[2])
+        return resize(x.astype(jnp.float32), images.shape[1], images.shape[2], self.align_corners)
 
 
 def build_model(config: Any) -> DeepLabV3Plus:
     """Builds the model from a config with ``get`` (e.g. an ``ml_collections.ConfigDict``).
 
     Reads ``backbone``, ``output_stride``, ``multi_grid``, ``aspp_channels``,
-    ``decoder_channels``, ``dropout`` (ASPP rate; the decoder uses ``(dropout, dropout / 5)``)
-    and ``dtype`` (``"float32"`` or ``"bfloat16"``); missing fields take the defaults.
+    ``decoder_channels``, ``dropout`` (ASPP rate; the decoder uses ``(dropout, dropout / 5)``),
+    ``align_corners`` and ``dtype`` (``"float32"`` or ``"bfloat16"``); missing fields take the
+    defaults.
     """
     defaults = DeepLabV3Plus()
     dtype_name = config.get("dtype", "float32")
@@ -184,5 +204,6 @@ def build_model(config: Any) -> DeepLabV3Plus:
         decoder_channels=config.get("decoder_channels", defaults.decoder_channels),
         aspp_dropout=dropout,
         decoder_dropout=(dropout, dropout / 5),
+        align_corners=config.get("align_corners", defaults.align_corners),
         dtype=_DTYPES[dtype_name],
     )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hairseg_jax.models import DeepLabV3Plus, build_model
+from hairseg_jax.models.deeplab import resize
 
 # Narrow head so the one compiled model stays quick on CPU.
 SMALL = {"aspp_channels": 16, "decoder_channels": 16, "low_level_channels": 8}
@@ -169,3 +170,14 @@ def test_build_model_defaults():
 def test_build_model_rejects_unknown_dtype():
     with pytest.raises(ValueError, match="'float16'"):
         build_model(ml_collections.ConfigDict({"dtype": "float16"}))
+
+
+@pytest.mark.parametrize(
+    "align_corners, expected",
+    [(True, [0.0, 0.25, 0.5, 0.75, 1.0]), (False, [0.0, 0.1, 0.5, 0.9, 1.0])],
+)
+def test_resize_corner_conventions(align_corners, expected):
+    """A 2-pixel ramp upsampled to 5 pixels, worked out by hand for both conventions."""
+    ramp = jnp.array([0.0, 1.0]).reshape(1, 1, 2, 1)
+    out = resize(ramp, 1, 5, align_corners)
+    np.testing.assert_allclose(np.asarray(out).ravel(), expected, atol=1e-6)
