@@ -1,4 +1,4 @@
-"""DeepLabV3+ with a ResNet backbone.
+"""DeepLabV3+ with a ResNet or MobileNetV2 backbone.
 
 Submodule names mirror the PyTorch project jfzhang95/pytorch-deeplab-xception (``aspp/aspp2/
 atrous_conv``, ``decoder/last_conv_4`` ...) so that its checkpoints can be imported later.
@@ -11,7 +11,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hairseg_jax.models.resnet import batch_norm, conv, resnet
+from hairseg_jax.models.mobilenet_v2 import mobilenet_v2
+from hairseg_jax.models.resnet import BACKBONES, batch_norm, conv, resnet
+
+# Every name ``DeepLabV3Plus.backbone`` accepts.
+BACKBONE_NAMES: tuple[str, ...] = (*BACKBONES, "mobilenet_v2")
+
+# (low-level, high-level) feature keys read by the decoder and ASPP, per backbone family.
+_FEATURE_TAPS: dict[str, tuple[str, str]] = {
+    "resnet": ("layer1", "layer4"),
+    "mobilenet_v2": ("low_level", "high_level"),
+}
 
 # Default ASPP rates of the three dilated branches per output stride.
 _ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
@@ -119,17 +129,19 @@ class Decoder(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ segmentation model: ResNet backbone, ASPP and decoder.
+    """DeepLabV3+ segmentation model: ResNet or MobileNetV2 backbone, ASPP and decoder.
 
     Attributes:
-        backbone: a key of ``hairseg_jax.models.resnet.BACKBONES``.
+        backbone: one of ``BACKBONE_NAMES`` (``"resnet18"`` .. ``"resnet152"``,
+            ``"mobilenet_v2"``).
         output_stride: 8, 16 or 32, stride of the backbone's last feature map.
-        multi_grid: dilation multipliers of the backbone's layer4 blocks.
+        multi_grid: dilation multipliers of a ResNet's layer4 blocks (MobileNetV2 ignores it).
         aspp_channels: channels of each ASPP branch and of its output.
         aspp_rates: dilations of the three 3x3 ASPP branches; ``None`` picks (12, 24, 36) at
             output stride 8, (6, 12, 18) at 16 and (3, 6, 9) at 32.
         decoder_channels: channels of the decoder's two 3x3 convs.
-        low_level_channels: channels the layer1 features are projected to.
+        low_level_channels: channels the low-level features (ResNet layer1, MobileNetV2
+            features.3) are projected to.
         aspp_dropout: dropout rate after the ASPP projection.
         decoder_dropout: dropout rates after the decoder's two 3x3 convs.
         num_classes: logit channels.
@@ -161,15 +173,27 @@ class DeepLabV3Plus(nn.Module):
                     f"output_stride must be one of {list(_ASPP_RATES)}, got {self.output_stride}."
                 )
             rates = _ASPP_RATES[self.output_stride]
-        features = resnet(
-            self.backbone,
-            output_stride=self.output_stride,
-            multi_grid=self.multi_grid,
-            dtype=self.dtype,
-            name="backbone",
-        )(images, train)
+        if self.backbone == "mobilenet_v2":
+            backbone = mobilenet_v2(
+                output_stride=self.output_stride, dtype=self.dtype, name="backbone"
+            )
+            low_key, high_key = _FEATURE_TAPS["mobilenet_v2"]
+        elif self.backbone in BACKBONES:
+            backbone = resnet(
+                self.backbone,
+                output_stride=self.output_stride,
+                multi_grid=self.multi_grid,
+                dtype=self.dtype,
+                name="backbone",
+            )
+            low_key, high_key = _FEATURE_TAPS["resnet"]
+        else:
+            raise ValueError(
+                f"Unknown backbone {self.backbone!r}; known: {', '.join(BACKBONE_NAMES)}."
+            )
+        features = backbone(images, train)
         x = ASPP(self.aspp_channels, rates, self.aspp_dropout, dtype=self.dtype, name="aspp")(
-            features["layer4"], train
+            features[high_key], train
         )
         x = Decoder(
             self.decoder_channels,
@@ -179,7 +203,7 @@ class DeepLabV3Plus(nn.Module):
             self.align_corners,
             dtype=self.dtype,
             name="decoder",
-        )(x, features["layer1"], train)
+        )(x, features[low_key], train)
         return resize(x.astype(jnp.float32), images.shape[1], images.shape[2], self.align_corners)
 
 

@@ -36,12 +36,14 @@ def conv(
     *,
     strides: int = 1,
     dilation: int = 1,
+    groups: int = 1,
     use_bias: bool = False,
     kernel_init: nn.initializers.Initializer = conv_kernel_init,
     dtype: Any = jnp.float32,
     name: str,
 ) -> nn.Conv:
-    """A square conv with torch-style symmetric padding ``dilation * (kernel_size // 2)``."""
+    """A square conv with torch-style symmetric padding ``dilation * (kernel_size // 2)``;
+    ``groups`` is torch's (``groups == features`` is a depthwise conv)."""
     pad = dilation * (kernel_size // 2)
     return nn.Conv(
         features,
@@ -49,6 +51,7 @@ def conv(
         strides=strides,
         padding=((pad, pad), (pad, pad)),
         kernel_dilation=dilation,
+        feature_group_count=groups,
         use_bias=use_bias,
         dtype=dtype,
         kernel_init=kernel_init,

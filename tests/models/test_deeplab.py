@@ -137,7 +137,7 @@ def test_dropout_is_random_in_train_and_off_in_eval(model, variables, images, tr
 
 
 def test_unknown_backbone_lists_known_names():
-    with pytest.raises(ValueError, match="resnet18.*resnet152"):
+    with pytest.raises(ValueError, match="resnet18.*resnet152.*mobilenet_v2"):
         abstract_init(DeepLabV3Plus(backbone="vgg16"))
 
 
