@@ -8,6 +8,7 @@ from ml_collections import config_flags
 
 from hairseg_jax import evaluate, train
 from hairseg_jax.data.figaro1k import DataError
+from hairseg_jax.weights.tensors import ConversionError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, reports.")
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"FATAL Unknown --config.mode={config.mode!r}; use one of {', '.join(modes)}.")
     try:
         modes[config.mode](config, FLAGS.workdir)
-    except (DataError, FileNotFoundError) as e:
+    except (ConversionError, DataError, FileNotFoundError) as e:
         sys.exit(f"FATAL {e}")
 
 

@@ -49,6 +49,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.decoder_channels = 256
     config.model.dropout = 0.5
     config.model.dtype = "float32"
+    # Bilinear upsampling mapping corners onto corners; True for the original's checkpoints.
+    config.model.align_corners = False
+    # Weights to start from ("" is none; a None default could not be overridden by a string):
+    # "torchvision:resnet101" (the official file, downloaded into the torch hub cache), a
+    # torchvision or original project .pth file, or a .msgpack from hairseg_jax.weights.convert.
+    config.model.pretrained = ""
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "sgd"  # sgd | adamw
@@ -61,6 +67,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.optim.poly_power = 0.9
     config.optim.warmup_steps = 0
 
+    config.loss = ml_collections.ConfigDict()
+    config.loss.dice_weight = 0.0  # > 0 adds this times the soft Dice loss to the BCE
+
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 16
     config.train.num_epochs = 50
@@ -68,6 +77,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every_steps = 20
     config.train.eval_every_steps = 0  # 0: once per epoch
     config.train.keep_checkpoints = 2
+    config.train.ema_decay = 0.0  # > 0 keeps an EMA of the weights and evaluates with it
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"  # split that --config.mode=eval reports

@@ -6,8 +6,6 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from hairseg_jax.steps import TrainState
-
 BEST_METRIC = "dice"
 
 
@@ -30,11 +28,6 @@ def best_manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
             create=True,
         ),
     )
-
-
-def model_variables(state: TrainState) -> dict[str, Any]:
-    """The part of a train state that inference needs."""
-    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def best_score(manager: ocp.CheckpointManager) -> float:

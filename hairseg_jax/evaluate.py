@@ -16,6 +16,7 @@ from PIL import Image
 from hairseg_jax import checkpoints, metrics, models, steps
 from hairseg_jax.data import pipeline, sources
 from hairseg_jax.data.examples import Examples
+from hairseg_jax.weights import convert
 
 
 def resize_logits(logits: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -93,18 +94,31 @@ def write_report(workdir: Path, split: str, summary: dict, rows: list[dict]) -> 
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Evaluates the best checkpoint of ``workdir`` on ``config.eval.split``; writes reports."""
+    """Evaluates ``workdir``'s best checkpoint on ``config.eval.split``; writes the reports.
+
+    A workdir without one evaluates the weights of ``config.model.pretrained`` instead (e.g. a
+    checkpoint of the original PyTorch project, imported as it is).
+    """
     workdir = Path(workdir)
     manager = checkpoints.best_manager(workdir) if (workdir / "best").is_dir() else None
     step = manager and manager.best_step()
-    if step is None:
-        raise FileNotFoundError(f"No best checkpoint in {workdir / 'best'}; train there first.")
+    if step is None and not config.model.pretrained:
+        raise FileNotFoundError(
+            f"No best checkpoint in {workdir / 'best'} and no config.model.pretrained; "
+            "train there first."
+        )
     model = models.build_model(config.model)
-    _, predict_fn = steps.jit_steps(config.input)
+    _, predict_fn = steps.jit_steps(config)
     state = steps.create_train_state(
         jax.random.PRNGKey(config.seed), model, config.eval.image_size, tx=optax.identity()
     )
-    variables = checkpoints.restore(manager, step, checkpoints.model_variables(state))
+    template = steps.inference_variables(state)
+    if step is None:
+        weights = config.model.pretrained
+        variables = convert.load_pretrained(weights, template, config.model)
+    else:
+        weights = f"step {step} of {manager.directory}"
+        variables = checkpoints.restore(manager, step, template)
     state = state.replace(**variables)
 
     split = config.eval.split
@@ -119,14 +133,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     )
     summary.update(
         split=split,
-        step=int(step),
+        weights=weights,
+        step=int(step or 0),
         threshold=config.eval.threshold,
         image_size=config.eval.image_size,
     )
+    workdir.mkdir(parents=True, exist_ok=True)
     write_report(workdir, split, summary, rows)
     logging.info(
-        "Eval of step %d on %s (%d images): Dice %.4f (pooled %.4f), IoU %.4f, accuracy %.4f.",
-        step,
+        "Eval of %s on %s (%d images): Dice %.4f (pooled %.4f), IoU %.4f, accuracy %.4f.",
+        weights,
         split,
         summary["num_images"],
         summary["dice"],

@@ -15,10 +15,11 @@ from hairseg_jax import losses
 
 
 class TrainState(train_state.TrainState):
-    """Flax train state plus BatchNorm statistics and the dropout key."""
+    """Flax train state plus BatchNorm statistics, the dropout key and optional EMA params."""
 
     batch_stats: Any
     rng: jax.Array
+    ema_params: Any = None  # exponential moving average of params, used for inference if set
 
 
 def normalize(
@@ -84,9 +85,13 @@ def create_optimizer(
 
 
 def create_train_state(
-    rng: jax.Array, model: nn.Module, image_size: int, tx: optax.GradientTransformation
+    rng: jax.Array,
+    model: nn.Module,
+    image_size: int,
+    tx: optax.GradientTransformation,
+    ema: bool = False,
 ) -> TrainState:
-    """Initialises the model on a dummy batch and wraps it with the optimizer."""
+    """Initialises the model on a dummy batch and wraps it with the optimizer (and an EMA)."""
     init_rng, dropout_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
@@ -96,13 +101,29 @@ def create_train_state(
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
         rng=dropout_rng,
+        ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema else None,  # own buffers
     )
 
 
+def inference_variables(state: TrainState) -> dict[str, Any]:
+    """The variables inference uses: EMA params when kept, else params, and BN statistics."""
+    params = state.params if state.ema_params is None else state.ema_params
+    return {"params": params, "batch_stats": state.batch_stats}
+
+
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array], *, preprocess: Callable[[jax.Array], jax.Array]
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    preprocess: Callable[[jax.Array], jax.Array],
+    dice_weight: float = 0.0,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on a batch of uint8 images and 0/1 masks; returns the new state and loss."""
+    """One optimizer step on a batch of uint8 images and 0/1 masks.
+
+    The loss is BCE plus ``dice_weight`` times soft Dice. With an EMA kept, its decay ramps
+    up as ``min(ema_decay, (1 + step) / (10 + step))`` so early averages are not stale.
+    """
     images = preprocess(batch["image"])
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -114,31 +135,44 @@ def train_step(
             rngs={"dropout": dropout_rng},
             mutable=["batch_stats"],
         )
-        return losses.sigmoid_bce(logits, batch["mask"]), updates["batch_stats"]
+        loss = losses.segmentation_loss(logits, batch["mask"], dice_weight)
+        return loss, updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.ema_params is not None:
+        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        ema_params = optax.incremental_update(state.params, state.ema_params, 1.0 - decay)
+        state = state.replace(ema_params=ema_params)
     return state, {"loss": loss}
 
 
 def predict_step(
     state: TrainState, images: jax.Array, *, preprocess: Callable[[jax.Array], jax.Array]
 ) -> jax.Array:
-    """Logits (B, H, W, 1) of uint8 images, BatchNorm in inference mode."""
-    return state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, preprocess(images), train=False
-    )
+    """Logits (B, H, W, 1) of uint8 images, BatchNorm in inference mode, EMA params if kept."""
+    return state.apply_fn(inference_variables(state), preprocess(images), train=False)
 
 
-def jit_steps(input_config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
-    """The jitted train step (state donated) and predict step for ``config.input``."""
+def jit_steps(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
+    """The jitted train step (state donated) and predict step for an experiment config.
+
+    Reads ``config.input`` (normalisation), ``config.loss.dice_weight`` and
+    ``config.train.ema_decay``.
+    """
     preprocess = functools.partial(
         normalize,
-        mean=tuple(input_config.mean),
-        std=tuple(input_config.std),
-        bgr=input_config.channel_order == "BGR",
+        mean=tuple(config.input.mean),
+        std=tuple(config.input.std),
+        bgr=config.input.channel_order == "BGR",
+    )
+    train = functools.partial(
+        train_step,
+        preprocess=preprocess,
+        dice_weight=config.loss.dice_weight,
+        ema_decay=config.train.ema_decay,
     )
     return (
-        jax.jit(functools.partial(train_step, preprocess=preprocess), donate_argnums=0),
+        jax.jit(train, donate_argnums=0),
         jax.jit(functools.partial(predict_step, preprocess=preprocess)),
     )

@@ -6,16 +6,39 @@ from pathlib import Path
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 
 from hairseg_jax import checkpoints, evaluate, models, steps
 from hairseg_jax.data import pipeline, sources
+from hairseg_jax.weights import convert
 
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
+
+
+def load_pretrained(
+    state: steps.TrainState, model_config: ml_collections.ConfigDict
+) -> steps.TrainState:
+    """``state`` with the weights named by ``model_config.pretrained`` (see
+    ``hairseg_jax.weights.convert.load_pretrained``), its EMA (if kept) starting from them and
+    a fresh optimizer state."""
+    variables = convert.load_pretrained(
+        model_config.pretrained,
+        {"params": state.params, "batch_stats": state.batch_stats},
+        model_config,
+    )
+    logging.info("Loaded pretrained weights from %s.", model_config.pretrained)
+    params = variables["params"]
+    return state.replace(
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=state.tx.init(params),
+        ema_params=None if state.ema_params is None else jax.tree.map(jnp.copy, params),
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -51,7 +74,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         model,
         config.data.image_size,
         steps.create_optimizer(config.optim, schedule),
+        ema=config.train.ema_decay > 0,
     )
+    if config.model.get("pretrained"):
+        state = load_pretrained(state, config.model)
     parameter_overview.log_parameter_overview(state.params)
 
     latest = checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
@@ -61,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         logging.info("Resumed from step %d of %s.", int(state.step), latest.directory)
     start_step = int(state.step)
 
-    train_step, predict_step = steps.jit_steps(config.input)
+    train_step, predict_step = steps.jit_steps(config)
     batches = pipeline.train_batches(
         train_data, batch_size, config.data.image_size, config.augment, config.seed, start_step
     )
@@ -103,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     checkpoints.save(
                         best,
                         step,
-                        checkpoints.model_variables(state),
+                        steps.inference_variables(state),
                         metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
                     )
     latest.wait_until_finished()

@@ -42,3 +42,23 @@ def test_bfloat16_logits_give_float32_loss():
     loss = losses.sigmoid_bce(logits, jnp.ones((1, 2, 2), jnp.uint8))
     assert loss.dtype == jnp.float32
     assert float(loss) == pytest.approx(np.log1p(np.exp(-0.5)), rel=1e-5)
+
+
+def test_soft_dice_hand_values():
+    """Zero logits (p = 0.5) on a 2x2 all-hair mask: 1 - (2 * 2 + 1) / (2 + 4 + 1) = 2 / 7."""
+    logits = jnp.zeros((1, 2, 2, 1))
+    masks = jnp.ones((1, 2, 2), jnp.uint8)
+    np.testing.assert_allclose(losses.soft_dice(logits, masks), 2 / 7, rtol=1e-6)
+    confident = jnp.where(masks[..., None] > 0, 30.0, -30.0)
+    np.testing.assert_allclose(losses.soft_dice(confident, masks), 0.0, atol=1e-6)
+
+
+def test_segmentation_loss_adds_weighted_dice():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 5, 1)), jnp.float32)
+    masks = jnp.asarray(rng.integers(0, 2, (2, 5, 5)), jnp.uint8)
+    bce, dice = losses.sigmoid_bce(logits, masks), losses.soft_dice(logits, masks)
+    np.testing.assert_allclose(losses.segmentation_loss(logits, masks), bce, rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.segmentation_loss(logits, masks, 0.5), bce + 0.5 * dice, rtol=1e-6
+    )

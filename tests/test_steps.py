@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,11 +53,11 @@ def test_jit_steps_preprocess_follows_channel_order():
         rng=jax.random.key(0),
     )
     images = np.random.default_rng(1).integers(0, 256, (1, 2, 2, 3), np.uint8)
-    config = ml_collections.ConfigDict(figaro.get_config().input.to_dict())
-    mean, std = np.array(config.mean), np.array(config.std)
+    config = figaro.get_config()
+    mean, std = np.array(config.input.mean), np.array(config.input.std)
     _, predict = steps.jit_steps(config)
     np.testing.assert_allclose(predict(state, images), (images - mean) / std, rtol=1e-5)
-    config.channel_order = "BGR"
+    config.input.channel_order = "BGR"
     _, predict = steps.jit_steps(config)
     np.testing.assert_allclose(predict(state, images), (images[..., ::-1] - mean) / std, rtol=1e-5)
 
@@ -213,7 +214,7 @@ def trained() -> dict:
     images = rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     images[:, 10:30, 5:40] = rng.integers(180, 256, (2, 20, 35, 3), np.uint8)
     batch = {"image": images, "mask": (images.mean(axis=-1) > 150).astype(np.uint8)}
-    train, predict = steps.jit_steps(config.input)
+    train, predict = steps.jit_steps(config)
 
     # The train step donates the state: copy what is compared later before stepping.
     copy = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731
@@ -262,3 +263,53 @@ def test_predict_step_returns_float32_logits(trained):
 def test_predict_loss_is_finite(trained):
     loss = losses.sigmoid_bce(jnp.asarray(trained["logits"]), trained["batch"]["mask"])
     assert np.isfinite(float(loss))
+
+
+class _TinyNet(nn.Module):
+    """A 1x1 conv and BatchNorm: the smallest model with every collection the step touches."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(1, (1, 1))(x)
+        return nn.BatchNorm(use_running_average=not train)(x)
+
+
+def test_ema_follows_ramped_decay_and_is_used_for_prediction():
+    config = figaro.get_config()
+    config.train.ema_decay = 0.5
+    config.loss.dice_weight = 0.5
+    optim = optim_config(learning_rate=0.1, schedule="constant")
+    tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
+    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx, ema=True)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (2, 4, 4, 3), np.uint8),
+        "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
+    }
+    train, predict = steps.jit_steps(config)
+    expected = jax.tree.map(np.array, state.params)
+    for step in (1, 2, 3):
+        state, _ = train(state, batch)
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = jax.tree.map(
+            lambda e, p, d=decay: d * e + (1 - d) * np.asarray(p), expected, state.params
+        )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), state.ema_params, expected
+    )
+    assert not np.allclose(state.ema_params["Conv_0"]["kernel"], state.params["Conv_0"]["kernel"])
+    variables = {"params": state.ema_params, "batch_stats": state.batch_stats}
+    _, plain_predict = steps.jit_steps(figaro.get_config())
+    np.testing.assert_allclose(
+        predict(state, batch["image"]),
+        plain_predict(state.replace(params=variables["params"], ema_params=None), batch["image"]),
+        rtol=1e-6,
+    )
+
+
+def test_without_ema_the_state_keeps_none():
+    optim = optim_config(learning_rate=0.1, schedule="constant")
+    tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
+    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx)
+    assert state.ema_params is None
+    assert steps.inference_variables(state)["params"] is state.params

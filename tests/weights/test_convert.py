@@ -1,0 +1,270 @@
+"""Loading pretrained weights as a user would: files, the CLI, torchvision names, the
+original project's checkpoints with its preprocessing, and the errors of wrong files."""
+
+import functools
+import logging
+import os
+import subprocess
+import sys
+import urllib.error
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from hairseg_jax import models, steps, train
+from hairseg_jax.weights import convert
+from hairseg_jax.weights.tensors import ConversionError, load_state_dict
+from tests.conftest import REPO
+from tests.test_train import tiny_config
+
+
+def save_resnet(torch, reference, name: str, path, seed: int = 0) -> None:
+    """Saves a random ResNet in torchvision's format (with an ``fc``)."""
+    torch.manual_seed(seed)
+    model = reference.torch_resnet(name, num_classes=10)
+    reference.randomize_batch_norm_stats(model, torch.Generator().manual_seed(seed))
+    torch.save(model.state_dict(), path)
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(torch, reference, tmp_path_factory):
+    path = tmp_path_factory.mktemp("torchvision") / "resnet18.pth"
+    save_resnet(torch, reference, "resnet18", path)
+    return path
+
+
+def init_shapes(model: models.DeepLabV3Plus) -> dict:
+    """Shapes of ``model``'s variables."""
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    return dict(
+        jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    )
+
+
+@functools.cache
+def fresh_variables(backbone: str) -> dict:
+    """Shapes of the variables of ``DeepLabV3Plus(backbone)``, the template of a load."""
+    return init_shapes(models.DeepLabV3Plus(backbone=backbone))
+
+
+def zero_state(model: models.DeepLabV3Plus, ema: bool = False) -> steps.TrainState:
+    """A train state of ``model`` with zero variables (a jitted init takes ~10 s to compile)."""
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init_shapes(model))
+    return steps.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.sgd(0.1),
+        batch_stats=variables["batch_stats"],
+        rng=jax.random.key(0),
+        ema_params=variables["params"] if ema else None,
+    )
+
+
+def model_config(backbone: str, **fields) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"backbone": backbone, **fields})
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "hairseg_jax.weights.convert", *args]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_converts_a_torchvision_file(resnet18_file, tmp_path):
+    out = tmp_path / "resnet18.msgpack"
+    result = run_cli(f"--torch={resnet18_file}", f"--out={out}", "--backbone=resnet18")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Converted 100 tensors (resnet18 backbone)" in result.stdout
+    saved = convert.load_variables(out)
+    expected, _ = convert.convert_file(resnet18_file, "resnet18")
+    jax.tree.map(np.testing.assert_array_equal, saved, expected)
+
+
+def test_cli_refuses_a_resnet50_file_for_resnet101(torch, reference, tmp_path):
+    path = tmp_path / "resnet50.pth"
+    save_resnet(torch, reference, "resnet50", path)
+    result = run_cli(f"--torch={path}", f"--out={tmp_path / 'out.msgpack'}")  # resnet101
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0] == (
+        f"FATAL {path} holds a resnet50 ResNet (16 bottleneck blocks (3, 4, 6, 3)), but "
+        "backbone resnet101 expects 33 bottleneck blocks (3, 4, 23, 3)"
+    )
+    assert not (tmp_path / "out.msgpack").exists()
+
+
+def bad_file(kind: str, resnet18_file, tmp_path):
+    path = tmp_path / "resnet18.pth"
+    if kind == "truncated":
+        data = resnet18_file.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "text file":
+        path.write_text("resnet18 weights\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("truncated", "is truncated or corrupt"),
+        ("text file", "is not a PyTorch checkpoint"),
+        ("missing", "Checkpoint not found"),
+    ],
+)
+def test_bad_files_give_one_clear_error(torch, resnet18_file, tmp_path, kind, message):
+    path = bad_file(kind, resnet18_file, tmp_path)
+    with pytest.raises(ConversionError) as info:
+        convert.load_pretrained(str(path), fresh_variables("resnet18"), model_config("resnet18"))
+    assert message in str(info.value) and str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_tensor_is_named(resnet18_file):
+    state = load_state_dict(resnet18_file)
+    del state["layer3.1.bn2.running_var"]
+    with pytest.raises(ConversionError, match="no tensor 'layer3.1.bn2.running_var'"):
+        convert.convert_backbone(state, "resnet18")
+
+
+def test_unknown_spec_is_refused():
+    with pytest.raises(ConversionError, match="Unknown pretrained weights 'weights.h5'"):
+        convert.load_pretrained("weights.h5", {}, model_config("resnet18"))
+
+
+def test_empty_spec_keeps_the_variables():
+    variables = {"params": {}, "batch_stats": {}}
+    assert convert.load_pretrained("", variables, model_config("resnet18")) is variables
+
+
+def test_torchvision_name_without_network_says_where_to_place_the_file(
+    torch, resnet18_file, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    config = model_config("resnet18")
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(ConversionError) as info:
+        convert.load_pretrained("torchvision:resnet18", fresh_variables("resnet18"), config)
+    assert str(info.value) == (
+        "could not download https://download.pytorch.org/models/resnet18-f37072fd.pth "
+        f"(<urlopen error no network>); place the file at {expected} or set "
+        "config.model.pretrained to a local path"
+    )
+    # Placed there, the file is used without a download.
+    expected.write_bytes(resnet18_file.read_bytes())
+    variables = convert.load_pretrained("torchvision:resnet18", fresh_variables("resnet18"), config)
+    want, _ = convert.convert_file(resnet18_file, "resnet18")
+    jax.tree.map(np.testing.assert_array_equal, variables["params"]["backbone"], want["params"])
+    with pytest.raises(ConversionError, match="does not fit config.model.backbone='resnet50'"):
+        convert.load_pretrained("torchvision:resnet18", {}, model_config("resnet50"))
+
+
+def test_msgpack_round_trip_and_bad_msgpack(resnet18_file, tmp_path):
+    variables, _ = convert.convert_file(resnet18_file, "resnet18")
+    path = tmp_path / "sub" / "resnet18.msgpack"
+    convert.save_variables(variables, path)
+    assert [p.name for p in path.parent.iterdir()] == ["resnet18.msgpack"]  # no temp file left
+    jax.tree.map(np.testing.assert_array_equal, convert.load_variables(path), variables)
+    bad = tmp_path / "bad.msgpack"
+    bad.write_text("hello")
+    with pytest.raises(ConversionError, match="is not a converted .msgpack file"):
+        convert.load_variables(bad)
+
+
+def parse_figaro_config(monkeypatch, *overrides: str) -> ml_collections.ConfigDict:
+    """configs/figaro.py with command-line overrides, parsed as main.py parses them."""
+    argv = ["main.py", f"--config={REPO / 'configs' / 'figaro.py'}", *overrides]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
+    flag_values(argv)
+    return flag_values.config
+
+
+def test_original_checkpoint_with_its_preprocessing(torch, reference, tmp_path, monkeypatch):
+    """An original project checkpoint (DataParallel, two classes, align_corners=True) fed
+    BGR images normalised by 98 / 80 predicts exactly its argmax, through the trainer's path."""
+    torch.manual_seed(0)
+    model = reference.torch_deeplab("resnet18", 16, num_classes=2, align_corners=True)
+    reference.randomize_batch_norm_stats(model, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(
+        {
+            "epoch": 50,
+            "state_dict": torch.nn.DataParallel(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "best_pred": np.float64(0.9),
+        },
+        path,
+    )
+    config = parse_figaro_config(
+        monkeypatch,
+        "--config.model.backbone=resnet18",
+        "--config.model.align_corners=True",
+        f"--config.model.pretrained={path}",
+        "--config.input.channel_order=BGR",
+        "--config.input.mean=98",
+        "--config.input.std=80",
+    )
+    assert tuple(config.input.mean) == (98,) and tuple(config.input.std) == (80,)
+    state = zero_state(models.build_model(config.model))
+    state = train.load_pretrained(state, config.model)
+    _, predict_step = steps.jit_steps(config)
+    images = np.random.default_rng(0).integers(0, 256, (2, 131, 97, 3), dtype=np.uint8)
+    logits = np.asarray(predict_step(state, images))[..., 0]
+
+    bgr = torch.from_numpy(images[..., ::-1].copy()).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        two_class = model.eval()((bgr - 98) / 80).numpy()
+    error = np.abs(logits - (two_class[:, 1] - two_class[:, 0])).max()
+    print(f"original checkpoint, resnet18 OS16 131x97 logits: max abs error {error:.2e}")
+    assert error <= 1e-4
+    np.testing.assert_array_equal(logits > 0, two_class.argmax(axis=1) == 1)
+
+    # Converted once to .msgpack (the CLI's output), it loads to the same variables.
+    converted = tmp_path / "original.msgpack"
+    convert.save_variables(convert.convert_file(path, "resnet18")[0], converted)
+    again = convert.load_pretrained(str(converted), fresh_variables("resnet18"), config.model)
+    loaded = {"params": state.params, "batch_stats": state.batch_stats}
+    jax.tree.map(np.testing.assert_array_equal, again, loaded)
+
+
+def test_training_starts_from_a_converted_backbone(resnet18_file, tmp_path, caplog):
+    converted = tmp_path / "resnet18.msgpack"
+    convert.save_variables(convert.convert_file(resnet18_file, "resnet18")[0], converted)
+    config = tiny_config()
+    config.model.pretrained = str(converted)
+    fresh = zero_state(models.build_model(config.model), ema=True)
+    caplog.set_level(logging.INFO)
+    state = train.load_pretrained(fresh, config.model)
+    assert f"Loaded pretrained weights from {converted}." in caplog.text
+    want = convert.load_variables(converted)
+    same = functools.partial(jax.tree.map, np.testing.assert_array_equal)
+    same(state.params["backbone"], want["params"])
+    same(state.ema_params["backbone"], want["params"])
+    same(state.batch_stats["backbone"], want["batch_stats"])
+    same(state.params["aspp"], fresh.params["aspp"])
+
+
+def test_training_loads_config_model_pretrained(resnet18_file, tmp_path):
+    """train_and_evaluate reads the field: a file of another backbone stops it before step 1."""
+    config = tiny_config()
+    config.model.backbone = "resnet34"
+    config.model.pretrained = str(resnet18_file)
+    with pytest.raises(ConversionError, match="a resnet18 ResNet .* backbone resnet34 expects"):
+        train.train_and_evaluate(config, tmp_path)
+    assert not list(tmp_path.glob("checkpoints/*"))
