@@ -21,6 +21,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.data.mask_source = "auto"  # auto (PBM, else .npy) | pbm | npy
     config.data.max_train_images = 0  # 0: all
     config.data.max_val_images = 0
+    config.data.skip_unreadable = False  # True: log and leave out undecodable examples
     config.data.image_size = 227  # side of the square training crops
 
     # Pixel normalisation before the model; ImageNet statistics match torchvision's weights.

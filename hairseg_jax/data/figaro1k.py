@@ -95,10 +95,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(image).astype(np.uint8)
 
 
-def read_example(
-    data_dir: Path, entry: dict[str, str], mask_source: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one split entry's image and mask and checks that they fit together."""
+def locate(data_dir: Path, entry: dict[str, str], mask_source: str) -> tuple[Path, Path]:
+    """The image and mask files of a split entry; DataError if either is missing."""
     image_path = data_dir / "GT" / "images" / entry["image"]
     if not image_path.is_file():
         raise DataError(f"Image {image_path} does not exist.")
@@ -108,13 +106,29 @@ def read_example(
         raise DataError(
             f"No mask for {entry['image']}: looked for {', '.join(map(str, candidates))}."
         )
-    image, mask = read_image(image_path), read_mask(mask_path)
+    return image_path, mask_path
+
+
+def read_example(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes an image and its mask and checks that they fit together."""
+    try:
+        image, mask = read_image(image_path), read_mask(mask_path)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as e:  # PIL and np.load on broken files
+        raise DataError(f"Cannot decode {image_path} or {mask_path}: {e}") from e
     if image.shape[:2] != mask.shape:
         raise DataError(
             f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
             f"{image.shape[1]}x{image.shape[0]}."
         )
     return image, mask
+
+
+def _first_errors(errors: list[str], total: int, what: str) -> str:
+    """One line summing up ``errors`` (the first three in full)."""
+    shown = " | ".join(errors[:3]) + (f" | ... {len(errors) - 3} more" if len(errors) > 3 else "")
+    return f"{len(errors)} of {total} {what}: {shown}"
 
 
 def read_split(
@@ -124,20 +138,53 @@ def read_split(
     mask_source: str = "auto",
     limit: int | None = None,
     num_threads: int = 8,
+    skip_unreadable: bool = False,
 ) -> Examples:
-    """Decodes the first ``limit`` examples (all for ``None``) of a split into memory."""
+    """Decodes the first ``limit`` examples (all for ``None``) of a split into memory.
+
+    Missing files are reported together before anything is decoded. Files that cannot be
+    decoded or do not fit their image fail the read, or are logged and left out with
+    ``skip_unreadable``.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(
             f"Data directory {data_dir} does not exist; point config.data.data_dir at a "
             "Figaro1k folder (see data/README.md)."
         )
-    entries = read_split_entries(resolve_split_file(data_dir, split_file), split)[:limit]
+    split_path = resolve_split_file(data_dir, split_file)
+    entries = read_split_entries(split_path, split)[:limit]
+    paths, missing = [], []
+    for entry in entries:
+        try:
+            paths.append(locate(data_dir, entry, mask_source))
+        except (DataError, KeyError, TypeError) as e:
+            missing.append(str(e) if isinstance(e, DataError) else f"bad entry {entry!r}")
+    if missing:
+        what = f"examples of split {split!r} in {split_path} are missing files"
+        raise DataError(_first_errors(missing, len(entries), what))
+
     logging.info("Reading %d %s examples from %s.", len(entries), split, data_dir)
+
+    def read(pair: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | str:
+        try:
+            return read_example(*pair)
+        except DataError as e:
+            return str(e)
+
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        pairs = list(pool.map(lambda e: read_example(data_dir, e, mask_source), entries))
+        results = list(pool.map(read, paths))
+    errors = [r for r in results if isinstance(r, str)]
+    if errors and not skip_unreadable:
+        what = f"examples of split {split!r} cannot be used (skip them: data.skip_unreadable)"
+        raise DataError(_first_errors(errors, len(entries), what))
+    for error in errors:
+        logging.warning("Skipping an example: %s", error)
+    kept = [(e, r) for e, r in zip(entries, results, strict=True) if not isinstance(r, str)]
+    if not kept:
+        raise DataError(f"No usable example in split {split!r} of {split_path}.")
     return Examples(
-        names=[frame_name(e["image"]) for e in entries],
-        images=[image for image, _ in pairs],
-        masks=[mask for _, mask in pairs],
+        names=[frame_name(e["image"]) for e, _ in kept],
+        images=[image for _, (image, _) in kept],
+        masks=[mask for _, (_, mask) in kept],
     )

@@ -20,5 +20,6 @@ def load_examples(config: ml_collections.ConfigDict, split: str, limit: int = 0)
             split_file=data.split_file,
             mask_source=data.mask_source,
             limit=limit or None,
+            skip_unreadable=data.skip_unreadable,
         )
     raise ValueError(f"Unknown dataset {data.dataset!r}; use figaro1k or synthetic.")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hairseg_jax.data.figaro1k import DataError, read_example, read_image, read_split
+from hairseg_jax.data.figaro1k import DataError, locate, read_example, read_image, read_split
 
 # The frames of the real Figaro1k that also have an original-format .npy mask.
 NPY_FRAMES = [f"Frame{i:05d}" for i in range(1, 1051, 50)]
@@ -16,6 +16,11 @@ NPY_FRAMES = [f"Frame{i:05d}" for i in range(1, 1051, 50)]
 def entry(name: str) -> dict[str, str]:
     """The split-file entry of a frame, as in the original train_val_test.json."""
     return {"annotation": f"{name}.npy", "image": f"{name}-org.jpg"}
+
+
+def read_entry(root: Path, item: dict[str, str], mask_source: str):
+    """Locates and decodes one split entry."""
+    return read_example(*locate(root, item, mask_source))
 
 
 def write_split(path: Path, names: list[str], split: str = "test") -> Path:
@@ -174,12 +179,12 @@ def test_image_without_mask_names_looked_for_files(folder):
 
 def test_npy_source_ignores_pbm(folder):
     with pytest.raises(DataError, match="Frame00001.npy"):
-        read_example(folder, entry("Frame00001"), "npy")
+        read_entry(folder, entry("Frame00001"), "npy")
 
 
 def test_unknown_mask_source(folder):
     with pytest.raises(DataError, match="Unknown mask source"):
-        read_example(folder, entry("Frame00001"), "png")
+        read_entry(folder, entry("Frame00001"), "png")
 
 
 def test_mask_size_differs_from_image(folder):
@@ -194,20 +199,20 @@ def test_npy_mask_with_other_values(folder, value):
     mask[0, 0] = value
     write_frame(folder, "Frame00003", random_image(), np_labels=mask)
     with pytest.raises(DataError, match="Frame00003.npy"):
-        read_example(folder, entry("Frame00003"), "npy")
+        read_entry(folder, entry("Frame00003"), "npy")
 
 
 def test_npy_mask_of_wrong_rank(folder):
     write_frame(folder, "Frame00003", random_image(), np_labels=np.zeros((12, 16, 3, 1), np.uint8))
     with pytest.raises(DataError, match="Frame00003.npy"):
-        read_example(folder, entry("Frame00003"), "npy")
+        read_entry(folder, entry("Frame00003"), "npy")
 
 
 def test_pbm_that_is_not_one_bit(folder):
     path = folder / "GT" / "labels" / "Frame00001-gt.pbm"
     Image.fromarray(random_mask() * 255).save(path, format="PPM")  # a greyscale P5 file
     with pytest.raises(DataError, match="1-bit"):
-        read_example(folder, entry("Frame00001"), "pbm")
+        read_entry(folder, entry("Frame00001"), "pbm")
 
 
 @pytest.mark.parametrize("layout", ["HW3", "HW"])
@@ -216,7 +221,7 @@ def test_npy_mask_layouts(folder, layout):
     mask = random_mask(seed=5)
     npy = as_npy(mask) if layout == "HW3" else mask * 255
     write_frame(folder, "Frame00003", random_image(), np_labels=npy)
-    _, read = read_example(folder, entry("Frame00003"), "npy")
+    _, read = read_entry(folder, entry("Frame00003"), "npy")
     assert read.dtype == np.uint8
     np.testing.assert_array_equal(read, mask)
 
@@ -237,16 +242,16 @@ def test_auto_mask_source_prefers_pbm_then_np_labels_then_labels(folder):
         (masks[1], folder / "GT" / "np_labels" / "Frame00003.npy"),
         (masks[2], labels / "Frame00003.npy"),
     ]:
-        _, mask = read_example(folder, entry("Frame00003"), "auto")
+        _, mask = read_entry(folder, entry("Frame00003"), "auto")
         np.testing.assert_array_equal(mask, expected)
         remove.unlink()
     with pytest.raises(DataError, match="No mask"):
-        read_example(folder, entry("Frame00003"), "auto")
+        read_entry(folder, entry("Frame00003"), "auto")
 
 
 def test_pbm_style_annotation_names(folder):
     """Entries may name the ``-gt.pbm`` file instead of the ``.npy`` one."""
-    image, mask = read_example(
+    image, mask = read_entry(
         folder, {"annotation": "Frame00002-gt.pbm", "image": "Frame00002-org.jpg"}, "auto"
     )
     assert image.shape == (12, 16, 3)
@@ -298,3 +303,40 @@ def test_read_16_bit_png_keeps_high_byte(tmp_path):
     image = read_image(tmp_path / "x.png")
     assert image.dtype == np.uint8 and image.shape == (12, 16, 3)
     np.testing.assert_array_equal(image, np.repeat((values >> 8)[..., None], 3, axis=2))
+
+
+# Reporting and skipping bad examples.
+
+
+def test_all_missing_files_are_reported_together(folder):
+    write_split(folder / "train_val_test.json", ["Frame00001", "Frame00002", "Frame00007"], "train")
+    (folder / "GT" / "images" / "Frame00002-org.jpg").unlink()
+    with pytest.raises(DataError, match="2 of 3 examples of split 'train'") as error:
+        read_split(folder, "train")
+    assert "Frame00002-org.jpg" in str(error.value) and "Frame00007-org.jpg" in str(error.value)
+
+
+@pytest.mark.parametrize("broken", ["truncated_jpeg", "text_as_jpeg", "truncated_pbm", "bad_npy"])
+def test_corrupt_file_is_named_or_skipped(folder, broken):
+    image = folder / "GT" / "images" / "Frame00002-org.jpg"
+    pbm = folder / "GT" / "labels" / "Frame00002-gt.pbm"
+    source = "auto"
+    if broken == "truncated_jpeg":
+        image.write_bytes(image.read_bytes()[:60])
+        bad = image
+    elif broken == "text_as_jpeg":
+        image.write_text("not an image")
+        bad = image
+    elif broken == "truncated_pbm":
+        pbm.write_bytes(pbm.read_bytes()[:12])
+        bad = pbm
+    else:
+        bad = folder / "GT" / "np_labels" / "Frame00002.npy"
+        bad.write_bytes(b"\x93NUMPY garbage")
+        source = "npy"
+        np.save(folder / "GT" / "np_labels" / "Frame00001.npy", as_npy(random_mask(seed=0)))
+    with pytest.raises(DataError, match="1 of 2 examples of split 'train' cannot be used") as e:
+        read_split(folder, "train", mask_source=source)
+    assert str(bad) in str(e.value)
+    examples = read_split(folder, "train", mask_source=source, skip_unreadable=True)
+    assert examples.names == ["Frame00001"]
