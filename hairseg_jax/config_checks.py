@@ -1,0 +1,72 @@
+"""Checks of a config's values before any work starts: every problem named in one message."""
+
+import ml_collections
+
+from hairseg_jax.data.figaro1k import MASK_SOURCES, SPLITS
+from hairseg_jax.models.deeplab import BACKBONE_NAMES
+
+MODES = ("train", "eval")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work."""
+
+
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The config's impossible values, one readable phrase each (empty if none)."""
+    found = []
+
+    def need(ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            value = config
+            for part in field.split("."):
+                value = value[part]
+            found.append(f"{field}={value!r} {rule}")
+
+    data, model, optim, train, ev = (
+        config.data,
+        config.model,
+        config.optim,
+        config.train,
+        config.eval,
+    )
+    aug = config.augment
+    need(config.mode in MODES, "mode", f"is not one of {MODES}")
+    need(data.dataset in ("figaro1k", "synthetic"), "data.dataset", "is not figaro1k or synthetic")
+    need(data.mask_source in MASK_SOURCES, "data.mask_source", f"is not one of {MASK_SOURCES}")
+    need(data.image_size > 0, "data.image_size", "must be positive")
+    need(model.backbone in BACKBONE_NAMES, "model.backbone", f"is not one of {BACKBONE_NAMES}")
+    need(model.output_stride in (8, 16, 32), "model.output_stride", "must be 8, 16 or 32")
+    need(model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
+    need(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)")
+    need(optim.name in ("sgd", "adamw"), "optim.name", "must be sgd or adamw")
+    need(optim.learning_rate > 0, "optim.learning_rate", "must be positive")
+    need(optim.schedule in ("poly", "cosine", "constant"), "optim.schedule", "is unknown")
+    need(optim.weight_decay >= 0, "optim.weight_decay", "must not be negative")
+    need(optim.head_lr_multiplier > 0, "optim.head_lr_multiplier", "must be positive")
+    need(optim.warmup_steps >= 0, "optim.warmup_steps", "must not be negative")
+    need(config.loss.dice_weight >= 0, "loss.dice_weight", "must not be negative")
+    need(train.batch_size > 0, "train.batch_size", "must be positive")
+    need(train.num_steps >= 0, "train.num_steps", "must not be negative")
+    need(train.num_steps > 0 or train.num_epochs > 0, "train.num_epochs", "must be positive")
+    need(train.log_every_steps > 0, "train.log_every_steps", "must be positive")
+    need(train.eval_every_steps >= 0, "train.eval_every_steps", "must not be negative")
+    need(train.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
+    need(0 <= train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+    need(ev.split in SPLITS, "eval.split", f"is not one of {SPLITS}")
+    need(ev.image_size > 0, "eval.image_size", "must be positive")
+    need(ev.batch_size > 0, "eval.batch_size", "must be positive")
+    need(0 < ev.threshold < 1, "eval.threshold", "must be in (0, 1)")
+    need(0 < aug.scale[0] <= aug.scale[1] <= 1, "augment.scale", "must be 0 < low <= high <= 1")
+    need(0 < aug.ratio[0] <= aug.ratio[1], "augment.ratio", "must be 0 < low <= high")
+    for name in ("rotation", "brightness", "contrast", "saturation"):
+        need(aug[name] >= 0, f"augment.{name}", "must not be negative")
+    need(0 <= aug.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
+    return found
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming every impossible value of ``config``."""
+    found = problems(config)
+    if found:
+        raise ConfigError("Bad config: " + "; ".join(found) + ".")
