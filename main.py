@@ -6,7 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hairseg_jax import evaluate, train
+from hairseg_jax import evaluate, sharding, train
 from hairseg_jax.data.figaro1k import DataError
 from hairseg_jax.weights.tensors import ConversionError
 
@@ -50,9 +50,10 @@ def main(argv: list[str]) -> None:
     modes = {"train": train.train_and_evaluate, "eval": evaluate.evaluate}
     if config.mode not in modes:
         sys.exit(f"FATAL Unknown --config.mode={config.mode!r}; use one of {', '.join(modes)}.")
+    sharding.initialize_distributed(config.distributed)
     try:
         modes[config.mode](config, FLAGS.workdir)
-    except (ConversionError, DataError, FileNotFoundError) as e:
+    except (ConversionError, DataError, FileNotFoundError, sharding.ShardingError) as e:
         sys.exit(f"FATAL {e}")
 
 

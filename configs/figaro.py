@@ -14,6 +14,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.mode = "train"  # train | eval
     config.seed = 0
 
+    # Several hosts: jax.distributed.initialize() first. SLURM, Open MPI, Kubernetes and Cloud
+    # TPU are detected; elsewhere set the three fields below on every host.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.enabled = False
+    config.distributed.coordinator_address = ""  # host:port of process 0 ("" detected)
+    config.distributed.num_processes = 0  # 0: detected
+    config.distributed.process_id = -1  # -1: detected
+
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "figaro1k"  # figaro1k | synthetic
     config.data.data_dir = "data/Figaro1k"
@@ -49,7 +57,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.aspp_channels = 256
     config.model.decoder_channels = 256
     config.model.dropout = 0.5
-    config.model.dtype = "float32"
+    config.model.dtype = "float32"  # bfloat16: bf16 compute; params, BN statistics, loss in fp32
     # Bilinear upsampling mapping corners onto corners; True for the original's checkpoints.
     config.model.align_corners = False
     # Weights to start from ("" is none; a None default could not be overridden by a string):
@@ -72,7 +80,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.loss.dice_weight = 0.0  # > 0 adds this times the soft Dice loss to the BCE
 
     config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 16
+    config.train.batch_size = 16  # global: split over all devices; must divide by their number
     config.train.num_epochs = 50
     config.train.num_steps = 0  # > 0 overrides num_epochs
     config.train.log_every_steps = 20
@@ -83,7 +91,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"  # split that --config.mode=eval reports
     config.eval.image_size = 227  # whole images are resized to this square for the model
-    config.eval.batch_size = 8
+    config.eval.batch_size = 8  # rounded up to a multiple of the number of devices
     config.eval.threshold = 0.5
     config.eval.max_images = 0  # 0: all
 

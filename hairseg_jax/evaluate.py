@@ -11,9 +11,10 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from PIL import Image
 
-from hairseg_jax import checkpoints, metrics, models, steps
+from hairseg_jax import checkpoints, metrics, models, sharding, steps
 from hairseg_jax.data import pipeline, sources
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.weights import convert
@@ -34,14 +35,20 @@ def full_resolution_logits(
     examples: Examples,
     image_size: int,
     batch_size: int,
+    mesh: Mesh | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (index, logits at the image's own size) for every example, in order.
 
     Whole images are resized to ``image_size`` squares and batched (one compiled shape);
     the logits are resized back to each image's original height and width on the host.
+    Every process reads every batch and gets every logit; the devices of ``mesh`` (default:
+    all) share each batch, whose size is rounded up to a multiple of their number.
     """
+    mesh = sharding.data_mesh() if mesh is None else mesh
+    batch_size = sharding.padded_batch_size(batch_size, mesh)
     for batch in pipeline.eval_batches(examples, batch_size, image_size):
-        logits = np.asarray(jax.device_get(predict_fn(state, batch["image"])))[..., 0]
+        images = sharding.shard_batch(batch["image"], mesh, whole=True)
+        logits = np.asarray(jax.device_get(predict_fn(state, images)))[..., 0]
         for index, image_logits in zip(batch["index"], logits, strict=True):
             if index >= 0:
                 yield int(index), resize_logits(image_logits, *examples.masks[index].shape)
@@ -54,8 +61,9 @@ def evaluate_examples(
     image_size: int,
     batch_size: int,
     threshold: float = 0.5,
+    mesh: Mesh | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Scores predictions against the original-resolution masks.
+    """Scores predictions against the original-resolution masks, predicted on ``mesh``.
 
     Returns:
       The summary (mean and pooled Dice/IoU, accuracy, mean BCE loss) and one row per image.
@@ -63,7 +71,7 @@ def evaluate_examples(
     logit_threshold = np.log(threshold / (1 - threshold))
     rows, counts = [], []
     for index, logits in full_resolution_logits(
-        predict_fn, state, examples, image_size, batch_size
+        predict_fn, state, examples, image_size, batch_size, mesh
     ):
         mask = examples.masks[index]
         count = metrics.confusion(logits > logit_threshold, mask)
@@ -108,10 +116,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
             "train there first."
         )
     model = models.build_model(config.model)
-    _, predict_fn = steps.jit_steps(config)
+    mesh = sharding.data_mesh()
+    _, predict_fn = steps.jit_steps(config, mesh)
     state = steps.create_train_state(
         jax.random.PRNGKey(config.seed), model, config.eval.image_size, tx=optax.identity()
     )
+    state = sharding.replicate(state, mesh)
     template = steps.inference_variables(state)
     if step is None:
         weights = config.model.pretrained
@@ -119,7 +129,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     else:
         weights = f"step {step} of {manager.directory}"
         variables = checkpoints.restore(manager, step, template)
-    state = state.replace(**variables)
+    state = sharding.replicate(state.replace(**variables), mesh)
 
     split = config.eval.split
     examples = sources.load_examples(config, split, config.eval.max_images)
@@ -130,6 +140,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         config.eval.image_size,
         config.eval.batch_size,
         config.eval.threshold,
+        mesh,
     )
     summary.update(
         split=split,
@@ -138,8 +149,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         threshold=config.eval.threshold,
         image_size=config.eval.image_size,
     )
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_report(workdir, split, summary, rows)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_report(workdir, split, summary, rows)
     logging.info(
         "Eval of %s on %s (%d images): Dice %.4f (pooled %.4f), IoU %.4f, accuracy %.4f.",
         weights,

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax.training import train_state
+from jax.sharding import Mesh
 
-from hairseg_jax import losses
+from hairseg_jax import losses, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -154,12 +155,18 @@ def predict_step(
     return state.apply_fn(inference_variables(state), preprocess(images), train=False)
 
 
-def jit_steps(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
+def jit_steps(
+    config: ml_collections.ConfigDict, mesh: Mesh | None = None
+) -> tuple[Callable, Callable]:
     """The jitted train step (state donated) and predict step for an experiment config.
 
-    Reads ``config.input`` (normalisation), ``config.loss.dice_weight`` and
-    ``config.train.ema_decay``.
+    Both run over ``mesh`` (default: every device, ``sharding.data_mesh()``): the state is
+    replicated, the batch split on its ``data`` axis, and the outputs replicated, so gradients
+    and BatchNorm statistics are those of the global batch. Reads ``config.input``
+    (normalisation), ``config.loss.dice_weight`` and ``config.train.ema_decay``.
     """
+    mesh = sharding.data_mesh() if mesh is None else mesh
+    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     preprocess = functools.partial(
         normalize,
         mean=tuple(config.input.mean),
@@ -173,6 +180,15 @@ def jit_steps(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
         ema_decay=config.train.ema_decay,
     )
     return (
-        jax.jit(train, donate_argnums=0),
-        jax.jit(functools.partial(predict_step, preprocess=preprocess)),
+        jax.jit(
+            train,
+            in_shardings=(replicated, batch_sharded),
+            out_shardings=replicated,
+            donate_argnums=0,
+        ),
+        jax.jit(
+            functools.partial(predict_step, preprocess=preprocess),
+            in_shardings=(replicated, batch_sharded),
+            out_shardings=replicated,
+        ),
     )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 
-from hairseg_jax import checkpoints, evaluate, models, steps
+from hairseg_jax import checkpoints, evaluate, models, sharding, steps
 from hairseg_jax.data import pipeline, sources
 from hairseg_jax.weights import convert
 
@@ -44,27 +44,40 @@ def load_pretrained(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Trains with periodic validation and checkpoints; resumes from ``workdir`` if possible.
 
+    The global batch of ``config.train.batch_size`` is split over every device of every
+    process; only process 0 writes the config and metrics (orbax coordinates the
+    checkpoint writes of all processes).
+
     Returns:
       The validation summary of the last evaluation.
+
+    Raises:
+      sharding.ShardingError: the batch size does not divide by the number of devices.
     """
+    mesh = sharding.data_mesh()
+    batch_size = config.train.batch_size
+    sharding.check_batch_size(batch_size, mesh, "config.train.batch_size")
     train_data = sources.load_examples(config, "train", config.data.max_train_images)
     val_data = sources.load_examples(config, "val", config.data.max_val_images)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-    batch_size = config.train.batch_size
     steps_per_epoch = len(train_data) // batch_size
     total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
     eval_every = config.train.eval_every_steps or steps_per_epoch
     logging.info(
-        "%d train / %d val images, %d steps of batch %d (%.1f epochs).",
+        "%d train / %d val images, %d steps of batch %d (%.1f epochs) on %d devices of %d "
+        "processes.",
         len(train_data),
         len(val_data),
         total_steps,
         batch_size,
         total_steps / max(steps_per_epoch, 1),
+        mesh.size,
+        jax.process_count(),
     )
 
     model = models.build_model(config.model)
@@ -79,6 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if config.model.get("pretrained"):
         state = load_pretrained(state, config.model)
     parameter_overview.log_parameter_overview(state.params)
+    state = sharding.replicate(state, mesh)
 
     latest = checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
     best = checkpoints.best_manager(workdir)
@@ -87,9 +101,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         logging.info("Resumed from step %d of %s.", int(state.step), latest.directory)
     start_step = int(state.step)
 
-    train_step, predict_step = steps.jit_steps(config)
+    train_step, predict_step = steps.jit_steps(config, mesh)
     batches = pipeline.train_batches(
-        train_data, batch_size, config.data.image_size, config.augment, config.seed, start_step
+        train_data,
+        batch_size,
+        config.data.image_size,
+        config.augment,
+        config.seed,
+        start_step,
+        jax.process_index(),
+        jax.process_count(),
     )
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     train_metrics = None
@@ -97,7 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with metric_writers.ensure_flushes(writer):
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, step_metrics = train_step(state, next(batches))
+                batch = sharding.shard_batch(next(batches), mesh)
+                state, step_metrics = train_step(state, batch)
             update = TrainMetrics.single_from_model_output(**step_metrics)
             train_metrics = update if train_metrics is None else train_metrics.merge(update)
             report_progress(step)
@@ -119,6 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         config.eval.image_size,
                         config.eval.batch_size,
                         config.eval.threshold,
+                        mesh,
                     )
                 writer.write_scalars(
                     step,

@@ -38,18 +38,33 @@ def train_batches(
     augment_config: ml_collections.ConfigDict,
     seed: int,
     start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """An endless iterator of augmented training batches.
+    """An endless iterator of augmented training batches, or of one process's slices of them.
 
     The order (a reshuffle every epoch) and every augmentation draw depend only on ``seed`` and
-    the position in the stream, so ``start_step`` resumes exactly where a run stopped.
+    the position in the stream, so ``start_step`` resumes exactly where a run stopped, and
+    the global batches are the same whatever the number of processes.
+
+    Args:
+      examples: the training examples.
+      batch_size: the global batch size, a multiple of ``process_count``.
+      image_size: side of the square crops.
+      augment_config: ``config.augment``.
+      seed: seed of the order and the augmentation.
+      start_step: number of global batches to skip.
+      process_index: the slice to yield: every global batch is cut into ``process_count``
+        contiguous slices of ``batch_size // process_count`` examples.
+      process_count: number of processes reading the stream.
 
     Yields:
-      ``{"image": uint8 (B, S, S, 3), "mask": uint8 (B, S, S)}``.
+      ``{"image": uint8 (B, S, S, 3), "mask": uint8 (B, S, S)}``, B = the slice's size.
     """
     count = len(examples)
     if count < batch_size:
         raise ValueError(f"Batch size {batch_size} is larger than the {count} training examples.")
+    local_size = batch_size // process_count
     lookup = _lookup(examples)
 
     def load(position: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -60,8 +75,9 @@ def train_batches(
 
     ds = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat().enumerate().skip(start_step * batch_size)
+    ds = ds.filter(lambda position, _: position % batch_size // local_size == process_index)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(local_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds))
 
 

@@ -71,6 +71,24 @@ def test_start_step_resumes_the_stream(examples, augment_config, start_step):
     assert_batches_equal(resumed, fresh[start_step:])
 
 
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_processes_read_contiguous_slices_of_the_same_global_batches(
+    examples, augment_config, start_step
+):
+    """With 2 processes each yields half of every global batch, resumable the same way."""
+    stream = lambda **kw: train_batches(  # noqa: E731
+        examples, BATCH, SIZE, augment_config, seed=3, start_step=start_step, **kw
+    )
+    whole = take(stream(), 4)
+    halves = [take(stream(process_index=i, process_count=2), 4) for i in (0, 1)]
+    joined = [
+        {key: np.concatenate([first[key], second[key]]) for key in first}
+        for first, second in zip(*halves, strict=True)
+    ]
+    assert halves[0][0]["image"].shape[0] == BATCH // 2
+    assert_batches_equal(joined, whole)
+
+
 def constant_examples(count: int) -> Examples:
     """Examples whose images are one flat colour encoding their index (10 * index + 5)."""
     images = [np.full((30, 20, 3), 10 * i + 5, np.uint8) for i in range(count)]

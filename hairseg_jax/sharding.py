@@ -1,0 +1,94 @@
+"""Data parallelism over every device of every process (pure JAX).
+
+One 1-D mesh with a ``data`` axis: train states are replicated, batches are split along it. A
+step jitted over such global arrays computes BatchNorm statistics and gradients over the whole
+global batch (XLA inserts the all-reduces): synchronised BatchNorm with no explicit ``pmean``.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+class ShardingError(ValueError):
+    """A batch size that the devices cannot split evenly."""
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Joins the other processes with ``jax.distributed.initialize`` if ``config.enabled``.
+
+    On SLURM, Open MPI, Kubernetes and Cloud TPU the cluster is detected; elsewhere set
+    ``coordinator_address`` (or ``$JAX_COORDINATOR_ADDRESS``), ``num_processes`` and
+    ``process_id``. Call it before anything else touches JAX.
+    """
+    if config.enabled:
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address or None,
+            num_processes=config.num_processes or None,
+            process_id=None if config.process_id < 0 else config.process_id,
+        )
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over ``devices`` (default: all of every process) on one ``data`` axis.
+
+    Devices are ordered process by process, so the rows of a global batch held by process ``p``
+    are the contiguous ``p``-th slice, the one ``pipeline.train_batches`` gives that process.
+    """
+    devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the ``data`` axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch size") -> None:
+    """Raises ShardingError unless the devices of ``mesh`` split ``batch_size`` evenly."""
+    if batch_size % mesh.size:
+        raise ShardingError(
+            f"{name}={batch_size} does not divide by the {mesh.size} devices; "
+            f"use a multiple of {mesh.size}."
+        )
+
+
+def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
+    """``batch_size`` rounded up to a multiple of the number of devices of ``mesh``."""
+    return -(-batch_size // mesh.size) * mesh.size
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A copy of ``tree`` on every device of ``mesh``, e.g. a train state.
+
+    It goes through the host so that arrays committed to one local device can be placed on
+    other processes' devices too (every process must pass the same values).
+    """
+    return jax.device_put(jax.device_get(tree), replicated(mesh))
+
+
+def shard_batch(batch: Any, mesh: Mesh, *, whole: bool = False) -> Any:
+    """Host arrays -> global arrays split over the ``data`` axis.
+
+    Args:
+      batch: a pytree of arrays: this process's contiguous slice of the global batch, or with
+        ``whole`` the global batch itself, the same on every process.
+      mesh: the devices.
+      whole: see ``batch``.
+    """
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x, x.shape if whole else None),
+        batch,
+    )
