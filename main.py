@@ -6,7 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hairseg_jax import evaluate, sharding, train
+from hairseg_jax import config_checks, evaluate, sharding, train
 from hairseg_jax.data.figaro1k import DataError
 from hairseg_jax.weights.tensors import ConversionError
 
@@ -47,10 +47,12 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = FLAGS.config
     logging.info("Config:\n%s", config)
-    modes = {"train": train.train_and_evaluate, "eval": evaluate.evaluate}
-    if config.mode not in modes:
-        sys.exit(f"FATAL Unknown --config.mode={config.mode!r}; use one of {', '.join(modes)}.")
+    try:
+        config_checks.check_config(config)
+    except config_checks.ConfigError as e:
+        sys.exit(f"FATAL {e}")
     sharding.initialize_distributed(config.distributed)
+    modes = {"train": train.train_and_evaluate, "eval": evaluate.evaluate}
     try:
         modes[config.mode](config, FLAGS.workdir)
     except (ConversionError, DataError, FileNotFoundError, sharding.ShardingError) as e:

@@ -77,7 +77,9 @@ def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
         ("--config.train.nope=3", "Bad config override (--config.train.nope=3)"),
         ("--config.trian.batch_size=3", 'Did you mean "train"'),
         ("--config.train.batch_size=abc", "invalid literal for int()"),
-        ("--config.mode=bogus", "Unknown --config.mode='bogus'"),
+        ("--config.mode=bogus", "Bad config: mode='bogus' is not one of ('train', 'eval')"),
+        ("--config.optim.learning_rate=-1", "optim.learning_rate=-1.0 must be positive"),
+        ("--config.model.backbone=resnet13", "model.backbone='resnet13' is not one of"),
         ("--config.data.data_dir=/no/such/dir", "Data directory /no/such/dir does not exist"),
     ],
 )
