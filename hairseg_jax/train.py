@@ -1,8 +1,13 @@
 """Training loop: data -> jitted steps -> clu metric writers and orbax checkpoints."""
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import flax
 import jax
@@ -39,6 +44,26 @@ def load_pretrained(
         opt_state=state.tx.init(params),
         ema_params=None if state.ema_params is None else jax.tree.map(jnp.copy, params),
     )
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT (preemption, Ctrl-C) while the block runs."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        logging.warning(
+            "%s received: checkpointing after this step, then stopping.",
+            signal.Signals(signum).name,
+        )
+        stop.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -115,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     train_metrics = None
     val_summary = {}
-    with metric_writers.ensure_flushes(writer):
+    with metric_writers.ensure_flushes(writer), stop_requests() as stop:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = sharding.shard_batch(next(batches), mesh)
@@ -155,6 +180,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         steps.inference_variables(state),
                         metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
                     )
+            if stop.is_set():
+                if latest.latest_step() != step:
+                    checkpoints.save(latest, step, state)
+                logging.warning("Stopped at step %d; the same command resumes from it.", step)
+                break
     latest.wait_until_finished()
     best.wait_until_finished()
     return val_summary

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,35 @@ def test_eval_without_checkpoint_fails_clearly(tmp_path):
     result = run_main(f"--workdir={tmp_path}", "--config.mode=eval")
     assert result.returncode != 0
     assert "No best checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(figaro_dir, tmp_path):
+    """A preempted run (SIGTERM mid-training) saves its step, exits 0, and resumes from it."""
+    workdir = tmp_path / "preempted"
+    args = [
+        f"--workdir={workdir}",
+        "--config.train.num_steps=400",
+        "--config.train.log_every_steps=2",
+    ]
+    command = [sys.executable, "main.py", "--config=configs/figaro.py:smoke", *args]
+    command.append(f"--config.data.data_dir={figaro_dir}")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "[4] learning_rate" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=300)[1]
+    log = "".join(seen) + rest
+    assert process.returncode == 0, log[-3000:]
+    assert "SIGTERM received" in log and "Stopped at step" in log
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 4 <= saved[0] < 400
+    resumed = run_main(
+        *args, "--config.train.num_steps=" + str(saved[0] + 2), figaro_dir=figaro_dir
+    )
+    assert f"Resumed from step {saved[0]}" in resumed.stderr, resumed.stderr[-3000:]
