@@ -38,22 +38,17 @@ def accuracy(tp: int, fp: int, fn: int, tn: int) -> float:
 
 def image_scores(counts: dict[str, int]) -> dict[str, float]:
     """Dice, IoU and pixel accuracy of one image's confusion counts."""
-    return {
-        "dice": dice(**_overlap(counts)),
-        "iou": iou(**_overlap(counts)),
-        "accuracy": accuracy(**counts),
-    }
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    return {"dice": dice(tp, fp, fn), "iou": iou(tp, fp, fn), "accuracy": accuracy(**counts)}
 
 
 def summarize(per_image: Sequence[dict[str, int]]) -> dict[str, float]:
     """Means over images and pooled (all pixels together) scores of many images' counts."""
+    if not per_image:
+        raise ValueError("No images to summarize.")
     scores = [image_scores(c) for c in per_image]
     pooled = {k: sum(c[k] for c in per_image) for k in ("tp", "fp", "fn", "tn")}
-    summary = {f"{k}": float(np.mean([s[k] for s in scores])) for k in ("dice", "iou", "accuracy")}
+    summary = {k: float(np.mean([s[k] for s in scores])) for k in ("dice", "iou", "accuracy")}
     summary.update({f"pooled_{k}": v for k, v in image_scores(pooled).items()})
     summary["num_images"] = len(per_image)
     return summary
-
-
-def _overlap(counts: dict[str, int]) -> dict[str, int]:
-    return {k: counts[k] for k in ("tp", "fp", "fn")}

@@ -126,3 +126,8 @@ def test_summarize_with_an_empty_image():
     summary = metrics.summarize([empty, miss])
     assert summary["dice"] == pytest.approx(0.5)
     assert summary["pooled_dice"] == 0.0
+
+
+def test_summarize_of_no_images_raises():
+    with pytest.raises(ValueError, match="No images"):
+        metrics.summarize([])

@@ -142,13 +142,6 @@ def convert_backbone(state_dict: Mapping[str, np.ndarray] | StateDict, backbone:
     return variables
 
 
-def convert_resnet(state_dict: Mapping[str, np.ndarray] | StateDict, backbone: str) -> Variables:
-    """``convert_backbone`` for a torchvision ResNet-18/34/50/101/152; ``fc`` is ignored."""
-    if backbone not in BACKBONES:
-        raise ConversionError(f"{backbone!r} is not a ResNet; known: {', '.join(BACKBONES)}.")
-    return convert_backbone(state_dict, backbone)
-
-
 def _batch_norm_into(
     state: StateDict, prefix: str, params: dict[str, Any], stats: dict[str, Any], name: str
 ) -> None:
