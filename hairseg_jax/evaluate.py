@@ -6,7 +6,9 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -101,13 +103,15 @@ def write_report(workdir: Path, split: str, summary: dict, rows: list[dict]) -> 
         writer.writerows(rows)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Evaluates ``workdir``'s best checkpoint on ``config.eval.split``; writes the reports.
+def load_state(
+    config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh
+) -> tuple[steps.TrainState, str, int]:
+    """The state to evaluate, replicated over ``mesh``: ``workdir``'s best checkpoint, else the
+    weights of ``config.model.pretrained``.
 
-    A workdir without one evaluates the weights of ``config.model.pretrained`` instead (e.g. a
-    checkpoint of the original PyTorch project, imported as it is).
+    Returns:
+      The state, a description of the weights and the checkpoint's step (0 for pretrained).
     """
-    workdir = Path(workdir)
     manager = checkpoints.best_manager(workdir) if (workdir / "best").is_dir() else None
     step = manager and manager.best_step()
     if step is None and not config.model.pretrained:
@@ -116,20 +120,52 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
             "train there first."
         )
     model = models.build_model(config.model)
-    mesh = sharding.data_mesh()
-    _, predict_fn = steps.jit_steps(config, mesh)
-    state = steps.create_train_state(
-        jax.random.PRNGKey(config.seed), model, config.eval.image_size, tx=optax.identity()
+    replicated = sharding.replicated(mesh)
+    template = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+        steps.variable_shapes(model, config.eval.image_size),
     )
-    state = sharding.replicate(state, mesh)
-    template = steps.inference_variables(state)
     if step is None:
         weights = config.model.pretrained
-        variables = convert.load_pretrained(weights, template, config.model)
+        variables = _pretrained_variables(config, model, template)
     else:
         weights = f"step {step} of {manager.directory}"
         variables = checkpoints.restore(manager, step, template)
-    state = sharding.replicate(state.replace(**variables), mesh)
+    state = steps.inference_state(model, variables)
+    return sharding.replicate(state, mesh), weights, int(step or 0)
+
+
+def _pretrained_variables(
+    config: ml_collections.ConfigDict, model: nn.Module, template: dict[str, Any]
+) -> dict[str, Any]:
+    """The variables of ``config.model.pretrained``, loaded against the shapes ``template``.
+
+    What the file does not hold (the head, for a backbone file) is randomly initialised as in
+    training; only then is ``model.init`` compiled.
+    """
+    variables = convert.load_pretrained(config.model.pretrained, template, config.model)
+    if not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(variables)):
+        return variables
+    state = steps.create_train_state(
+        jax.random.PRNGKey(config.seed), model, config.eval.image_size, tx=optax.identity()
+    )
+    return jax.tree.map(
+        lambda leaf, fresh: fresh if isinstance(leaf, jax.ShapeDtypeStruct) else leaf,
+        variables,
+        steps.inference_variables(state),
+    )
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Evaluates ``workdir``'s best checkpoint on ``config.eval.split``; writes the reports.
+
+    A workdir without one evaluates the weights of ``config.model.pretrained`` instead (e.g. a
+    checkpoint of the original PyTorch project, imported as it is).
+    """
+    workdir = Path(workdir)
+    mesh = sharding.data_mesh()
+    state, weights, step = load_state(config, workdir, mesh)
+    _, predict_fn = steps.jit_steps(config, mesh)
 
     split = config.eval.split
     examples = sources.load_examples(config, split, config.eval.max_images)
@@ -145,7 +181,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     summary.update(
         split=split,
         weights=weights,
-        step=int(step or 0),
+        step=step,
         threshold=config.eval.threshold,
         image_size=config.eval.image_size,
     )

@@ -106,6 +106,28 @@ def create_train_state(
     )
 
 
+def variable_shapes(model: nn.Module, image_size: int) -> dict[str, Any]:
+    """``{"params", "batch_stats"}`` of ``model`` as ``jax.ShapeDtypeStruct`` leaves.
+
+    Traced by ``jax.eval_shape``: nothing is compiled or computed, so it is the cheap template
+    to restore weights into.
+    """
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+
+
+def inference_state(model: nn.Module, variables: dict[str, Any]) -> TrainState:
+    """A state that holds ``variables`` for ``predict_step`` (no optimizer, no EMA)."""
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.identity(),
+        batch_stats=variables["batch_stats"],
+        rng=jax.random.PRNGKey(0),
+    )
+
+
 def inference_variables(state: TrainState) -> dict[str, Any]:
     """The variables inference uses: EMA params when kept, else params, and BN statistics."""
     params = state.params if state.ema_params is None else state.ema_params

@@ -313,3 +313,21 @@ def test_without_ema_the_state_keeps_none():
     state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx)
     assert state.ema_params is None
     assert steps.inference_variables(state)["params"] is state.params
+
+
+def test_variable_shapes_are_the_initialised_variables_without_values():
+    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, optax.identity())
+    variables = steps.inference_variables(state)
+    shapes = steps.variable_shapes(_TinyNet(), 4)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(shapes))
+    describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    assert describe(shapes) == describe(variables)
+
+
+def test_inference_state_predicts_like_the_train_state():
+    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, optax.sgd(0.1))
+    state = state.replace(batch_stats={"BatchNorm_0": {"mean": jnp.ones(1), "var": jnp.ones(1)}})
+    inference = steps.inference_state(_TinyNet(), steps.inference_variables(state))
+    images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), np.uint8)
+    _, predict = steps.jit_steps(figaro.get_config())
+    np.testing.assert_array_equal(predict(inference, images), predict(state, images))

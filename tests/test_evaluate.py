@@ -1,0 +1,78 @@
+"""``evaluate.load_state``: the state to evaluate, built without compiling ``model.init``."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs import synthetic
+from hairseg_jax import checkpoints, evaluate, models, sharding, steps
+from hairseg_jax.weights import convert
+
+
+def tiny_config():
+    config = synthetic.get_config()
+    config.model.aspp_channels = 8
+    config.model.decoder_channels = 8
+    config.eval.image_size = 32
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained_variables() -> dict:
+    """Random variables of the tiny model, standing in for trained ones."""
+    model = models.build_model(tiny_config().model)
+    state = steps.create_train_state(jax.random.PRNGKey(7), model, 32, optax.identity())
+    return jax.tree.map(np.asarray, steps.inference_variables(state))
+
+
+def no_init(*args, **kwargs):
+    raise AssertionError("model.init should not run to restore a whole model")
+
+
+def assert_same(tree, expected):
+    assert jax.tree.structure(tree) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal, tree, expected)
+
+
+def test_best_checkpoint_is_restored_into_shapes(tmp_path, trained_variables, monkeypatch):
+    best = checkpoints.best_manager(tmp_path)
+    checkpoints.save(best, 3, trained_variables, metrics={checkpoints.BEST_METRIC: 0.5})
+    best.wait_until_finished()
+    monkeypatch.setattr(steps, "create_train_state", no_init)
+    mesh = sharding.data_mesh()
+
+    state, weights, step = evaluate.load_state(tiny_config(), tmp_path, mesh)
+
+    assert step == 3 and weights == f"step 3 of {tmp_path.absolute() / 'best'}"
+    assert_same(steps.inference_variables(state), trained_variables)
+    assert state.params["aspp"]["conv1"]["kernel"].sharding == sharding.replicated(mesh)
+
+
+def test_whole_pretrained_file_is_loaded_into_shapes(tmp_path, trained_variables, monkeypatch):
+    convert.save_variables(trained_variables, tmp_path / "whole.msgpack")
+    config = tiny_config()
+    config.model.pretrained = str(tmp_path / "whole.msgpack")
+    monkeypatch.setattr(steps, "create_train_state", no_init)
+
+    state, weights, step = evaluate.load_state(config, tmp_path, sharding.data_mesh())
+
+    assert step == 0 and weights == config.model.pretrained
+    assert_same(steps.inference_variables(state), trained_variables)
+
+
+def test_backbone_file_gets_a_randomly_initialised_head(tmp_path, trained_variables):
+    backbone = {kind: trained_variables[kind]["backbone"] for kind in trained_variables}
+    convert.save_variables(backbone, tmp_path / "backbone.msgpack")
+    config = tiny_config()
+    config.model.pretrained = str(tmp_path / "backbone.msgpack")
+
+    state, _, _ = evaluate.load_state(config, tmp_path, sharding.data_mesh())
+
+    variables = steps.inference_variables(state)
+    model = models.build_model(config.model)
+    fresh = steps.create_train_state(jax.random.PRNGKey(config.seed), model, 32, optax.identity())
+    for kind in ("params", "batch_stats"):
+        assert_same(variables[kind]["backbone"], backbone[kind])
+        for part in ("aspp", "decoder"):
+            assert_same(variables[kind][part], getattr(fresh, kind)[part])
