@@ -1,0 +1,97 @@
+"""Wall time of ``--config.mode=eval``, split into its phases, on one line.
+
+    python benchmarks/eval.py --config=configs/figaro_cpu.py --workdir=runs/figaro_cpu_v1
+
+Runs the functions ``hairseg_jax.evaluate.evaluate`` runs, in its order, without writing the
+reports: building the state (``state_s``: the model, the template and the restore of the
+workdir's best checkpoint, or of ``config.model.pretrained``), reading the split at original
+resolution (``read_s``), and predicting and scoring it (``predict_score_s``, which includes the
+compile of the predict step). Without a checkpoint or pretrained weights it evaluates randomly
+initialised weights (``weights=random``; that state is built by ``steps.create_train_state``).
+``--warm_pass`` adds ``predict_score_warm_s``, a second pass with the predict step compiled.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import optax
+from absl import app, flags
+from jax.sharding import Mesh
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ import each other
+from hairseg_jax import evaluate, models, sharding, steps  # noqa: E402
+from hairseg_jax.data import sources  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/figaro_cpu.py.")
+flags.DEFINE_string("workdir", "", "Workdir with a best/ checkpoint; empty: random weights.")
+flags.DEFINE_bool("warm_pass", False, "Also time a second predict+score pass.")
+flags.mark_flags_as_required(["config"])
+
+
+def random_state(config: ml_collections.ConfigDict, mesh: Mesh) -> steps.TrainState:
+    """A randomly initialised state for ``config.model``, replicated over ``mesh``."""
+    model = models.build_model(config.model)
+    state = steps.create_train_state(
+        jax.random.PRNGKey(config.seed), model, config.eval.image_size, tx=optax.identity()
+    )
+    return sharding.replicate(state, mesh)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    mesh = sharding.data_mesh()
+    start = time.perf_counter()
+    try:
+        state, _, step = evaluate.load_state(config, Path(FLAGS.workdir), mesh)
+        weights = f"step_{step}" if step else "pretrained"
+    except FileNotFoundError:
+        state, weights = random_state(config, mesh), "random"
+    jax.block_until_ready(state)
+    state_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    examples = sources.load_examples(config, config.eval.split, config.eval.max_images)
+    read_s = time.perf_counter() - start
+
+    _, predict_fn = steps.jit_steps(config, mesh)
+
+    def predict_and_score() -> tuple[dict, float]:
+        start = time.perf_counter()
+        summary, _ = evaluate.evaluate_examples(
+            predict_fn,
+            state,
+            examples,
+            config.eval.image_size,
+            config.eval.batch_size,
+            config.eval.threshold,
+            mesh,
+        )
+        return summary, time.perf_counter() - start
+
+    summary, predict_s = predict_and_score()
+    line = (
+        f"eval split={config.eval.split} images={summary['num_images']} "
+        f"backbone={config.model.backbone} image_size={config.eval.image_size} "
+        f"batch={config.eval.batch_size} weights={weights} read_s={read_s:.2f} "
+        f"state_s={state_s:.2f} predict_score_s={predict_s:.2f} "
+        f"total_s={read_s + state_s + predict_s:.2f}"
+    )
+    if FLAGS.warm_pass:
+        line += f" predict_score_warm_s={predict_and_score()[1]:.2f}"
+    print(
+        f"{line} dice={summary['dice']:.4f} pooled_dice={summary['pooled_dice']:.4f} "
+        f"devices={jax.device_count()}x{jax.devices()[0].device_kind} host_cores={os.cpu_count()}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
