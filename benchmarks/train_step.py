@@ -1,0 +1,241 @@
+"""Train-step speed of DeepLabV3+ in JAX (and the PyTorch reference) over a grid of cases.
+
+Runs on a bare JAX install: it imports JAX, flax, optax, numpy, ml-collections and the
+package's model and step code only (no TensorFlow, no clu); torch only with ``--torch``.
+Prints one line per case; compile time is reported apart from the step time.
+
+    python benchmarks/train_step.py --backbones=resnet101 --sizes=227 --batches=4 --torch
+
+FLOPs: ``model_gflops`` counts every convolution and matmul of the forward pass from the
+jaxpr (2 * outputs * kernel taps * input channels; dilation leaves the count unchanged) and
+takes a train step as 3x the forward pass (forward, input and weight gradients).
+``xla_gflops`` is XLA's own cost analysis of the compiled step, which may differ (it counts
+the padded taps of dilated convolutions differently). MFU is model FLOPs per second over the
+device's dense bf16 peak, printed for known accelerators. ``jax_over_torch`` is JAX's
+images/s over PyTorch's (above 1: JAX is faster).
+"""
+
+import argparse
+import itertools
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to torch too
+
+import jax  # noqa: E402
+import jax.extend  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs import figaro  # noqa: E402
+from hairseg_jax import models, sharding, steps  # noqa: E402
+
+# Dense bf16 peak FLOP/s by device kind (substring match, first wins).
+BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
+
+
+def bf16_peak(device: jax.Device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None where unknown (e.g. CPUs)."""
+    return next((v for k, v in BF16_PEAK.items() if k in device.device_kind), None)
+
+
+def forward_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
+    """FLOPs of every convolution and dot product in ``jaxpr`` and its sub-jaxprs."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            out = eqn.outvars[0].aval.shape
+            rhs = eqn.invars[1].aval.shape
+            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * np.prod(out) * np.prod(rhs) / out_features
+        elif name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += (
+                2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contracting])
+            )
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += forward_flops(sub)
+    return total
+
+
+def case_config(backbone: str, size: int, batch: int, dtype: str, output_stride: int):
+    """figaro.py's config (SGD, BCE) with one case's model, size and batch."""
+    config = figaro.get_config()
+    config.model.backbone = backbone
+    config.model.output_stride = output_stride
+    config.model.dtype = dtype
+    config.data.image_size = size
+    config.train.batch_size = batch
+    return config
+
+
+def time_jax(config, steps_timed: int, warmup: int) -> dict:
+    """Compiles the jitted train step of ``config`` and times it on random data."""
+    size, batch = config.data.image_size, config.train.batch_size
+    mesh = sharding.data_mesh()
+    sharding.check_batch_size(batch, mesh)
+    model = models.build_model(config.model)
+    tx = steps.create_optimizer(config.optim, steps.learning_rate_schedule(config.optim, 10_000))
+    state = steps.create_train_state(jax.random.PRNGKey(0), model, size, tx)
+    state = sharding.replicate(state, mesh)
+    rng = np.random.default_rng(0)
+    host_batch = {
+        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        "mask": rng.integers(0, 2, (batch, size, size), dtype=np.uint8),
+    }
+    device_batch = sharding.shard_batch(host_batch, mesh, whole=True)
+    train_fn, _ = steps.jit_steps(config, mesh)
+
+    start = time.perf_counter()
+    compiled = train_fn.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    variables = steps.inference_variables(state)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    model_flops = 3.0 * forward_flops(jaxpr.jaxpr)
+
+    for _ in range(warmup):
+        state, out = compiled(state, device_batch)
+    jax.block_until_ready(out["loss"])
+    start = time.perf_counter()
+    for _ in range(steps_timed):
+        state, out = compiled(state, device_batch)
+    loss = float(out["loss"])
+    seconds = (time.perf_counter() - start) / steps_timed
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"Non-finite loss {loss} in the benchmark step.")
+    return {
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "model_flops_per_image": model_flops,
+        "xla_flops_per_image": xla_flops / batch,
+    }
+
+
+def time_torch(config, steps_timed: int, warmup: int, compile_model: bool) -> dict:
+    """The same step in the PyTorch reference model: SGD, backbone x1 / head x10, BCE."""
+    import torch
+    import torch.nn.functional as F
+
+    from hairseg_jax.weights.torch_reference import torch_deeplab
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size, batch, optim = config.data.image_size, config.train.batch_size, config.optim
+    torch.manual_seed(0)
+    model = torch_deeplab(
+        config.model.backbone,
+        config.model.output_stride,
+        aspp_channels=config.model.aspp_channels,
+        decoder_channels=config.model.decoder_channels,
+    ).to(device, memory_format=torch.channels_last)
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model.backbone.parameters(), "lr": optim.learning_rate},
+            {"params": head, "lr": optim.learning_rate * optim.head_lr_multiplier},
+        ],
+        momentum=optim.momentum,
+        weight_decay=optim.weight_decay,
+    )
+    images = torch.randn(batch, 3, size, size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    masks = torch.randint(0, 2, (batch, 1, size, size), device=device).float()
+    forward = torch.compile(model) if compile_model else model
+    autocast = torch.autocast(device, torch.bfloat16, enabled=config.model.dtype == "bfloat16")
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = forward(images)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), masks)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    start = time.perf_counter()
+    step()
+    synchronize()
+    first_s = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps_timed):
+        loss = step()
+    synchronize()
+    seconds = (time.perf_counter() - start) / steps_timed
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"Non-finite loss {loss.item()} in the torch step.")
+    return {"first_step_s": first_s, "step_s": seconds}
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line flags: the grid and the number of steps."""
+    csv = lambda cast: lambda s: [cast(v) for v in s.split(",")]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", type=csv(str), default=["resnet101"])
+    parser.add_argument("--sizes", type=csv(int), default=[227])
+    parser.add_argument("--batches", type=csv(int), default=[4])
+    parser.add_argument("--dtypes", type=csv(str), default=["float32"])
+    parser.add_argument("--output_stride", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile")
+    parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+    parser.add_argument("--torch_compile", action="store_true", help="also with torch.compile")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = jax.devices()[0]
+    peak = bf16_peak(device)
+    print(
+        f"# devices={jax.device_count()}x{device.device_kind} jax={jax.__version__} "
+        f"python={platform.python_version()} cpu_cores={os.cpu_count()}",
+        flush=True,
+    )
+    for backbone, size, batch, dtype in itertools.product(
+        args.backbones, args.sizes, args.batches, args.dtypes
+    ):
+        config = case_config(backbone, size, batch, dtype, args.output_stride)
+        case = f"backbone={backbone} size={size} batch={batch} dtype={dtype}"
+        jax_result = time_jax(config, args.steps, args.warmup)
+        step_s = jax_result["step_s"]
+        flops = jax_result["model_flops_per_image"]
+        line = (
+            f"train_step impl=jax {case} compile_s={jax_result['compile_s']:.1f} "
+            f"ms_per_step={1e3 * step_s:.1f} images_per_s={batch / step_s:.2f} "
+            f"model_gflops_per_image={flops / 1e9:.1f} "
+            f"xla_gflops_per_image={jax_result['xla_flops_per_image'] / 1e9:.1f}"
+        )
+        if peak:
+            line += f" mfu={flops * batch / step_s / peak:.3f}"
+        print(line, flush=True)
+        variants = [False, True] if args.torch_compile else [False] if args.torch else []
+        for compile_model in variants:
+            result = time_torch(config, args.steps, args.warmup, compile_model)
+            name = "torch_compile" if compile_model else "torch"
+            line = (
+                f"train_step impl={name} {case} first_step_s={result['first_step_s']:.1f} "
+                f"ms_per_step={1e3 * result['step_s']:.1f} "
+                f"images_per_s={batch / result['step_s']:.2f} "
+                f"jax_over_{name}={result['step_s'] / step_s:.2f}"
+            )
+            if peak:
+                line += f" mfu={flops * batch / result['step_s'] / peak:.3f}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
