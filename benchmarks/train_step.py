@@ -10,7 +10,9 @@ FLOPs: ``model_gflops`` counts every convolution and matmul of the forward pass 
 jaxpr (2 * outputs * kernel taps * input channels; dilation leaves the count unchanged) and
 takes a train step as 3x the forward pass (forward, input and weight gradients).
 ``xla_gflops`` is XLA's own cost analysis of the compiled step, which may differ (it counts
-the padded taps of dilated convolutions differently). MFU is model FLOPs per second over the
+the padded taps of dilated convolutions differently, and on GPU leaves out the convolutions
+that run as cuDNN calls). ``--predict`` times the inference step instead (BatchNorm in
+inference mode, no gradients, FLOPs 1x the forward pass). MFU is model FLOPs per second over the
 device's dense bf16 peak, printed for known accelerators. ``jax_over_torch`` is JAX's
 images/s over PyTorch's (above 1: JAX is faster).
 """
@@ -75,8 +77,8 @@ def case_config(backbone: str, size: int, batch: int, dtype: str, output_stride:
     return config
 
 
-def time_jax(config, steps_timed: int, warmup: int) -> dict:
-    """Compiles the jitted train step of ``config`` and times it on random data."""
+def time_jax(config, steps_timed: int, warmup: int, predict: bool) -> dict:
+    """Compiles the jitted train (or predict) step of ``config``; times it on random data."""
     size, batch = config.data.image_size, config.train.batch_size
     mesh = sharding.data_mesh()
     sharding.check_batch_size(batch, mesh)
@@ -90,10 +92,14 @@ def time_jax(config, steps_timed: int, warmup: int) -> dict:
         "mask": rng.integers(0, 2, (batch, size, size), dtype=np.uint8),
     }
     device_batch = sharding.shard_batch(host_batch, mesh, whole=True)
-    train_fn, _ = steps.jit_steps(config, mesh)
+    train_fn, predict_fn = steps.jit_steps(config, mesh)
+    if predict:
+        fn, inputs = predict_fn, device_batch["image"]
+    else:
+        fn, inputs = train_fn, device_batch
 
     start = time.perf_counter()
-    compiled = train_fn.lower(state, device_batch).compile()
+    compiled = fn.lower(state, inputs).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -102,18 +108,24 @@ def time_jax(config, steps_timed: int, warmup: int) -> dict:
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     variables = steps.inference_variables(state)
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
-    model_flops = 3.0 * forward_flops(jaxpr.jaxpr)
+    model_flops = (1.0 if predict else 3.0) * forward_flops(jaxpr.jaxpr)
+
+    def run(state):
+        if predict:
+            return state, compiled(state, inputs)
+        state, out = compiled(state, inputs)
+        return state, out["loss"]
 
     for _ in range(warmup):
-        state, out = compiled(state, device_batch)
-    jax.block_until_ready(out["loss"])
+        state, out = run(state)
+    jax.block_until_ready(out)
     start = time.perf_counter()
     for _ in range(steps_timed):
-        state, out = compiled(state, device_batch)
-    loss = float(out["loss"])
+        state, out = run(state)
+    out = np.asarray(out)
     seconds = (time.perf_counter() - start) / steps_timed
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"Non-finite loss {loss} in the benchmark step.")
+    if not np.all(np.isfinite(out)):
+        raise FloatingPointError("Non-finite output in the benchmark step.")
     return {
         "compile_s": compile_s,
         "step_s": seconds,
@@ -122,8 +134,9 @@ def time_jax(config, steps_timed: int, warmup: int) -> dict:
     }
 
 
-def time_torch(config, steps_timed: int, warmup: int, compile_model: bool) -> dict:
-    """The same step in the PyTorch reference model: SGD, backbone x1 / head x10, BCE."""
+def time_torch(config, steps_timed: int, warmup: int, compile_model: bool, predict: bool) -> dict:
+    """The same step in the PyTorch reference model: SGD, backbone x1 / head x10, BCE; or
+    with ``predict`` a forward pass in eval mode without gradients."""
     import torch
     import torch.nn.functional as F
 
@@ -150,10 +163,14 @@ def time_torch(config, steps_timed: int, warmup: int, compile_model: bool) -> di
     images = torch.randn(batch, 3, size, size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     masks = torch.randint(0, 2, (batch, 1, size, size), device=device).float()
+    model.train(not predict)
     forward = torch.compile(model) if compile_model else model
     autocast = torch.autocast(device, torch.bfloat16, enabled=config.model.dtype == "bfloat16")
 
     def step() -> torch.Tensor:
+        if predict:
+            with torch.no_grad(), autocast:
+                return forward(images)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             logits = forward(images)
@@ -172,11 +189,11 @@ def time_torch(config, steps_timed: int, warmup: int, compile_model: bool) -> di
     synchronize()
     start = time.perf_counter()
     for _ in range(steps_timed):
-        loss = step()
+        out = step()
     synchronize()
     seconds = (time.perf_counter() - start) / steps_timed
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"Non-finite loss {loss.item()} in the torch step.")
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("Non-finite output in the torch step.")
     return {"first_step_s": first_s, "step_s": seconds}
 
 
@@ -191,6 +208,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output_stride", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile")
+    parser.add_argument("--predict", action="store_true", help="time inference instead")
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
     parser.add_argument("--torch_compile", action="store_true", help="also with torch.compile")
     return parser.parse_args()
@@ -205,16 +223,17 @@ def main() -> None:
         f"python={platform.python_version()} cpu_cores={os.cpu_count()}",
         flush=True,
     )
+    kind = "predict_step" if args.predict else "train_step"
     for backbone, size, batch, dtype in itertools.product(
         args.backbones, args.sizes, args.batches, args.dtypes
     ):
         config = case_config(backbone, size, batch, dtype, args.output_stride)
         case = f"backbone={backbone} size={size} batch={batch} dtype={dtype}"
-        jax_result = time_jax(config, args.steps, args.warmup)
+        jax_result = time_jax(config, args.steps, args.warmup, args.predict)
         step_s = jax_result["step_s"]
         flops = jax_result["model_flops_per_image"]
         line = (
-            f"train_step impl=jax {case} compile_s={jax_result['compile_s']:.1f} "
+            f"{kind} impl=jax {case} compile_s={jax_result['compile_s']:.1f} "
             f"ms_per_step={1e3 * step_s:.1f} images_per_s={batch / step_s:.2f} "
             f"model_gflops_per_image={flops / 1e9:.1f} "
             f"xla_gflops_per_image={jax_result['xla_flops_per_image'] / 1e9:.1f}"
@@ -224,10 +243,10 @@ def main() -> None:
         print(line, flush=True)
         variants = [False, True] if args.torch_compile else [False] if args.torch else []
         for compile_model in variants:
-            result = time_torch(config, args.steps, args.warmup, compile_model)
+            result = time_torch(config, args.steps, args.warmup, compile_model, args.predict)
             name = "torch_compile" if compile_model else "torch"
             line = (
-                f"train_step impl={name} {case} first_step_s={result['first_step_s']:.1f} "
+                f"{kind} impl={name} {case} first_step_s={result['first_step_s']:.1f} "
                 f"ms_per_step={1e3 * result['step_s']:.1f} "
                 f"images_per_s={batch / result['step_s']:.2f} "
                 f"jax_over_{name}={result['step_s'] / step_s:.2f}"

@@ -11,8 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hairseg_jax.models.layers import Conv2d, batch_norm, conv
 from hairseg_jax.models.mobilenet_v2 import mobilenet_v2
-from hairseg_jax.models.resnet import BACKBONES, batch_norm, conv, resnet
+from hairseg_jax.models.resnet import BACKBONES, resnet
 
 # Every name ``DeepLabV3Plus.backbone`` accepts.
 BACKBONE_NAMES: tuple[str, ...] = (*BACKBONES, "mobilenet_v2")
@@ -32,7 +33,7 @@ _DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _head_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def _head_conv(features: int, kernel_size: int, **kwargs: Any) -> nn.Conv:
+def _head_conv(features: int, kernel_size: int, **kwargs: Any) -> Conv2d:
     """A head conv: the backbone's padded conv with the PyTorch project's initialiser."""
     return conv(features, kernel_size, kernel_init=_head_kernel_init, **kwargs)
 

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hairseg_jax.models.resnet import batch_norm, conv
+from hairseg_jax.models.layers import batch_norm, conv
 
 # (expand ratio t, output channels c, blocks n, stride s) of features.1 .. features.17.
 INVERTED_RESIDUAL_SETTINGS: tuple[tuple[int, int, int, int], ...] = (

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hairseg_jax.models.layers import batch_norm, conv
+
 BACKBONES: dict[str, tuple[tuple[int, ...], str]] = {
     "resnet18": ((2, 2, 2, 2), "basic"),
     "resnet34": ((3, 4, 6, 3), "basic"),
@@ -25,45 +27,6 @@ _LAYER_STRIDES_DILATIONS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
     16: ((1, 2, 2, 1), (1, 1, 1, 2)),
     32: ((1, 2, 2, 2), (1, 1, 1, 1)),
 }
-
-# torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu").
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def conv(
-    features: int,
-    kernel_size: int,
-    *,
-    strides: int = 1,
-    dilation: int = 1,
-    groups: int = 1,
-    use_bias: bool = False,
-    kernel_init: nn.initializers.Initializer = conv_kernel_init,
-    dtype: Any = jnp.float32,
-    name: str,
-) -> nn.Conv:
-    """A square conv with torch-style symmetric padding ``dilation * (kernel_size // 2)``;
-    ``groups`` is torch's (``groups == features`` is a depthwise conv)."""
-    pad = dilation * (kernel_size // 2)
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=strides,
-        padding=((pad, pad), (pad, pad)),
-        kernel_dilation=dilation,
-        feature_group_count=groups,
-        use_bias=use_bias,
-        dtype=dtype,
-        kernel_init=kernel_init,
-        name=name,
-    )
-
-
-def batch_norm(train: bool, *, dtype: Any = jnp.float32, name: str) -> nn.BatchNorm:
-    """BatchNorm with torch's defaults (torch momentum 0.1 is flax momentum 0.9)."""
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
-    )
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,60 @@
+"""Conv2d computes what flax.linen.Conv computes, with the same parameters and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hairseg_jax.models.layers import Conv2d
+
+
+@pytest.mark.parametrize(
+    "kernel_size, strides, dilation, groups, size",
+    [
+        (1, 1, 1, 1, 9),  # matrix product
+        (1, 2, 1, 1, 9),  # strided 1x1: subsample, then matrix product
+        (3, 1, 6, 1, 9),  # dilation 6 on 9 pixels: every tap still reaches the map
+        (3, 1, 12, 1, 9),  # dilation 12 on 9 pixels: only the centre tap is left
+        (3, 1, 4, 1, 5),  # dilation 4 on 5 pixels: all taps, just
+        (3, 2, 1, 1, 9),
+        (3, 1, 2, 4, 9),  # depthwise
+        (7, 2, 1, 1, 9),
+    ],
+)
+def test_conv2d_matches_flax_conv(kernel_size, strides, dilation, groups, size):
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 3, 4))
+    pad = dilation * (kernel_size // 2)
+    reference = nn.Conv(
+        4,
+        (kernel_size, kernel_size),
+        strides=strides,
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=dilation,
+        feature_group_count=groups,
+        use_bias=True,
+        kernel_init=nn.initializers.normal(1.0),
+        bias_init=nn.initializers.normal(1.0),
+    )
+    layer = Conv2d(4, kernel_size, strides, dilation, groups, use_bias=True)
+    params = reference.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, layer.init(jax.random.key(1), x)) == jax.tree.map(
+        jnp.shape, params
+    )
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)))
+
+    np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x), atol=1e-4)
+    grads = jax.grad(loss, argnums=(1, 2))(layer, params, x)
+    expected = jax.grad(loss, argnums=(1, 2))(reference, params, x)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_conv2d_computes_in_bfloat16_with_float32_params():
+    x = jnp.ones((1, 5, 5, 3))
+    layer = Conv2d(2, 3, dtype=jnp.bfloat16, use_bias=True)
+    params = layer.init(jax.random.key(0), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    assert layer.apply(params, x).dtype == jnp.bfloat16
