@@ -23,7 +23,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to torch too
 
@@ -77,8 +79,19 @@ def case_config(backbone: str, size: int, batch: int, dtype: str, output_stride:
     return config
 
 
-def time_jax(config, steps_timed: int, warmup: int, predict: bool) -> dict:
-    """Compiles the jitted train (or predict) step of ``config``; times it on random data."""
+class JaxCase(NamedTuple):
+    """A compiled step with its inputs and FLOP counts per image."""
+
+    run: Callable[[Any], tuple[Any, jax.Array]]  # state -> (state, output)
+    state: Any
+    compiled: jax.stages.Compiled
+    compile_s: float
+    model_flops_per_image: float
+    xla_flops_per_image: float
+
+
+def compile_jax(config, predict: bool) -> JaxCase:
+    """Compiles the jitted train (or predict) step of ``config`` on a random batch."""
     size, batch = config.data.image_size, config.train.batch_size
     mesh = sharding.data_mesh()
     sharding.check_batch_size(batch, mesh)
@@ -116,22 +129,24 @@ def time_jax(config, steps_timed: int, warmup: int, predict: bool) -> dict:
         state, out = compiled(state, inputs)
         return state, out["loss"]
 
+    return JaxCase(run, state, compiled, compile_s, model_flops, xla_flops / batch)
+
+
+def time_jax(case: JaxCase, steps_timed: int, warmup: int) -> tuple[float, Any]:
+    """Seconds per step of a compiled case, after ``warmup`` untimed steps, and the state
+    after them (the case's own state is donated to the first step)."""
+    state = case.state
     for _ in range(warmup):
-        state, out = run(state)
+        state, out = case.run(state)
     jax.block_until_ready(out)
     start = time.perf_counter()
     for _ in range(steps_timed):
-        state, out = run(state)
+        state, out = case.run(state)
     out = np.asarray(out)
     seconds = (time.perf_counter() - start) / steps_timed
     if not np.all(np.isfinite(out)):
         raise FloatingPointError("Non-finite output in the benchmark step.")
-    return {
-        "compile_s": compile_s,
-        "step_s": seconds,
-        "model_flops_per_image": model_flops,
-        "xla_flops_per_image": xla_flops / batch,
-    }
+    return seconds, state
 
 
 def time_torch(config, steps_timed: int, warmup: int, compile_model: bool, predict: bool) -> dict:
@@ -229,14 +244,14 @@ def main() -> None:
     ):
         config = case_config(backbone, size, batch, dtype, args.output_stride)
         case = f"backbone={backbone} size={size} batch={batch} dtype={dtype}"
-        jax_result = time_jax(config, args.steps, args.warmup, args.predict)
-        step_s = jax_result["step_s"]
-        flops = jax_result["model_flops_per_image"]
+        jax_case = compile_jax(config, args.predict)
+        step_s, _ = time_jax(jax_case, args.steps, args.warmup)
+        flops = jax_case.model_flops_per_image
         line = (
-            f"{kind} impl=jax {case} compile_s={jax_result['compile_s']:.1f} "
+            f"{kind} impl=jax {case} compile_s={jax_case.compile_s:.1f} "
             f"ms_per_step={1e3 * step_s:.1f} images_per_s={batch / step_s:.2f} "
             f"model_gflops_per_image={flops / 1e9:.1f} "
-            f"xla_gflops_per_image={jax_result['xla_flops_per_image'] / 1e9:.1f}"
+            f"xla_gflops_per_image={jax_case.xla_flops_per_image / 1e9:.1f}"
         )
         if peak:
             line += f" mfu={flops * batch / step_s / peak:.3f}"

@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.dice_weight = 0.5
     config.train.ema_decay = 0.998
     config.train.num_epochs = 40
-    config.eval.image_size = 128
+    config.train.eval_every_steps = 184  # every 4 epochs of 46 steps: more of the hour trains
+    # Random resized crops show hair larger than a whole 128 px image does; whole images at
+    # 192 px match that scale (validation Dice of one model: 0.893 at 128, 0.905 at 160,
+    # 0.907 at 192, 0.902 at 224).
+    config.eval.image_size = 192
     config.eval.batch_size = 16
     return config
