@@ -1,10 +1,13 @@
-"""Evaluation at each image's original resolution: Dice, IoU, pixel accuracy, BCE."""
+"""Evaluation at each image's original resolution: Dice, IoU, pixel accuracy, BCE; test-time
+augmentation, threshold tuning, and the report (per hair type, worst images, contact sheet)."""
 
 import csv
+import dataclasses
+import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +19,30 @@ import optax
 from jax.sharding import Mesh
 from PIL import Image
 
-from hairseg_jax import checkpoints, metrics, models, sharding, steps
+from hairseg_jax import checkpoints, metrics, models, pictures, sharding, steps
 from hairseg_jax.data import pipeline, sources
+from hairseg_jax.data import split as figaro_split
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.weights import convert
 
+DEFAULT_THRESHOLD = 0.5
+SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95
+THRESHOLD_FILE = "threshold.json"
+NUM_WORST = 10
+SHEET_BOX = 160  # side of each picture of the contact sheet
+PREVIEW_BOX = 128  # side of each picture of the TensorBoard previews
+
+
+def logit(probability: float) -> float:
+    """The logit above which the sigmoid exceeds ``probability``."""
+    return float(np.log(probability / (1 - probability)))
+
 
 def resize_logits(logits: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinearly resizes a float (h, w) logit map to (height, width)."""
+    """Bilinearly resizes float logits (h, w) or (h, w, c) to (height, width[, c])."""
+    if logits.ndim == 3:
+        channels = [resize_logits(logits[..., c], height, width) for c in range(logits.shape[-1])]
+        return np.stack(channels, axis=-1)
     return np.asarray(
         Image.fromarray(logits.astype(np.float32)).resize(
             (width, height), Image.Resampling.BILINEAR
@@ -39,21 +58,127 @@ def full_resolution_logits(
     batch_size: int,
     mesh: Mesh | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields (index, logits at the image's own size) for every example, in order.
+    """Yields (index, logits (H, W, C) at the image's own size) for every example, in order.
 
     Whole images are resized to ``image_size`` squares and batched (one compiled shape);
-    the logits are resized back to each image's original height and width on the host.
-    Every process reads every batch and gets every logit; the devices of ``mesh`` (default:
-    all) share each batch, whose size is rounded up to a multiple of their number.
+    the logits are resized back to each image's original height and width on the host. C is
+    the number of channels ``predict_fn`` gives: 1, or 2 with the plain logits of a
+    test-time augmented step (``steps.tta_logits``). Every process reads every batch and gets
+    every logit; the devices of ``mesh`` (default: all) share each batch, whose size is
+    rounded up to a multiple of their number.
     """
     mesh = sharding.data_mesh() if mesh is None else mesh
     batch_size = sharding.padded_batch_size(batch_size, mesh)
     for batch in pipeline.eval_batches(examples, batch_size, image_size):
         images = sharding.shard_batch(batch["image"], mesh, whole=True)
-        logits = np.asarray(jax.device_get(predict_fn(state, images)))[..., 0]
+        logits = np.asarray(jax.device_get(predict_fn(state, images)))
         for index, image_logits in zip(batch["index"], logits, strict=True):
             if index >= 0:
                 yield int(index), resize_logits(image_logits, *examples.masks[index].shape)
+
+
+def dice_per_threshold(
+    logits: np.ndarray, mask: np.ndarray, thresholds: Sequence[float] = SWEEP_THRESHOLDS
+) -> np.ndarray:
+    """The Dice of ``sigmoid(logits) > t`` against ``mask`` for every ascending ``t``.
+
+    One pass: each pixel's number of thresholds below its probability is counted, over all
+    pixels and over hair pixels, so every threshold's confusion counts are cumulative sums.
+    """
+    cuts = np.log(np.asarray(thresholds, np.float64) / (1 - np.asarray(thresholds, np.float64)))
+    levels = np.searchsorted(cuts, logits.ravel().astype(np.float64), side="left")
+    hair = mask.ravel().astype(bool)
+    above = lambda counts: np.cumsum(counts[::-1])[::-1][1:]  # noqa: E731  (count >= i + 1)
+    positives = above(np.bincount(levels, minlength=len(cuts) + 1))
+    tp = above(np.bincount(levels[hair], minlength=len(cuts) + 1))
+    fp, fn = positives - tp, np.count_nonzero(hair) - tp
+    denominator = 2 * tp + fp + fn
+    return np.where(denominator == 0, 1.0, 2 * tp / np.maximum(denominator, 1))
+
+
+@dataclasses.dataclass
+class Scores:
+    """The outcome of ``score_examples``.
+
+    Attributes:
+      summary: mean and pooled Dice/IoU/accuracy, mean BCE, ``num_images``; ``no_tta`` (the
+        plain logits' scores) under test-time augmentation; ``dice_at_0.5`` and
+        ``pooled_dice_at_0.5`` when the threshold is not 0.5.
+      rows: one dict per image: name, height, width, dice, iou, accuracy, loss.
+      sweep: the mean Dice at each of ``SWEEP_THRESHOLDS`` (None unless asked for).
+      worst: (index, predicted 0/1 mask) of the lowest-Dice images, worst first.
+    """
+
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    sweep: np.ndarray | None = None
+    worst: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+
+
+def score_examples(
+    predict_fn: Callable,
+    state: steps.TrainState,
+    examples: Examples,
+    image_size: int,
+    batch_size: int,
+    threshold: float = DEFAULT_THRESHOLD,
+    mesh: Mesh | None = None,
+    *,
+    sweep: bool = False,
+    num_worst: int = 0,
+) -> Scores:
+    """Scores predictions against the original-resolution masks, predicted on ``mesh``.
+
+    Args:
+      predict_fn: a jitted predict step; its channel 0 is scored, and a second channel (the
+        plain logits of a test-time augmented step) gives ``summary["no_tta"]``.
+      threshold: the probability above which a pixel is hair; <= 0 means 0.5.
+      sweep: also compute the mean Dice at each of ``SWEEP_THRESHOLDS``.
+      num_worst: keep the predicted masks of this many lowest-Dice images.
+    """
+    threshold = threshold if threshold > 0 else DEFAULT_THRESHOLD
+    cut = logit(threshold)
+    rows, counts, plain_counts, half_counts, sweeps, worst = [], [], [], [], [], []
+    for index, logits in full_resolution_logits(
+        predict_fn, state, examples, image_size, batch_size, mesh
+    ):
+        mask = examples.masks[index]
+        main = logits[..., 0]
+        prediction = main > cut
+        count = metrics.confusion(prediction, mask)
+        counts.append(count)
+        if logits.shape[-1] > 1:
+            plain_counts.append(metrics.confusion(logits[..., 1] > cut, mask))
+        if threshold != DEFAULT_THRESHOLD:
+            half_counts.append(metrics.confusion(main > 0, mask))
+        if sweep:
+            sweeps.append(dice_per_threshold(main, mask))
+        height, width = mask.shape
+        row = {
+            "name": examples.names[index],
+            "height": height,
+            "width": width,
+            **metrics.image_scores(count),
+            "loss": float(np.mean(np.logaddexp(0.0, main) - mask * main)),
+        }
+        rows.append(row)
+        if num_worst:
+            worst.append((row["dice"], index, prediction.astype(np.uint8)))
+            worst = sorted(worst, key=lambda w: (w[0], w[1]))[:num_worst]
+    summary = metrics.summarize(counts)
+    summary["loss"] = float(np.mean([row["loss"] for row in rows]))
+    if plain_counts:
+        plain = metrics.summarize(plain_counts)
+        summary["no_tta"] = {k: plain[k] for k in ("dice", "pooled_dice", "iou", "pooled_iou")}
+    if half_counts:
+        half = metrics.summarize(half_counts)
+        summary["dice_at_0.5"], summary["pooled_dice_at_0.5"] = half["dice"], half["pooled_dice"]
+    return Scores(
+        summary,
+        rows,
+        np.mean(sweeps, axis=0) if sweep else None,
+        [(index, prediction) for _, index, prediction in worst],
+    )
 
 
 def evaluate_examples(
@@ -62,45 +187,158 @@ def evaluate_examples(
     examples: Examples,
     image_size: int,
     batch_size: int,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     mesh: Mesh | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Scores predictions against the original-resolution masks, predicted on ``mesh``.
+    """Scores predictions against the original-resolution masks, predicted on ``mesh``
+    (``threshold`` <= 0 means 0.5; see ``score_examples``).
 
     Returns:
       The summary (mean and pooled Dice/IoU, accuracy, mean BCE loss) and one row per image.
     """
-    logit_threshold = np.log(threshold / (1 - threshold))
-    rows, counts = [], []
-    for index, logits in full_resolution_logits(
-        predict_fn, state, examples, image_size, batch_size, mesh
-    ):
-        mask = examples.masks[index]
-        count = metrics.confusion(logits > logit_threshold, mask)
-        loss = float(np.mean(np.logaddexp(0.0, logits) - mask * logits))
-        counts.append(count)
-        height, width = mask.shape
-        rows.append(
-            {
-                "name": examples.names[index],
-                "height": height,
-                "width": width,
-                **metrics.image_scores(count),
-                "loss": loss,
+    scores = score_examples(predict_fn, state, examples, image_size, batch_size, threshold, mesh)
+    return scores.summary, scores.rows
+
+
+def preview_panels(
+    predict_fn: Callable,
+    state: steps.TrainState,
+    examples: Examples,
+    count: int,
+    image_size: int,
+    batch_size: int,
+    threshold: float = DEFAULT_THRESHOLD,
+    mesh: Mesh | None = None,
+) -> np.ndarray:
+    """image | true mask | predicted mask of the first ``count`` examples, for TensorBoard:
+    uint8 (count, PREVIEW_BOX, 3 * PREVIEW_BOX, 3). Batched like the evaluation, so the
+    compiled predict step is reused."""
+    subset = examples.take(count)
+    cut = logit(threshold if threshold > 0 else DEFAULT_THRESHOLD)
+    return np.stack(
+        [
+            pictures.panel(
+                subset.images[index], subset.masks[index], logits[..., 0] > cut, PREVIEW_BOX
+            )
+            for index, logits in full_resolution_logits(
+                predict_fn, state, subset, image_size, batch_size, mesh
+            )
+        ]
+    )
+
+
+def hair_type(name: str) -> str:
+    """The Figaro1k hair type of a frame name, "" for other names (e.g. synthetic images)."""
+    try:
+        return figaro_split.hair_type(name)
+    except ValueError:
+        return ""
+
+
+def per_hair_type(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Mean Dice and IoU and the image count of each hair type present in ``rows``."""
+    report = {}
+    for kind in figaro_split.HAIR_TYPES:
+        typed = [row for row in rows if row["hair_type"] == kind]
+        if typed:
+            report[kind] = {
+                "dice": float(np.mean([row["dice"] for row in typed])),
+                "iou": float(np.mean([row["iou"] for row in typed])),
+                "num_images": len(typed),
             }
+    return report
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes ``data`` as JSON to a temporary file beside ``path``, then renames it (atomic)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_tuned_threshold(workdir: Path, step: int) -> dict | None:
+    """``workdir``'s ``threshold.json`` if it was tuned for the checkpoint of ``step``."""
+    path = Path(workdir) / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    try:
+        tuned = json.loads(path.read_text())
+        threshold, tuned_step = float(tuned["threshold"]), int(tuned["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        logging.warning("Ignoring %s: unreadable (%s).", path, e)
+        return None
+    if tuned_step != step or not 0 < threshold < 1:
+        logging.warning(
+            "Ignoring %s: threshold %s tuned for step %d, but the checkpoint is step %d; "
+            "rerun eval with --config.eval.tune_threshold=True.",
+            path,
+            threshold,
+            tuned_step,
+            step,
         )
-    summary = metrics.summarize(counts)
-    summary["loss"] = float(np.mean([row["loss"] for row in rows]))
-    return summary, rows
+        return None
+    return tuned
+
+
+def resolve_threshold(configured: float, workdir: Path, step: int) -> tuple[float, str]:
+    """The threshold to use and where it comes from: ``configured`` if in (0, 1) ("config"),
+    else the one tuned for ``step`` in ``workdir`` ("tuned"), else 0.5 ("default")."""
+    if configured > 0:
+        return float(configured), "config"
+    tuned = read_tuned_threshold(workdir, step)
+    if tuned is not None:
+        return float(tuned["threshold"]), "tuned"
+    return DEFAULT_THRESHOLD, "default"
+
+
+def tune_threshold(run: Callable[..., Scores], examples: Examples, split: str) -> dict[str, Any]:
+    """The threshold of ``SWEEP_THRESHOLDS`` with the highest mean Dice on ``examples``.
+
+    Args:
+      run: ``score_examples`` with its predict step, state and sizes bound.
+      examples: the examples to tune on, normally the validation split.
+      split: their name, for the record.
+
+    Returns:
+      ``{"threshold", "dice", "dice_at_0.5", "split", "num_images", "sweep"}``; ties go to
+      the threshold nearest 0.5.
+    """
+    scores = run(examples, sweep=True)
+    dice = scores.sweep
+    best = max(range(len(dice)), key=lambda i: (dice[i], -abs(SWEEP_THRESHOLDS[i] - 0.5)))
+    return {
+        "threshold": SWEEP_THRESHOLDS[best],
+        "dice": float(dice[best]),
+        "dice_at_0.5": float(dice[SWEEP_THRESHOLDS.index(DEFAULT_THRESHOLD)]),
+        "split": split,
+        "num_images": len(examples),
+        "sweep": {f"{t:.2f}": float(d) for t, d in zip(SWEEP_THRESHOLDS, dice, strict=True)},
+    }
 
 
 def write_report(workdir: Path, split: str, summary: dict, rows: list[dict]) -> None:
     """Writes ``eval_<split>.json`` (summary) and ``eval_<split>.csv`` (per image)."""
-    (workdir / f"eval_{split}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(workdir / f"eval_{split}.json", summary)
     with open(workdir / f"eval_{split}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def worst_contact_sheet(examples: Examples, rows: list[dict], worst: list) -> np.ndarray:
+    """image | truth | prediction of each of ``worst`` ((index, predicted mask), worst first),
+    captioned with its name, hair type and Dice: uint8 RGB."""
+    panels, captions = [], []
+    for index, prediction in worst:
+        row = rows[index]
+        panels.append(
+            pictures.panel(examples.images[index], examples.masks[index], prediction, SHEET_BOX)
+        )
+        captions.append(f"{row['name']} {row['hair_type']} Dice {row['dice']:.3f}")
+    return pictures.contact_sheet(panels, captions)
 
 
 def load_state(
@@ -159,43 +397,101 @@ def _pretrained_variables(
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Evaluates ``workdir``'s best checkpoint on ``config.eval.split``; writes the reports.
 
-    A workdir without one evaluates the weights of ``config.model.pretrained`` instead (e.g. a
+    With ``config.eval.tune_threshold`` the validation split first picks the threshold with
+    the highest mean Dice, saved as ``workdir/threshold.json`` for this checkpoint;
+    ``config.eval.threshold`` -1 uses it (else 0.5). ``config.eval.tta="flip"`` scores the
+    flip-averaged logits and reports the plain ones' scores beside them. A workdir without a
+    checkpoint evaluates the weights of ``config.model.pretrained`` instead (e.g. a
     checkpoint of the original PyTorch project, imported as it is).
     """
     workdir = Path(workdir)
     mesh = sharding.data_mesh()
     state, weights, step = load_state(config, workdir, mesh)
-    _, predict_fn = steps.jit_steps(config, mesh)
+    tta = config.eval.tta
+    predict_fn = steps.jit_predict(config, mesh, tta=tta, with_plain=tta != "none")
+    run = functools.partial(
+        score_examples,
+        predict_fn,
+        state,
+        image_size=config.eval.image_size,
+        batch_size=config.eval.batch_size,
+        mesh=mesh,
+    )
+    leader = jax.process_index() == 0
+    if leader:
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    if config.eval.tune_threshold:
+        val = sources.load_examples(config, "val", config.eval.max_images)
+        tuned = tune_threshold(run, val, "val") | {"step": step, "weights": weights, "tta": tta}
+        if leader:
+            write_json(workdir / THRESHOLD_FILE, tuned)
+        logging.info(
+            "Tuned threshold on val (%d images): %.2f, Dice %.4f (%.4f at 0.5); saved in %s.",
+            tuned["num_images"],
+            tuned["threshold"],
+            tuned["dice"],
+            tuned["dice_at_0.5"],
+            workdir / THRESHOLD_FILE,
+        )
+    threshold, source = resolve_threshold(config.eval.threshold, workdir, step)
 
     split = config.eval.split
     examples = sources.load_examples(config, split, config.eval.max_images)
-    summary, rows = evaluate_examples(
-        predict_fn,
-        state,
-        examples,
-        config.eval.image_size,
-        config.eval.batch_size,
-        config.eval.threshold,
-        mesh,
-    )
+    scores = run(examples, threshold=threshold, num_worst=NUM_WORST)
+    rows = scores.rows
+    for row in rows:
+        row["hair_type"] = hair_type(row["name"])
+    summary = scores.summary
+    sheet = f"eval_{split}_worst.png"
     summary.update(
         split=split,
         weights=weights,
         step=step,
-        threshold=config.eval.threshold,
+        threshold=threshold,
+        threshold_source=source,
+        tta=tta,
         image_size=config.eval.image_size,
+        per_hair_type=per_hair_type(rows),
+        worst=[
+            {k: rows[index][k] for k in ("name", "hair_type", "dice", "iou")}
+            for index, _ in scores.worst
+        ],
+        contact_sheet=sheet,
     )
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
+    if leader:
         write_report(workdir, split, summary, rows)
+        sheet_pixels = worst_contact_sheet(examples, rows, scores.worst)
+        Image.fromarray(sheet_pixels).save(workdir / sheet)
     logging.info(
-        "Eval of %s on %s (%d images): Dice %.4f (pooled %.4f), IoU %.4f, accuracy %.4f.",
+        "Eval of %s on %s (%d images) at threshold %.2f (%s), TTA %s: Dice %.4f (pooled %.4f), "
+        "IoU %.4f, accuracy %.4f.",
         weights,
         split,
         summary["num_images"],
+        threshold,
+        source,
+        tta,
         summary["dice"],
         summary["pooled_dice"],
         summary["iou"],
         summary["accuracy"],
+    )
+    if "dice_at_0.5" in summary:
+        logging.info("At threshold 0.5: Dice %.4f.", summary["dice_at_0.5"])
+    if "no_tta" in summary:
+        logging.info("Without TTA: Dice %.4f.", summary["no_tta"]["dice"])
+    if summary["per_hair_type"]:
+        logging.info(
+            "Dice per hair type: %s.",
+            ", ".join(
+                f"{kind} {v['dice']:.3f} ({v['num_images']})"
+                for kind, v in summary["per_hair_type"].items()
+            ),
+        )
+    logging.info(
+        "Worst: %s; contact sheet %s.",
+        ", ".join(f"{w['name']} {w['dice']:.3f}" for w in summary["worst"]),
+        workdir / sheet,
     )
     return summary

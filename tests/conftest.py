@@ -1,9 +1,14 @@
 """Shared test fixtures."""
 
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from jax.tree_util import tree_map_with_path
+
+from hairseg_jax import steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,3 +29,21 @@ def figaro_dir() -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def random_variables(model, image_size: int, seed: int = 0) -> dict:
+    """Random ``{"params", "batch_stats"}`` of a Flax model without compiling ``model.init``
+    (seconds instead of tens of seconds on a CPU): LeCun-normal kernels, zero biases and
+    identity BatchNorm. Logits stay moderate, so masks are neither empty nor full."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            std = math.sqrt(1 / math.prod(leaf.shape[:-1]))
+            return rng.normal(0.0, std, leaf.shape).astype(leaf.dtype)
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    return tree_map_with_path(draw, steps.variable_shapes(model, image_size))

@@ -103,3 +103,9 @@ def eval_batches(
             "image": np.pad(batch["image"], [(0, missing), (0, 0), (0, 0), (0, 0)]),
             "index": np.pad(batch["index"], (0, missing), constant_values=-1),
         }
+
+
+def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
+    """One uint8 (H, W, 3) image resized to ``image_size`` squares exactly as ``eval_batches``
+    resizes (for images outside a dataset, e.g. in predict mode)."""
+    return augment.eval_transform(tf.convert_to_tensor(image), image_size).numpy()

@@ -1,0 +1,149 @@
+"""Exports a workdir's best checkpoint as a TensorFlow SavedModel (jax2tf, native serialization).
+
+Usage:
+    python -m hairseg_jax.export --workdir=runs/x --out=exported/ [--config=configs/figaro.py]
+        [--config.predict.tta=flip] [--platforms=cpu,cuda]
+
+Without --config the workdir's config.json (written by training) describes the model. The
+SavedModel's ``serving_default`` signature takes ``images``: uint8 RGB (batch, height, width, 3)
+with every dimension free (one batch shares one size), and returns ``probability``: float32
+(batch, height, width), the hair probability at the input's own size. Preprocessing is inside:
+each image is resized to the ``predict.image_size`` (else ``eval.image_size``) square, as
+evaluation does, normalised, run through the model (with ``predict.tta``), and the logits are
+resized back. ``hairseg.json`` beside it records the threshold (tuned if the workdir has one
+for this checkpoint, else 0.5), the sizes and the step.
+"""
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+
+from hairseg_jax import evaluate, models, sharding, steps
+
+POLYMORPHIC_SHAPE = "(b, h, w, 3)"
+
+
+def serving_function(config: ml_collections.ConfigDict) -> Callable[[Any, jax.Array], jax.Array]:
+    """``(variables, uint8 images (B, H, W, 3)) -> float32 hair probability (B, H, W)``.
+
+    Pure JAX and shape polymorphic: resizes to the model size (antialiased bilinear, rounded to
+    uint8 like the host-side eval resize), normalises, predicts with ``config.predict.tta``
+    and resizes the logits back bilinearly before the sigmoid.
+    """
+    model = models.build_model(config.model)
+    size = config.predict.image_size or config.eval.image_size
+    preprocess = steps.preprocess_fn(config)
+    tta = config.predict.tta
+
+    def serve(variables: Any, images: jax.Array) -> jax.Array:
+        batch, height, width, _ = images.shape
+        resized = jax.image.resize(
+            images.astype(jnp.float32), (batch, size, size, 3), "linear", antialias=True
+        )
+        resized = jnp.round(jnp.clip(resized, 0.0, 255.0))
+        logits = steps.tta_logits(model.apply, variables, preprocess(resized), tta)
+        logits = jax.image.resize(logits[..., 0], (batch, height, width), "linear")
+        return jax.nn.sigmoid(logits)
+
+    return serve
+
+
+def export(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    platforms: Sequence[str] = ("cpu", "cuda"),
+) -> dict[str, Any]:
+    """Writes the SavedModel of ``workdir``'s best checkpoint (else ``config.model.pretrained``)
+    to ``out`` and returns what ``out/hairseg.json`` records."""
+    import tensorflow as tf  # only the export needs TensorFlow
+    from jax.experimental import jax2tf
+
+    tf.config.set_visible_devices([], "GPU")
+    workdir, out = Path(workdir), Path(out)
+    state, weights, step = evaluate.load_state(
+        config, workdir, sharding.data_mesh(jax.devices()[:1])
+    )
+    threshold, source = evaluate.resolve_threshold(config.predict.threshold, workdir, step)
+    variables = jax.device_get(steps.inference_variables(state))
+
+    converted = jax2tf.convert(
+        serving_function(config),
+        polymorphic_shapes=[None, POLYMORPHIC_SHAPE],
+        with_gradient=False,
+        native_serialization_platforms=tuple(platforms),
+    )
+    module = tf.Module()
+    module.variables_tree = tf.nest.map_structure(
+        lambda x: tf.Variable(x, trainable=False), variables
+    )
+    module.threshold = tf.Variable(threshold, trainable=False, dtype=tf.float32)
+
+    @tf.function(
+        autograph=False,
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+    )
+    def serving_default(images):
+        return {"probability": converted(module.variables_tree, images)}
+
+    module.serving_default = serving_default
+    out.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(module, str(out), signatures={"serving_default": serving_default})
+    record = {
+        "weights": weights,
+        "step": step,
+        "threshold": threshold,
+        "threshold_source": source,
+        "image_size": config.predict.image_size or config.eval.image_size,
+        "tta": config.predict.tta,
+        "input": "images: uint8 RGB (batch, height, width, 3)",
+        "output": "probability: float32 (batch, height, width); hair where > threshold",
+        "platforms": list(platforms),
+    }
+    evaluate.write_json(out / "hairseg.json", record)
+    logging.info("Exported %s to %s: %s", weights, out, record)
+    return record
+
+
+def read_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The config training saved in ``workdir/config.json``."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass --config=... for this workdir.")
+    saved = json.loads(path.read_text())
+    defaults = {"image_size": 0, "threshold": -1.0, "tta": "none"}  # workdirs of older versions
+    saved["predict"] = defaults | saved.get("predict", {})
+    return ml_collections.ConfigDict(saved)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    workdir = Path(FLAGS.workdir)
+    try:
+        config = FLAGS.config or read_config(workdir)
+        export(config, workdir, FLAGS.out, FLAGS.platforms)
+    except FileNotFoundError as e:
+        sys.exit(f"FATAL {e}")
+
+
+if __name__ == "__main__":
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    flags.DEFINE_string("workdir", None, "Workdir whose best checkpoint is exported.")
+    flags.DEFINE_string("out", None, "Folder of the SavedModel.")
+    flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms the SavedModel can run on.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (default: the workdir's config.json).", lock_config=True
+    )
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)

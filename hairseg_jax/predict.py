@@ -1,0 +1,251 @@
+"""Predict mode: hair masks and overlays for any image files, from a workdir's best checkpoint.
+
+    python main.py --config=configs/figaro.py --workdir=runs/x --config.mode=predict \
+        --config.predict.input='photos/*.jpg' --config.predict.output=masks/
+
+Each readable image (JPEG, PNG incl. RGBA, grey and 16-bit, WebP, BMP, TIFF, GIF; any size;
+EXIF orientation applied) is resized to a ``predict.image_size`` square like eval resizes, the
+logits are resized back to the image's own size, and ``<name>_mask.png`` (0/255),
+``<name>_overlay.jpg`` (hair tinted) and optionally ``<name>_prob.png`` / ``.npy`` are written.
+Unreadable files are logged one line each and skipped; the summary lists them.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import glob
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image, ImageOps
+
+from hairseg_jax import evaluate, pictures, sharding, steps
+from hairseg_jax.data import pipeline
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+LOG_EVERY_SECONDS = 10.0
+
+
+def find_inputs(spec: str) -> list[Path]:
+    """The files ``spec`` names: one file, a folder's files with an image suffix, or the
+    files matching a glob pattern (``**`` recurses), sorted.
+
+    Raises:
+      FileNotFoundError: nothing matches.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    elif path.is_file():
+        files = [path]
+    else:
+        files = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
+    if not files:
+        raise FileNotFoundError(
+            f"No images at config.predict.input={spec!r} (a file, a folder of images or a glob "
+            "pattern)."
+        )
+    return sorted(files)
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """The output name of each file: its stem, or its name with the dot replaced by "_" where
+    two files share a stem (``a.jpg`` and ``a.png``), and a counter if that still clashes."""
+    stems = collections.Counter(f.stem for f in files)
+    names, used = [], set()
+    for f in files:
+        name = f.stem if stems[f.stem] == 1 else f.name.replace(".", "_")
+        base, count = name, 1
+        while name in used:
+            count += 1
+            name = f"{base}_{count}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def read_photo(path: str | os.PathLike) -> np.ndarray:
+    """Decodes an image file to uint8 RGB (H, W, 3), as it is meant to be seen.
+
+    EXIF orientation is applied; transparency is composited over white; grey, palette and
+    CMYK images are converted; 16-bit images keep their top 8 bits.
+    """
+    with Image.open(path) as image:
+        image.load()  # decode now, so truncated files fail here
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            values = np.asarray(image).astype(np.int64)
+            image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+        elif image.mode == "F":
+            image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+        if "A" in image.getbands() or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, rgba)
+        return np.asarray(image.convert("RGB"))
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """One input: the decoded photo and its model-sized copy, or why it could not be read."""
+
+    path: Path
+    name: str
+    image: np.ndarray | None = None
+    resized: np.ndarray | None = None
+    error: str = ""
+
+
+def _load(path: Path, name: str, image_size: int) -> _Loaded:
+    try:
+        image = read_photo(path)
+        return _Loaded(path, name, image, pipeline.resize_image(image, image_size))
+    except Exception as e:  # noqa: BLE001  (any undecodable file is reported and skipped)
+        return _Loaded(path, name, error=f"{type(e).__name__}: {e}".replace("\n", " "))
+
+
+def write_outputs(
+    output: Path, name: str, image: np.ndarray, logits: np.ndarray, threshold: float, prob: str
+) -> None:
+    """Writes the mask, the overlay and (``prob`` "png" or "npy") the probability map of one
+    image from its model-sized logits (h, w)."""
+    height, width = image.shape[:2]
+    logits = evaluate.resize_logits(logits, height, width)
+    mask = logits > evaluate.logit(threshold)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(output / f"{name}_mask.png")
+    Image.fromarray(pictures.tint(image, mask)).save(output / f"{name}_overlay.jpg", quality=90)
+    if prob:
+        probability = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        if prob == "npy":
+            np.save(output / f"{name}_prob.npy", probability.astype(np.float32))
+        else:
+            pixels = np.round(probability * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(output / f"{name}_prob.png")
+
+
+def failure_line(summary: dict[str, Any]) -> str:
+    """One line naming the files that could not be read."""
+    failed = summary["failed"]
+    shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+    return f"{len(failed)} of {summary['num_files']} input files could not be read: {shown}"
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Predicts masks of ``config.predict.input`` with ``workdir``'s best checkpoint.
+
+    Images are read and resized on a thread pool one batch ahead of the device, batched to
+    one compiled shape, and their outputs written on the pool while the next batch runs.
+    The threshold is ``config.predict.threshold``, or with -1 the workdir's tuned one (else
+    0.5); ``config.predict.tta="flip"`` averages with the mirror image.
+
+    Returns:
+      ``{"num_files", "num_written", "failed" (paths), "output", "threshold",
+      "threshold_source", "seconds"}``.
+    """
+    start = time.perf_counter()
+    pc = config.predict
+    workdir = Path(workdir)
+    files = find_inputs(pc.input)
+    names = output_names(files)
+    output = Path(pc.output)
+    leader = jax.process_index() == 0
+    if leader:
+        output.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.data_mesh()
+    state, weights, step = evaluate.load_state(config, workdir, mesh)
+    threshold, source = evaluate.resolve_threshold(pc.threshold, workdir, step)
+    image_size = pc.image_size or config.eval.image_size
+    batch_size = sharding.padded_batch_size(pc.batch_size, mesh)
+    predict_fn = steps.jit_predict(config, mesh, tta=pc.tta)
+    logging.info(
+        "Predicting %d files with %s at %d px, threshold %.2f (%s), TTA %s, into %s.",
+        len(files),
+        weights,
+        image_size,
+        threshold,
+        source,
+        pc.tta,
+        output,
+    )
+
+    failed, written, last_log = [], 0, start
+    chunks = [
+        list(zip(files[i : i + batch_size], names[i : i + batch_size], strict=True))
+        for i in range(0, len(files), batch_size)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+
+        def submit(chunk):
+            return [pool.submit(_load, path, name, image_size) for path, name in chunk]
+
+        loading, writing = submit(chunks[0]), []
+        for k in range(len(chunks)):
+            loaded = [future.result() for future in loading]
+            loading = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+            for item in loaded:
+                if item.error:
+                    logging.warning("Skipping %s: cannot read it (%s).", item.path, item.error)
+                    failed.append(str(item.path))
+            good = [item for item in loaded if not item.error]
+            if good:
+                batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+                batch[: len(good)] = [item.resized for item in good]
+                images = sharding.shard_batch(batch, mesh, whole=True)
+                logits = np.asarray(jax.device_get(predict_fn(state, images)))[..., 0]
+            for future in writing:  # the previous batch's files, before starting on these
+                future.result()
+            writing = []
+            if good and leader:
+                writing = [
+                    pool.submit(
+                        write_outputs,
+                        output,
+                        item.name,
+                        item.image,
+                        logits[i],
+                        threshold,
+                        pc.save_prob,
+                    )
+                    for i, item in enumerate(good)
+                ]
+            written += len(good)
+            done, now = written + len(failed), time.perf_counter()
+            if now - last_log >= LOG_EVERY_SECONDS or done == len(files):
+                rate = done / (now - start)
+                logging.info(
+                    "Predict: %d/%d files (%d unreadable), %.1f images/s, ETA %.0f s.",
+                    done,
+                    len(files),
+                    len(failed),
+                    rate,
+                    (len(files) - done) / rate,
+                )
+                last_log = now
+        for future in writing:
+            future.result()
+
+    summary = {
+        "num_files": len(files),
+        "num_written": written,
+        "failed": failed,
+        "output": str(output),
+        "threshold": threshold,
+        "threshold_source": source,
+        "seconds": time.perf_counter() - start,
+    }
+    logging.info(
+        "Predicted %d of %d files into %s in %.1f s; %d unreadable.",
+        written,
+        len(files),
+        output,
+        summary["seconds"],
+        len(failed),
+    )
+    return summary

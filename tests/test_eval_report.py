@@ -1,0 +1,161 @@
+"""Test-time augmentation, threshold tuning, the eval report and TensorBoard previews, on a
+tiny model trained for a few steps on real Figaro1k images."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from configs import figaro
+from hairseg_jax import checkpoints, evaluate, sharding, steps, train
+from hairseg_jax.data import sources
+from hairseg_jax.data.split import HAIR_TYPES
+
+SIZE = 64
+PREVIEWS = 2
+
+
+def tiny_config(figaro_dir: Path):
+    config = figaro.get_config("smoke")  # 16 train, 8 val, 8 test images
+    config.data.data_dir = str(figaro_dir)
+    config.data.image_size = SIZE
+    config.model.aspp_channels = 16
+    config.model.decoder_channels = 16
+    config.train.num_steps = 8
+    config.train.log_every_steps = 4
+    config.train.eval_every_steps = 4
+    config.eval.image_size = SIZE
+    config.eval.preview_images = PREVIEWS
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(figaro_dir, tmp_path_factory) -> Path:
+    """A workdir after 8 training steps, validated (and previewed) at steps 4 and 8."""
+    workdir = tmp_path_factory.mktemp("trained")
+    train.train_and_evaluate(tiny_config(figaro_dir), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def report(trained, figaro_dir) -> dict:
+    """``evaluate`` with threshold tuning on val and flip TTA, on 8 test images."""
+    config = tiny_config(figaro_dir)
+    config.eval.tune_threshold = True
+    config.eval.tta = "flip"
+    return evaluate.evaluate(config, trained)
+
+
+@pytest.fixture(scope="module")
+def model(trained, figaro_dir) -> dict:
+    config = tiny_config(figaro_dir)
+    mesh = sharding.data_mesh()
+    state, _, step = evaluate.load_state(config, trained, mesh)
+    predict = {tta: steps.jit_predict(config, mesh, tta=tta) for tta in steps.TTA_MODES}
+    return {"config": config, "mesh": mesh, "state": state, "step": step, "predict": predict}
+
+
+def scores(model, split: str, tta: str, threshold: float) -> dict:
+    predict_fn = model["predict"][tta]
+    examples = sources.load_examples(model["config"], split, 8)
+    summary, _ = evaluate.evaluate_examples(
+        predict_fn, model["state"], examples, SIZE, 4, threshold, model["mesh"]
+    )
+    return summary
+
+
+def test_training_writes_image_truth_prediction_previews(trained):
+    previews = []
+    for events in trained.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                if value.tag == "val_image_truth_prediction":
+                    previews.append((event.step, tf.make_ndarray(value.tensor)))
+    assert [step for step, _ in previews] == [4, 8]
+    width, height, *pngs = previews[-1][1]
+    assert (int(width), int(height), len(pngs)) == (3 * 128, 128, PREVIEWS)
+    picture = tf.io.decode_png(pngs[0]).numpy()
+    assert picture.shape == (128, 3 * 128, 3)
+    truth = picture[:, 128:256]
+    assert truth.max() == 255 and truth.min() < 255  # a true mask: some hair, some not
+
+
+def test_threshold_is_tuned_on_val_and_saved_for_the_checkpoint(trained, report, model):
+    tuned = json.loads((trained / evaluate.THRESHOLD_FILE).read_text())
+    assert tuned["step"] == model["step"] == checkpoints.best_manager(trained).best_step()
+    assert tuned["split"] == "val" and tuned["num_images"] == 8 and tuned["tta"] == "flip"
+    assert tuned["threshold"] in evaluate.SWEEP_THRESHOLDS
+    assert tuned["dice"] == max(tuned["sweep"].values()) >= tuned["dice_at_0.5"]
+    assert tuned["dice_at_0.5"] == tuned["sweep"]["0.50"]
+    # The sweep's Dice is the Dice of a plain evaluation at that threshold.
+    at_tuned = scores(model, "val", "flip", tuned["threshold"])
+    np.testing.assert_allclose(at_tuned["dice"], tuned["dice"], rtol=1e-12)
+    assert [p.name for p in trained.glob(".*.tmp")] == []
+
+
+def test_test_dice_is_reported_at_the_tuned_threshold_and_at_half(report, trained, model):
+    tuned = json.loads((trained / evaluate.THRESHOLD_FILE).read_text())
+    assert report["threshold"] == tuned["threshold"] and report["threshold_source"] == "tuned"
+    assert report["tta"] == "flip"
+    flip = scores(model, "test", "flip", tuned["threshold"])
+    np.testing.assert_allclose(report["dice"], flip["dice"], rtol=1e-12)
+    plain = scores(model, "test", "none", tuned["threshold"])
+    np.testing.assert_allclose(report["no_tta"]["dice"], plain["dice"], rtol=1e-12)
+    if tuned["threshold"] != 0.5:
+        half = scores(model, "test", "flip", 0.5)
+        np.testing.assert_allclose(report["dice_at_0.5"], half["dice"], rtol=1e-12)
+    saved = json.loads((trained / "eval_test.json").read_text())
+    assert saved["dice"] == report["dice"] and saved["no_tta"] == report["no_tta"]
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(model):
+    images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), np.uint8)
+    both = np.asarray(
+        steps.jit_predict(model["config"], tta="flip", with_plain=True)(model["state"], images)
+    )
+    plain = model["predict"]["none"]
+    logits = np.asarray(plain(model["state"], images))
+    mirrored = np.asarray(plain(model["state"], images[:, :, ::-1]))[:, :, ::-1]
+    np.testing.assert_allclose(both[..., 1:], logits, atol=1e-5)
+    np.testing.assert_allclose(both[..., :1], (logits + mirrored) / 2, atol=1e-5)
+    assert not np.allclose(logits, mirrored, atol=1e-3)  # the flip changes something
+
+
+def test_report_has_hair_types_worst_images_and_a_contact_sheet(report, trained):
+    with open(trained / "eval_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(row["hair_type"] in HAIR_TYPES for row in rows)
+    kinds = {row["hair_type"] for row in rows}
+    assert set(report["per_hair_type"]) == kinds
+    for kind, entry in report["per_hair_type"].items():
+        typed = [float(row["dice"]) for row in rows if row["hair_type"] == kind]
+        assert entry["num_images"] == len(typed)
+        np.testing.assert_allclose(entry["dice"], np.mean(typed))
+
+    worst = report["worst"]
+    assert len(worst) == min(evaluate.NUM_WORST, len(rows))
+    by_dice = sorted(rows, key=lambda row: float(row["dice"]))
+    assert [w["name"] for w in worst] == [row["name"] for row in by_dice[: len(worst)]]
+    assert [w["dice"] for w in worst] == sorted(w["dice"] for w in worst)
+
+    with Image.open(trained / report["contact_sheet"]) as sheet:
+        box = evaluate.SHEET_BOX
+        assert sheet.size == (3 * box, len(worst) * (box + 16))
+
+
+def test_dice_per_threshold_is_the_dice_of_each_threshold():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (37, 23)).astype(np.float32)
+    mask = rng.integers(0, 2, (37, 23), np.uint8)
+    thresholds = evaluate.SWEEP_THRESHOLDS
+    expected = []
+    for t in thresholds:
+        count = evaluate.metrics.confusion(logits > evaluate.logit(t), mask)
+        expected.append(evaluate.metrics.dice(count["tp"], count["fp"], count["fn"]))
+    np.testing.assert_allclose(evaluate.dice_per_threshold(logits, mask), expected, rtol=1e-12)
+    empty = evaluate.dice_per_threshold(np.full((4, 4), -9.0), np.zeros((4, 4)))
+    np.testing.assert_array_equal(empty, np.ones(len(thresholds)))

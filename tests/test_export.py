@@ -1,0 +1,107 @@
+"""Export: the SavedModel, loaded by plain TensorFlow, gives the JAX model's probabilities."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from configs import figaro
+from hairseg_jax import checkpoints, evaluate, export, models, sharding, steps
+from hairseg_jax.data import pipeline
+from tests.conftest import REPO, random_variables
+
+SIZE = 64
+STEP = 4
+THRESHOLD = 0.35
+FRAMES = ("Frame00005-org.jpg", "Frame00160-org.jpg", "Frame00900-org.jpg")
+
+
+def tiny_config():
+    config = figaro.get_config("smoke")
+    config.model.aspp_channels = 8
+    config.model.decoder_channels = 8
+    config.eval.image_size = SIZE
+    config.predict.tta = "flip"
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Random tiny variables as the best checkpoint, config.json and a tuned threshold."""
+    workdir = tmp_path_factory.mktemp("export_workdir")
+    config = tiny_config()
+    best = checkpoints.best_manager(workdir)
+    variables = random_variables(models.build_model(config.model), SIZE, seed=1)
+    checkpoints.save(best, STEP, variables, metrics={checkpoints.BEST_METRIC: 0.5})
+    best.wait_until_finished()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    evaluate.write_json(workdir / evaluate.THRESHOLD_FILE, {"threshold": THRESHOLD, "step": STEP})
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory) -> Path:
+    """``python -m hairseg_jax.export`` run on the workdir (its config.json)."""
+    out = tmp_path_factory.mktemp("exported") / "model"
+    command = [sys.executable, "-m", "hairseg_jax.export", f"--workdir={workdir}", f"--out={out}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(figaro_dir) -> list[np.ndarray]:
+    return [
+        np.asarray(Image.open(figaro_dir / "GT" / "images" / frame).convert("RGB"))
+        for frame in FRAMES
+    ]
+
+
+def test_saved_model_matches_the_jax_model_on_real_images(workdir, exported, photos):
+    config = export.read_config(workdir)
+    state, _, _ = evaluate.load_state(config, workdir, sharding.data_mesh())
+    variables = jax.device_get(steps.inference_variables(state))
+    serve = jax.jit(export.serving_function(config))
+    serving = tf.saved_model.load(str(exported)).signatures["serving_default"]
+
+    crop = min(p.shape[0] for p in photos), min(p.shape[1] for p in photos)
+    batches = [photos[1][None], np.stack([p[: crop[0], : crop[1]] for p in photos])]
+    for images in batches:  # one photo, then a batch of three of another size
+        probability = serving(images=tf.constant(images))["probability"].numpy()
+        expected = np.asarray(serve(variables, images))
+        assert probability.shape == expected.shape == images.shape[:3]
+        assert np.abs(probability - expected).max() <= 1e-4
+        # The masks at a threshold that cuts this random model's output in half agree but
+        # for ties (its probabilities hover around 0.5 and vary by a few hundredths).
+        cut = np.median(expected)
+        differ = (probability > cut) != (expected > cut)
+        assert (np.abs(expected[differ] - cut) <= 1e-4).all()
+        assert expected.max() - expected.min() > 1e-3
+
+    # The in-graph preprocessing is predict mode's: the same mask to within resize rounding.
+    predict_fn = steps.jit_predict(config, tta="flip")
+    image = photos[0]
+    logits = np.asarray(predict_fn(state, pipeline.resize_image(image, SIZE)[None]))[0]
+    host = 1 / (1 + np.exp(-evaluate.resize_logits(logits, *image.shape[:2])[..., 0]))
+    graph = serving(images=tf.constant(image[None]))["probability"].numpy()[0]
+    cut = np.median(graph)
+    assert ((host > cut) == (graph > cut)).mean() > 0.999
+
+
+def test_signature_and_record(exported):
+    loaded = tf.saved_model.load(str(exported))
+    _, inputs = loaded.signatures["serving_default"].structured_input_signature
+    assert inputs["images"].dtype == tf.uint8
+    assert inputs["images"].shape.as_list() == [None, None, None, 3]
+    assert float(loaded.threshold.numpy()) == pytest.approx(THRESHOLD)
+    record = json.loads((exported / "hairseg.json").read_text())
+    assert record["threshold"] == THRESHOLD and record["threshold_source"] == "tuned"
+    assert (record["step"], record["image_size"], record["tta"]) == (STEP, SIZE, "flip")

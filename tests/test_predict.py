@@ -1,0 +1,194 @@
+"""Predict mode: masks and overlays for a folder of mixed, odd and broken images."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import figaro
+from hairseg_jax import checkpoints, evaluate, models, predict, sharding, steps
+from hairseg_jax.data.examples import Examples
+from tests.conftest import REPO, random_variables
+
+SIZE = 64
+STEP = 5
+OVERRIDES = {
+    "model.aspp_channels": 8,
+    "model.decoder_channels": 8,
+    "eval.image_size": SIZE,
+    "predict.batch_size": 4,
+}
+FRAMES = ("Frame00001-org.jpg", "Frame00002-org.jpg", "Frame00160-org.jpg")
+
+
+def tiny_config():
+    config = figaro.get_config("smoke")
+    for field, value in OVERRIDES.items():
+        section, name = field.split(".")
+        config[section][name] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A workdir whose best checkpoint (step 5) holds random tiny variables."""
+    workdir = tmp_path_factory.mktemp("predict_workdir")
+    variables = random_variables(models.build_model(tiny_config().model), SIZE)
+    best = checkpoints.best_manager(workdir)
+    checkpoints.save(best, STEP, variables, metrics={checkpoints.BEST_METRIC: 0.5})
+    best.wait_until_finished()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def inputs(figaro_dir, tmp_path_factory) -> Path:
+    """Real photos, the odd formats and sizes people have, and two unreadable files."""
+    folder = tmp_path_factory.mktemp("inputs")
+    for frame in FRAMES:
+        (folder / frame).write_bytes((figaro_dir / "GT" / "images" / frame).read_bytes())
+    photo = Image.open(folder / FRAMES[0]).convert("RGB")
+    rgba = np.asarray(photo.convert("RGBA")).copy()
+    rgba[:, : rgba.shape[1] // 3, 3] = 0
+    Image.fromarray(rgba).save(folder / "alpha.png")
+    photo.convert("L").save(folder / "grey.png")
+    Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257).save(
+        folder / "grey16.png"
+    )
+    photo.resize((8, 8)).save(folder / "tiny.png")
+    photo.save(folder / "photo.webp")
+    photo.save(folder / "photo.bmp")
+    large = Image.new("RGB", (4000, 3000), (120, 90, 60))
+    exif = large.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display (portrait 3000x4000)
+    large.save(folder / "large.jpg", exif=exif, quality=80)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG at all" * 8)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image, not an input\n")
+    return folder
+
+
+EXPECTED_SIZES = {  # output name -> (width, height) of the mask
+    "Frame00001-org": None,  # the photo's own size, filled in from the file
+    "Frame00002-org": None,
+    "Frame00160-org": None,
+    "alpha": "Frame00001-org",
+    "grey": "Frame00001-org",
+    "grey16": "Frame00001-org",
+    "photo_webp": "Frame00001-org",
+    "photo_bmp": "Frame00001-org",
+    "tiny": (8, 8),
+    "large": (3000, 4000),
+}
+
+
+def run_predict(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    overrides = [f"--config.{field}={value}" for field, value in OVERRIDES.items()]
+    command = [
+        sys.executable,
+        "main.py",
+        "--config=configs/figaro.py:smoke",
+        f"--workdir={workdir}",
+        "--config.mode=predict",
+        *overrides,
+        *args,
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, tmp_path):
+    out = tmp_path / "out"
+    result = run_predict(
+        workdir,
+        f"--config.predict.input={inputs}",
+        f"--config.predict.output={out}",
+        "--config.predict.save_prob=png",
+    )
+
+    assert result.returncode == 2, result.stderr[-3000:]  # two files could not be read
+    assert "FATAL 2 of 12 input files could not be read" in result.stderr
+    for bad in ("corrupt.jpg", "empty.png"):
+        lines = [line for line in result.stderr.splitlines() if f"Skipping {inputs / bad}" in line]
+        assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "ETA" in result.stderr
+
+    for name, size in EXPECTED_SIZES.items():
+        if size is None:
+            size = Image.open(inputs / f"{name}.jpg").size
+        elif isinstance(size, str):
+            size = Image.open(inputs / f"{size}.jpg").size
+        with Image.open(out / f"{name}_mask.png") as mask:
+            assert mask.size == size and mask.mode == "L", name
+            assert set(np.unique(np.asarray(mask))) <= {0, 255}, name
+        with Image.open(out / f"{name}_overlay.jpg") as overlay:
+            assert overlay.size == size and overlay.mode == "RGB", name
+        with Image.open(out / f"{name}_prob.png") as prob:
+            assert prob.size == size, name
+    written = {p.name.rsplit("_", 1)[0] for p in out.iterdir()}
+    assert written == set(EXPECTED_SIZES)  # nothing for the corrupt, empty or text files
+
+
+def test_predict_uses_the_tuned_threshold_tta_and_matches_eval(workdir, inputs, tmp_path):
+    """In process, on a glob: the masks are eval's predictions at the tuned threshold."""
+    evaluate.write_json(workdir / evaluate.THRESHOLD_FILE, {"threshold": 0.45, "step": STEP})
+    config = tiny_config()
+    config.predict.input = str(inputs / "Frame*.jpg")
+    config.predict.output = str(tmp_path / "out")
+    config.predict.tta = "flip"
+    config.predict.save_prob = "npy"
+    try:
+        summary = predict.predict(config, workdir)
+    finally:
+        (workdir / evaluate.THRESHOLD_FILE).unlink()
+
+    assert summary["num_files"] == summary["num_written"] == len(FRAMES)
+    assert summary["failed"] == []
+    assert (summary["threshold"], summary["threshold_source"]) == (0.45, "tuned")
+    photos = [predict.read_photo(inputs / frame) for frame in FRAMES]
+    examples = Examples(list(FRAMES), photos, [np.zeros(p.shape[:2], np.uint8) for p in photos])
+    mesh = sharding.data_mesh()
+    state, _, _ = evaluate.load_state(config, workdir, mesh)
+    predict_fn = steps.jit_predict(config, mesh, tta="flip")
+    for index, logits in evaluate.full_resolution_logits(
+        predict_fn, state, examples, SIZE, 4, mesh
+    ):
+        name = FRAMES[index].removesuffix(".jpg")
+        mask = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png")) > 0
+        np.testing.assert_array_equal(mask, logits[..., 0] > evaluate.logit(0.45))
+        prob = np.load(tmp_path / "out" / f"{name}_prob.npy")
+        np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logits[..., 0])), atol=1e-6)
+
+
+def test_read_photo_applies_exif_orientation_alpha_and_16_bit(inputs):
+    assert predict.read_photo(inputs / "large.jpg").shape == (4000, 3000, 3)
+    alpha = predict.read_photo(inputs / "alpha.png")
+    assert (alpha[:, : alpha.shape[1] // 3 - 1] == 255).all()  # transparent -> white
+    grey = predict.read_photo(inputs / "grey.png")
+    np.testing.assert_array_equal(predict.read_photo(inputs / "grey16.png"), grey)
+    assert predict.read_photo(inputs / "tiny.png").shape == (8, 8, 3)
+
+
+def test_inputs_and_output_names(inputs, tmp_path):
+    folder = predict.find_inputs(str(inputs))
+    assert [p.name for p in folder][:3] == list(FRAMES) and len(folder) == 12
+    assert predict.find_inputs(str(inputs / "*.png")) == sorted(inputs.glob("*.png"))
+    assert predict.find_inputs(str(inputs / "tiny.png")) == [inputs / "tiny.png"]
+    with pytest.raises(FileNotFoundError, match="No images at"):
+        predict.find_inputs(str(tmp_path / "nothing*.jpg"))
+    names = predict.output_names([Path("a/x.jpg"), Path("b/x.png"), Path("c/x.jpg"), Path("y.jpg")])
+    assert names == ["x_jpg", "x_png", "x_jpg_2", "y"]
+
+
+def test_threshold_json_of_another_step_is_ignored(tmp_path):
+    evaluate.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 0.3, "step": 7})
+    assert evaluate.resolve_threshold(-1, tmp_path, 7) == (0.3, "tuned")
+    assert evaluate.resolve_threshold(-1, tmp_path, 8) == (0.5, "default")
+    assert evaluate.resolve_threshold(0.6, tmp_path, 7) == (0.6, "config")
+    assert json.loads((tmp_path / evaluate.THRESHOLD_FILE).read_text())["threshold"] == 0.3
+    assert [p.name for p in tmp_path.iterdir()] == [evaluate.THRESHOLD_FILE]  # no temp left
