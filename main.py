@@ -1,4 +1,4 @@
-"""Trains or evaluates a hair segmenter: ``python main.py --config=... --workdir=...``."""
+"""Trains, evaluates or predicts (hair masks): ``python main.py --config=... --workdir=...``."""
 
 import logging as std_logging
 import sys
@@ -6,7 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hairseg_jax import config_checks, evaluate, sharding, train
+from hairseg_jax import config_checks, evaluate, predict, sharding, train
 from hairseg_jax.data.figaro1k import DataError
 from hairseg_jax.weights.tensors import ConversionError
 
@@ -52,11 +52,26 @@ def main(argv: list[str]) -> None:
     except config_checks.ConfigError as e:
         sys.exit(f"FATAL {e}")
     sharding.initialize_distributed(config.distributed)
-    modes = {"train": train.train_and_evaluate, "eval": evaluate.evaluate}
+    modes = {
+        "train": train.train_and_evaluate,
+        "eval": evaluate.evaluate,
+        "predict": predict.predict,
+    }
     try:
-        modes[config.mode](config, FLAGS.workdir)
-    except (ConversionError, DataError, FileNotFoundError, sharding.ShardingError) as e:
+        result = modes[config.mode](config, FLAGS.workdir)
+    except (
+        config_checks.ConfigError,
+        ConversionError,
+        DataError,
+        FileNotFoundError,
+        sharding.ShardingError,
+        train.NonFiniteError,
+    ) as e:
         sys.exit(f"FATAL {e}")
+    if config.mode == "predict" and result["failed"]:
+        # Exit status: the number of unreadable files (at most 100).
+        print(f"FATAL {predict.failure_line(result)}", file=sys.stderr)
+        sys.exit(min(len(result["failed"]), 100))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import ml_collections
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     """Returns the experiment config; ``variant`` picks a named variant."""
     config = ml_collections.ConfigDict()
-    config.mode = "train"  # train | eval
+    config.mode = "train"  # train | eval | predict
     config.seed = 0
 
     # Several hosts: jax.distributed.initialize() first. SLURM, Open MPI, Kubernetes and Cloud
@@ -86,14 +86,40 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every_steps = 20
     config.train.eval_every_steps = 0  # 0: once per epoch
     config.train.keep_checkpoints = 2
+    # Every evaluation saves a checkpoint; > 0 also saves one every this many steps, so a run
+    # killed between evaluations (SIGKILL, a lost machine) loses at most that many steps.
+    config.train.checkpoint_every_steps = 0
     config.train.ema_decay = 0.0  # > 0 keeps an EMA of the weights and evaluates with it
+    # A step with a non-finite loss, gradient or update changes no weights; training then
+    # stops with an error naming the step, or with True skips it, counts it and goes on.
+    config.train.skip_nonfinite = False
+    # Training in a workdir whose config.json differs in fields that matter (not eval.*,
+    # logging, checkpoint frequency, data_dir, ...) stops naming them; True continues anyway.
+    config.train.allow_config_change = False
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"  # split that --config.mode=eval reports
     config.eval.image_size = 227  # whole images are resized to this square for the model
     config.eval.batch_size = 8  # rounded up to a multiple of the number of devices
-    config.eval.threshold = 0.5
-    config.eval.max_images = 0  # 0: all
+    # Probability above which a pixel is hair; -1: the workdir's threshold.json if it was tuned
+    # for the evaluated checkpoint, else 0.5 (so validation during training uses 0.5).
+    config.eval.threshold = -1.0
+    # True: first pick the threshold with the best mean Dice on val (0.05..0.95), save it as
+    # <workdir>/threshold.json for this checkpoint.
+    config.eval.tune_threshold = False
+    config.eval.tta = "none"  # none | flip (mean of the logits of the image and its mirror)
+    config.eval.max_images = 0  # 0: all (also limits the val images of tune_threshold)
+    config.eval.preview_images = 3  # val images (image | truth | prediction) to TensorBoard
+
+    # --config.mode=predict: masks and overlays for any images (see README, Predict).
+    config.predict = ml_collections.ConfigDict()
+    config.predict.input = ""  # an image file, a folder (its image files) or a glob pattern
+    config.predict.output = ""  # folder for <name>_mask.png, <name>_overlay.jpg, ...
+    config.predict.image_size = 0  # images are resized to this square for the model; 0: eval's
+    config.predict.batch_size = 8  # rounded up to a multiple of the number of devices
+    config.predict.threshold = -1.0  # as eval.threshold: -1 is the tuned one, else 0.5
+    config.predict.tta = "none"  # none | flip
+    config.predict.save_prob = ""  # "" | png (8-bit probability) | npy (float32 probability)
 
     if variant == "smoke":
         config.data.max_train_images = 16

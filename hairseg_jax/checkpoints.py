@@ -1,4 +1,9 @@
-"""Orbax checkpoints of a workdir: the latest train states, and the best model by val Dice."""
+"""Orbax checkpoints of a workdir: the latest train states, and the best model by val Dice.
+
+Orbax writes each checkpoint into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>``
+when complete, so a process killed while saving leaves only that temporary folder: it is never
+restored from, and the next manager on the folder deletes it.
+"""
 
 import os
 from pathlib import Path
@@ -13,7 +18,9 @@ def latest_manager(workdir: str | os.PathLike, keep: int = 2) -> ocp.CheckpointM
     """Full train states (optimizer included) under ``workdir/checkpoints``, newest ``keep``."""
     return ocp.CheckpointManager(
         Path(workdir).absolute() / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        ),
     )
 
 
@@ -26,6 +33,7 @@ def best_manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
             best_fn=lambda metrics: metrics[BEST_METRIC],
             best_mode="max",
             create=True,
+            cleanup_tmp_directories=True,
         ),
     )
 

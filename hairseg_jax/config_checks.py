@@ -1,11 +1,16 @@
 """Checks of a config's values before any work starts: every problem named in one message."""
 
+import json
+from typing import Any
+
 import ml_collections
 
 from hairseg_jax.data.figaro1k import MASK_SOURCES, SPLITS
 from hairseg_jax.models.deeplab import BACKBONE_NAMES
+from hairseg_jax.steps import TTA_MODES
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "predict")
+PROB_FORMATS = ("", "png", "npy")
 
 
 class ConfigError(ValueError):
@@ -51,18 +56,80 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     need(train.num_steps > 0 or train.num_epochs > 0, "train.num_epochs", "must be positive")
     need(train.log_every_steps > 0, "train.log_every_steps", "must be positive")
     need(train.eval_every_steps >= 0, "train.eval_every_steps", "must not be negative")
+    need(train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must not be negative")
     need(train.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
     need(0 <= train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     need(ev.split in SPLITS, "eval.split", f"is not one of {SPLITS}")
     need(ev.image_size > 0, "eval.image_size", "must be positive")
     need(ev.batch_size > 0, "eval.batch_size", "must be positive")
-    need(0 < ev.threshold < 1, "eval.threshold", "must be in (0, 1)")
+    threshold_rule = "must be in (0, 1), or -1 for the tuned one"
+    need(0 < ev.threshold < 1 or ev.threshold == -1, "eval.threshold", threshold_rule)
+    need(ev.tta in TTA_MODES, "eval.tta", f"is not one of {TTA_MODES}")
+    need(ev.preview_images >= 0, "eval.preview_images", "must not be negative")
+    pr = config.predict
+    need(0 < pr.threshold < 1 or pr.threshold == -1, "predict.threshold", threshold_rule)
+    need(pr.tta in TTA_MODES, "predict.tta", f"is not one of {TTA_MODES}")
+    need(pr.image_size >= 0, "predict.image_size", "must not be negative")
+    need(pr.batch_size > 0, "predict.batch_size", "must be positive")
+    need(pr.save_prob in PROB_FORMATS, "predict.save_prob", f"is not one of {PROB_FORMATS}")
+    if config.mode == "predict":
+        need(bool(pr.input), "predict.input", "must name an image, a folder or a glob pattern")
+        need(bool(pr.output), "predict.output", "must name the output folder")
     need(0 < aug.scale[0] <= aug.scale[1] <= 1, "augment.scale", "must be 0 < low <= high <= 1")
     need(0 < aug.ratio[0] <= aug.ratio[1], "augment.ratio", "must be 0 < low <= high")
     for name in ("rotation", "brightness", "contrast", "saturation"):
         need(aug[name] >= 0, f"augment.{name}", "must not be negative")
     need(0 <= aug.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
     return found
+
+
+# Fields that may differ from a workdir's saved config.json when training resumes there: they
+# change what is logged, evaluated, predicted or kept, where the data folder is or how hosts
+# start, not what is trained. A name covers its subfields.
+RESUMABLE_FIELDS = (
+    "mode",
+    "eval",
+    "predict",
+    "distributed",
+    "data.data_dir",
+    "train.log_every_steps",
+    "train.eval_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.skip_nonfinite",
+    "train.allow_config_change",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat |= _flatten(value, f"{prefix}.{key}" if prefix else key)
+    return flat
+
+
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """The fields that matter where ``config`` differs from ``saved``, as "field: old -> new".
+
+    Args:
+      saved: a workdir's ``config.json``, parsed.
+      config: the new config.
+
+    Fields in ``RESUMABLE_FIELDS`` are not compared, nor fields that only one of the two has
+    (added or removed by another version of the code).
+    """
+    old = _flatten(saved)
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    resumable = lambda field: any(  # noqa: E731
+        field == name or field.startswith(name + ".") for name in RESUMABLE_FIELDS
+    )
+    return [
+        f"{field}: {old[field]!r} -> {new[field]!r}"
+        for field in sorted(old.keys() & new.keys())
+        if old[field] != new[field] and not resumable(field)
+    ]
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

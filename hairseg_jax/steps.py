@@ -14,6 +14,8 @@ from jax.sharding import Mesh
 
 from hairseg_jax import losses, sharding
 
+TTA_MODES = ("none", "flip")  # test-time augmentation: none, or the mean with the mirror image
+
 
 class TrainState(train_state.TrainState):
     """Flax train state plus BatchNorm statistics, the dropout key and optional EMA params."""
@@ -134,6 +136,12 @@ def inference_variables(state: TrainState) -> dict[str, Any]:
     return {"params": params, "batch_stats": state.batch_stats}
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """A scalar bool array: True when every element of every leaf of ``tree`` is finite."""
+    leaves = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -146,6 +154,10 @@ def train_step(
 
     The loss is BCE plus ``dice_weight`` times soft Dice. With an EMA kept, its decay ramps
     up as ``min(ema_decay, (1 + step) / (10 + step))`` so early averages are not stale.
+
+    A bad step, one whose loss, gradients or updated params are not all finite, changes
+    nothing but the step count: params, optimizer state, BatchNorm statistics and EMA stay
+    as they were, and the returned ``"nonfinite"`` flag is True (the caller stops or skips).
     """
     images = preprocess(batch["image"])
     dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -162,25 +174,95 @@ def train_step(
         return loss, updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    if state.ema_params is not None:
-        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        ema_params = optax.incremental_update(state.params, state.ema_params, 1.0 - decay)
-        state = state.replace(ema_params=ema_params)
-    return state, {"loss": loss}
+    new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if new.ema_params is not None:
+        decay = jnp.minimum(ema_decay, (1.0 + new.step) / (10.0 + new.step))
+        new = new.replace(
+            ema_params=optax.incremental_update(new.params, new.ema_params, 1.0 - decay)
+        )
+    finite = all_finite((loss, grads, new.params))
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
+    new = new.replace(
+        params=keep(new.params, state.params),
+        opt_state=keep(new.opt_state, state.opt_state),
+        batch_stats=keep(new.batch_stats, state.batch_stats),
+        ema_params=keep(new.ema_params, state.ema_params),
+    )
+    return new, {"loss": loss, "nonfinite": jnp.logical_not(finite)}
+
+
+def tta_logits(
+    apply_fn: Callable,
+    variables: dict[str, Any],
+    images: jax.Array,
+    tta: str = "none",
+    with_plain: bool = False,
+) -> jax.Array:
+    """Logits (B, H, W, 1) of preprocessed images, with test-time augmentation ``tta``.
+
+    ``"flip"`` averages the logits of the images and of their horizontal mirror images
+    (mirrored back); ``with_plain`` then appends the plain logits as a second channel
+    (B, H, W, 2), so one call gives both.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"Unknown test-time augmentation {tta!r}; use one of {TTA_MODES}.")
+    logits = apply_fn(variables, images, train=False)
+    if tta == "none":
+        return logits
+    mirrored = apply_fn(variables, images[:, :, ::-1], train=False)[:, :, ::-1]
+    averaged = (logits + mirrored) / 2
+    return jnp.concatenate([averaged, logits], axis=-1) if with_plain else averaged
 
 
 def predict_step(
-    state: TrainState, images: jax.Array, *, preprocess: Callable[[jax.Array], jax.Array]
+    state: TrainState,
+    images: jax.Array,
+    *,
+    preprocess: Callable[[jax.Array], jax.Array],
+    tta: str = "none",
+    with_plain: bool = False,
 ) -> jax.Array:
-    """Logits (B, H, W, 1) of uint8 images, BatchNorm in inference mode, EMA params if kept."""
-    return state.apply_fn(inference_variables(state), preprocess(images), train=False)
+    """Logits (B, H, W, 1) of uint8 images, BatchNorm in inference mode, EMA params if kept.
+
+    ``tta`` and ``with_plain``: see ``tta_logits``.
+    """
+    return tta_logits(
+        state.apply_fn, inference_variables(state), preprocess(images), tta, with_plain
+    )
+
+
+def preprocess_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+    """uint8 images -> model input, as ``config.input`` says (mean, std, channel order)."""
+    return functools.partial(
+        normalize,
+        mean=tuple(config.input.mean),
+        std=tuple(config.input.std),
+        bgr=config.input.channel_order == "BGR",
+    )
+
+
+def jit_predict(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh | None = None,
+    tta: str = "none",
+    with_plain: bool = False,
+) -> Callable:
+    """The jitted predict step over ``mesh`` with test-time augmentation ``tta`` (see
+    ``tta_logits``): state replicated, batch split on the ``data`` axis, logits replicated."""
+    mesh = sharding.data_mesh() if mesh is None else mesh
+    return jax.jit(
+        functools.partial(
+            predict_step, preprocess=preprocess_fn(config), tta=tta, with_plain=with_plain
+        ),
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
 
 
 def jit_steps(
     config: ml_collections.ConfigDict, mesh: Mesh | None = None
 ) -> tuple[Callable, Callable]:
-    """The jitted train step (state donated) and predict step for an experiment config.
+    """The jitted train step (state donated) and predict step (no TTA) for a config.
 
     Both run over ``mesh`` (default: every device, ``sharding.data_mesh()``): the state is
     replicated, the batch split on its ``data`` axis, and the outputs replicated, so gradients
@@ -188,29 +270,16 @@ def jit_steps(
     (normalisation), ``config.loss.dice_weight`` and ``config.train.ema_decay``.
     """
     mesh = sharding.data_mesh() if mesh is None else mesh
-    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    preprocess = functools.partial(
-        normalize,
-        mean=tuple(config.input.mean),
-        std=tuple(config.input.std),
-        bgr=config.input.channel_order == "BGR",
-    )
     train = functools.partial(
         train_step,
-        preprocess=preprocess,
+        preprocess=preprocess_fn(config),
         dice_weight=config.loss.dice_weight,
         ema_decay=config.train.ema_decay,
     )
-    return (
-        jax.jit(
-            train,
-            in_shardings=(replicated, batch_sharded),
-            out_shardings=replicated,
-            donate_argnums=0,
-        ),
-        jax.jit(
-            functools.partial(predict_step, preprocess=preprocess),
-            in_shardings=(replicated, batch_sharded),
-            out_shardings=replicated,
-        ),
+    train = jax.jit(
+        train,
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+        out_shardings=sharding.replicated(mesh),
+        donate_argnums=0,
     )
+    return train, jit_predict(config, mesh)

@@ -1,6 +1,7 @@
 """Training loop: data -> jitted steps -> clu metric writers and orbax checkpoints."""
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -15,14 +16,50 @@ import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 
-from hairseg_jax import checkpoints, evaluate, models, sharding, steps
+from hairseg_jax import checkpoints, config_checks, evaluate, models, sharding, steps
 from hairseg_jax.data import pipeline, sources
 from hairseg_jax.weights import convert
 
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
+    loss: metrics.Average.from_output("loss")  # over the steps whose "mask" is True
+
+
+class NonFiniteError(RuntimeError):
+    """A train step had a non-finite loss, gradient or update (and skipping was not asked)."""
+
+
+def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Raises ConfigError if ``workdir/config.json`` differs from ``config`` in fields that
+    matter (see ``config_checks.config_changes``), unless ``config.train.allow_config_change``.
+    """
+    saved_path = workdir / "config.json"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError as e:
+        raise config_checks.ConfigError(f"{saved_path} is not readable JSON ({e}).") from e
+    changes = config_checks.config_changes(saved, config)
+    if not changes:
+        return
+    if config.train.allow_config_change:
+        logging.warning("Config changed from %s (allowed): %s.", saved_path, "; ".join(changes))
+        return
+    raise config_checks.ConfigError(
+        f"The workdir {workdir} was trained with another config ({saved_path}): "
+        + "; ".join(changes)
+        + ". Use another workdir, or pass --config.train.allow_config_change=True to go on "
+        "with the new values."
+    )
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Writes ``workdir/config.json`` atomically (a temporary file, then a rename)."""
+    temporary = workdir / f".config.json.{os.getpid()}.tmp"
+    temporary.write_text(config.to_json_best_effort(indent=2) + "\n")
+    temporary.replace(workdir / "config.json")
 
 
 def load_pretrained(
@@ -77,22 +114,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       The validation summary of the last evaluation.
 
     Raises:
+      config_checks.ConfigError: ``workdir`` holds a config.json that differs in fields that
+        matter (before anything is read or written).
       sharding.ShardingError: the batch size does not divide by the number of devices.
+      NonFiniteError: a step had a non-finite loss, gradient or update, and
+        ``config.train.skip_nonfinite`` is False; nothing after the step before it was saved.
     """
+    workdir = Path(workdir)
+    check_saved_config(config, workdir)
     mesh = sharding.data_mesh()
     batch_size = config.train.batch_size
     sharding.check_batch_size(batch_size, mesh, "config.train.batch_size")
     train_data = sources.load_examples(config, "train", config.data.max_train_images)
     val_data = sources.load_examples(config, "val", config.data.max_val_images)
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        write_config(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
     steps_per_epoch = len(train_data) // batch_size
     total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
     eval_every = config.train.eval_every_steps or steps_per_epoch
+    checkpoint_every = config.train.checkpoint_every_steps or eval_every
     logging.info(
         "%d train / %d val images, %d steps of batch %d (%.1f epochs) on %d devices of %d "
         "processes.",
@@ -140,24 +183,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     train_metrics = None
     val_summary = {}
+    unchecked = []  # (step, its "nonfinite" flag on the device) not read yet
+    skipped = 0
+
+    def check_steps() -> None:
+        """Stops at the first bad step among the unchecked ones, or counts them as skipped."""
+        nonlocal skipped
+        for bad_step, nonfinite in unchecked:
+            if not bool(nonfinite):
+                continue
+            if not config.train.skip_nonfinite:
+                latest.wait_until_finished()
+                newest = latest.latest_step()
+                raise NonFiniteError(
+                    f"Non-finite loss, gradient or update at step {bad_step}: stopped without "
+                    "saving it or any later step (newest checkpoint: "
+                    + ("none" if newest is None else f"step {newest}")
+                    + "). Lower the learning rate, or pass --config.train.skip_nonfinite=True "
+                    "to skip such steps."
+                )
+            skipped += 1
+            logging.warning(
+                "Step %d: non-finite loss, gradient or update; skipped (%d so far).",
+                bad_step,
+                skipped,
+            )
+        unchecked.clear()
+
     with metric_writers.ensure_flushes(writer), stop_requests() as stop:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = sharding.shard_batch(next(batches), mesh)
                 state, step_metrics = train_step(state, batch)
-            update = TrainMetrics.single_from_model_output(**step_metrics)
+            check_steps()  # the previous step's flag, read while this step runs
+            unchecked.append((step, step_metrics["nonfinite"]))
+            update = TrainMetrics.single_from_model_output(
+                loss=step_metrics["loss"][None], mask=~step_metrics["nonfinite"][None]
+            )
             train_metrics = update if train_metrics is None else train_metrics.merge(update)
             report_progress(step)
 
-            if step % config.train.log_every_steps == 0 or step == total_steps:
+            stopping = stop.is_set()
+            log_now = step % config.train.log_every_steps == 0 or step == total_steps
+            eval_now = step % eval_every == 0 or step == total_steps
+            save_now = eval_now or step % checkpoint_every == 0 or stopping
+            if log_now or save_now:
+                check_steps()  # nothing is logged or saved past a bad step
+
+            if log_now:
+                skip_count = {"train_skipped_steps": skipped} if config.train.skip_nonfinite else {}
                 writer.write_scalars(
                     step,
                     {f"train_{k}": v for k, v in train_metrics.compute().items()}
-                    | {"learning_rate": schedule(step - 1)},
+                    | {"learning_rate": schedule(step - 1)}
+                    | skip_count,
                 )
                 train_metrics = None
 
-            if step % eval_every == 0 or step == total_steps:
+            if eval_now:
                 with report_progress.timed("eval"):
                     val_summary, _ = evaluate.evaluate_examples(
                         predict_step,
@@ -172,7 +255,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     step,
                     {f"val_{k}": val_summary[k] for k in ("loss", "dice", "pooled_dice", "iou")},
                 )
-                checkpoints.save(latest, step, state)
+                if config.eval.preview_images:  # every process predicts, process 0 writes
+                    previews = evaluate.preview_panels(
+                        predict_step,
+                        state,
+                        val_data,
+                        config.eval.preview_images,
+                        config.eval.image_size,
+                        config.eval.batch_size,
+                        config.eval.threshold,
+                        mesh,
+                    )
+                    if jax.process_index() == 0:
+                        writer.write_images(step, {"val_image_truth_prediction": previews})
                 if val_summary["dice"] > checkpoints.best_score(best):
                     checkpoints.save(
                         best,
@@ -180,9 +275,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         steps.inference_variables(state),
                         metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
                     )
-            if stop.is_set():
-                if latest.latest_step() != step:
-                    checkpoints.save(latest, step, state)
+                    # Committed before the step's train state: a run killed in between
+                    # resumes before this step and repeats its evaluation, so no best is lost.
+                    best.wait_until_finished()
+            if save_now:
+                checkpoints.save(latest, step, state)
+            if stopping:
                 logging.warning("Stopped at step %d; the same command resumes from it.", step)
                 break
     latest.wait_until_finished()

@@ -1,9 +1,11 @@
 """Config value checks: the shipped configs pass, each impossible value is named."""
 
+import json
+
 import pytest
 
 from configs import figaro, figaro_cpu, synthetic
-from hairseg_jax.config_checks import ConfigError, check_config, problems
+from hairseg_jax.config_checks import ConfigError, check_config, config_changes, problems
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,11 @@ def test_shipped_configs_pass(config):
         ("eval.split", "validation", "eval.split='validation' is not one of"),
         ("augment.scale", (0.5, 0.2), "augment.scale=(0.5, 0.2) must be 0 < low <= high <= 1"),
         ("train.ema_decay", 1.0, "train.ema_decay=1.0 must be in [0, 1)"),
+        ("eval.threshold", -0.5, "eval.threshold=-0.5 must be in (0, 1), or -1 for the tuned"),
+        ("eval.tta", "vflip", "eval.tta='vflip' is not one of ('none', 'flip')"),
+        ("predict.tta", "rot", "predict.tta='rot' is not one of ('none', 'flip')"),
+        ("predict.save_prob", "jpg", "predict.save_prob='jpg' is not one of"),
+        ("predict.batch_size", 0, "predict.batch_size=0 must be positive"),
     ],
 )
 def test_each_bad_value_is_named(field, value, message):
@@ -58,3 +65,41 @@ def test_all_problems_are_reported_together():
     config.optim.learning_rate = -1.0
     config.train.batch_size = -2
     assert len(problems(config)) == 2
+
+
+def test_config_changes_name_the_fields_that_matter_old_to_new():
+    saved = json.loads(figaro.get_config("smoke").to_json_best_effort())
+    config = figaro.get_config("smoke")
+    assert config_changes(saved, config) == []
+    config.model.backbone = "resnet34"
+    config.train.batch_size = 8
+    config.augment.scale = (0.5, 1.0)
+    # Fields that may change on resume: mode, eval.*, logging and checkpoint frequency, ...
+    config.mode = "eval"
+    config.eval.batch_size = 2
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = 3
+    config.data.data_dir = "/elsewhere/Figaro1k"
+    config.train.allow_config_change = True
+    assert config_changes(saved, config) == [
+        "augment.scale: [0.25, 1.0] -> [0.5, 1.0]",
+        "model.backbone: 'resnet18' -> 'resnet34'",
+        "train.batch_size: 4 -> 8",
+    ]
+    # Fields only one side has (another version of the code) are not compared.
+    del saved["model"]["dropout"]
+    saved["train"]["retired_field"] = 1
+    config.model.dropout = 0.1
+    assert len(config_changes(saved, config)) == 3
+
+
+def test_predict_mode_needs_an_input_and_an_output_folder():
+    config = figaro.get_config()
+    assert problems(config) == []  # not asked for outside predict mode
+    config.mode = "predict"
+    assert problems(config) == [
+        "predict.input='' must name an image, a folder or a glob pattern",
+        "predict.output='' must name the output folder",
+    ]
+    config.predict.input, config.predict.output = "photos/*.jpg", "masks"
+    assert problems(config) == []

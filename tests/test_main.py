@@ -78,7 +78,7 @@ def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
         ("--config.train.nope=3", "Bad config override (--config.train.nope=3)"),
         ("--config.trian.batch_size=3", 'Did you mean "train"'),
         ("--config.train.batch_size=abc", "invalid literal for int()"),
-        ("--config.mode=bogus", "Bad config: mode='bogus' is not one of ('train', 'eval')"),
+        ("--config.mode=bogus", "mode='bogus' is not one of ('train', 'eval', 'predict')"),
         ("--config.optim.learning_rate=-1", "optim.learning_rate=-1.0 must be positive"),
         ("--config.model.backbone=resnet13", "model.backbone='resnet13' is not one of"),
         ("--config.data.data_dir=/no/such/dir", "Data directory /no/such/dir does not exist"),
@@ -126,6 +126,9 @@ def test_sigterm_checkpoints_and_exits_cleanly(figaro_dir, tmp_path):
     saved = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
     assert len(saved) == 1 and 4 <= saved[0] < 400
     resumed = run_main(
-        *args, "--config.train.num_steps=" + str(saved[0] + 2), figaro_dir=figaro_dir
+        *args,
+        "--config.train.num_steps=" + str(saved[0] + 2),
+        "--config.train.allow_config_change=True",  # num_steps changes the LR schedule
+        figaro_dir=figaro_dir,
     )
     assert f"Resumed from step {saved[0]}" in resumed.stderr, resumed.stderr[-3000:]

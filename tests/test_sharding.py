@@ -60,7 +60,7 @@ def train_and_predict_on_meshes(out: str) -> None:
     # rbg keys initialise faster on CPU; dropout takes a threefry key, whose masks do not
     # depend on how the batch is split.
     initial = steps.create_train_state(
-        jax.random.key(0, impl="rbg"), models.build_model(config.model), SIZE, tx
+        jax.random.key(1, impl="rbg"), models.build_model(config.model), SIZE, tx
     ).replace(rng=jax.random.PRNGKey(0))
     data = make_examples(BATCH * NUM_STEPS, size=SIZE, seed=0)
     images, masks = np.stack(data.images), np.stack(data.masks)

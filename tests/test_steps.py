@@ -331,3 +331,51 @@ def test_inference_state_predicts_like_the_train_state():
     images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), np.uint8)
     _, predict = steps.jit_steps(figaro.get_config())
     np.testing.assert_array_equal(predict(inference, images), predict(state, images))
+
+
+# Non-finite steps.
+
+
+def test_a_nonfinite_step_changes_nothing_but_the_step_count():
+    optim = optim_config(learning_rate=0.1, schedule="constant")  # SGD with momentum
+    tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
+    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx, ema=True)
+    train = jax.jit(
+        lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0, ema_decay=0.5)
+    )
+    rng = np.random.default_rng(0)
+    good = {
+        "image": rng.integers(0, 256, (2, 4, 4, 3)).astype(np.float32),
+        "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
+    }
+    state, metrics = train(state, good)  # momentum, EMA and BN statistics now non-trivial
+    assert not metrics["nonfinite"]
+    kept = ("params", "opt_state", "batch_stats", "ema_params")
+    before = {name: jax.tree.map(np.array, getattr(state, name)) for name in kept}
+
+    bad = dict(good, image=good["image"].copy())
+    bad["image"][0, 1, 2, 0] = np.nan
+    state, metrics = train(state, bad)
+
+    assert metrics["nonfinite"] and np.isnan(metrics["loss"])
+    assert int(state.step) == 2
+    for name in kept:
+        jax.tree.map(np.testing.assert_array_equal, getattr(state, name), before[name])
+    state, metrics = train(state, good)  # the next good step trains again
+    assert not metrics["nonfinite"] and np.isfinite(metrics["loss"])
+    kernel = state.params["Conv_0"]["kernel"]
+    assert not np.array_equal(kernel, before["params"]["Conv_0"]["kernel"])
+
+
+def test_an_overflowing_update_is_refused_like_a_nonfinite_loss():
+    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, optax.sgd(float("inf")))
+    before = jax.tree.map(np.array, state.params)
+    batch = {
+        "image": np.full((2, 4, 4, 3), 100, np.uint8),
+        "mask": np.ones((2, 4, 4), np.uint8),
+    }
+    state, metrics = jax.jit(lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0))(
+        state, batch
+    )
+    assert np.isfinite(metrics["loss"]) and metrics["nonfinite"]
+    jax.tree.map(np.testing.assert_array_equal, state.params, before)

@@ -1,13 +1,18 @@
 """``train_and_evaluate`` on synthetic images, in-process: summary and checkpoints."""
 
 import json
+import logging
+from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import synthetic
-from hairseg_jax import checkpoints, evaluate, models, steps, train
+from hairseg_jax import checkpoints, config_checks, evaluate, models, steps, train
 from hairseg_jax.data import sources
 from hairseg_jax.weights import convert
 
@@ -61,3 +66,107 @@ def test_eval_without_training_uses_config_model_pretrained(tmp_path):
         predict, state, sources.load_examples(config, "val"), 32, 4
     )
     np.testing.assert_allclose(summary["dice"], expected["dice"])
+
+
+# Non-finite steps and config changes: the loop's logic, on a model that compiles in a second.
+
+
+class _PixelNet(nn.Module):
+    """3x3 conv, BatchNorm, dropout, 1x1 conv: every collection and key the train step uses."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
+        return nn.Conv(1, (1, 1))(x)
+
+
+@pytest.fixture
+def pixel_net(monkeypatch):
+    monkeypatch.setattr(train.models, "build_model", lambda model_config: _PixelNet())
+
+
+def nan_image_at(monkeypatch, bad_step: int) -> None:
+    """Makes train step ``bad_step`` see a NaN pixel (so a non-finite loss)."""
+    jit_steps = steps.jit_steps
+
+    def faulty_jit_steps(*args, **kwargs):
+        train_step, *others = jit_steps(*args, **kwargs)
+
+        def faulty_train_step(state, batch):
+            if int(state.step) + 1 == bad_step:
+                image = jnp.asarray(batch["image"], jnp.float32).at[0, 0, 0, 0].set(jnp.nan)
+                batch = dict(batch, image=image)
+            return train_step(state, batch)
+
+        return (faulty_train_step, *others)
+
+    monkeypatch.setattr(steps, "jit_steps", faulty_jit_steps)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_changed_config_stops_before_any_work(tmp_path):
+    config = tiny_config()
+    train.write_config(config, tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    before = snapshot(tmp_path)
+    config.train.num_steps = 6
+    config.optim.learning_rate = 0.02
+    config.eval.batch_size = 2  # may change: not listed
+    config.train.log_every_steps = 1
+
+    with pytest.raises(config_checks.ConfigError) as error:
+        train.train_and_evaluate(config, tmp_path)
+
+    assert str(error.value) == (
+        f"The workdir {tmp_path} was trained with another config ({tmp_path}/config.json): "
+        "optim.learning_rate: 0.01 -> 0.02; train.num_steps: 4 -> 6. Use another workdir, "
+        "or pass --config.train.allow_config_change=True to go on with the new values."
+    )
+    assert snapshot(tmp_path) == before and not list(tmp_path.glob("events.*"))
+
+
+def test_nonfinite_step_stops_naming_it_and_leaves_best_untouched(tmp_path, pixel_net, monkeypatch):
+    config = tiny_config()
+    config.train.num_steps = 2
+    train.train_and_evaluate(config, tmp_path)
+    best_before = snapshot(tmp_path / "best")
+    assert list(checkpoints.best_manager(tmp_path).all_steps()) == [2]
+    nan_image_at(monkeypatch, 3)
+    config.train.num_steps = 6
+    config.train.allow_config_change = True
+
+    with pytest.raises(train.NonFiniteError) as error:
+        train.train_and_evaluate(config, tmp_path)
+
+    assert str(error.value).startswith(
+        "Non-finite loss, gradient or update at step 3: stopped without saving it or any "
+        "later step (newest checkpoint: step 2)."
+    )
+    assert snapshot(tmp_path / "best") == best_before
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [2]
+    # allow_config_change let it run with the new config.
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 6
+
+
+def test_skip_nonfinite_skips_the_bad_step_and_goes_on(tmp_path, pixel_net, monkeypatch, caplog):
+    nan_image_at(monkeypatch, 3)
+    config = tiny_config()
+    config.train.skip_nonfinite = True
+
+    with caplog.at_level(logging.INFO):
+        summary = train.train_and_evaluate(config, tmp_path)
+
+    assert "Step 3: non-finite loss, gradient or update; skipped (1 so far)." in caplog.text
+    assert "train_skipped_steps=1" in caplog.text  # the count logged at step 4
+    assert "train_loss=nan" not in caplog.text  # the mean loss leaves the bad step out
+    assert np.isfinite(summary["loss"])
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
