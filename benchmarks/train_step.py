@@ -158,6 +158,7 @@ def time_torch(config, steps_timed: int, warmup: int, compile_model: bool, predi
     from hairseg_jax.weights.torch_reference import torch_deeplab
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.benchmark = True  # let cuDNN pick its fastest kernels, as XLA does
     size, batch, optim = config.data.image_size, config.train.batch_size, config.optim
     torch.manual_seed(0)
     model = torch_deeplab(
