@@ -181,13 +181,15 @@ def train_step(
             ema_params=optax.incremental_update(new.params, new.ema_params, 1.0 - decay)
         )
     finite = all_finite((loss, grads, new.params))
-    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
-    new = new.replace(
-        params=keep(new.params, state.params),
-        opt_state=keep(new.opt_state, state.opt_state),
-        batch_stats=keep(new.batch_stats, state.batch_stats),
-        ema_params=keep(new.ema_params, state.ema_params),
+    # One branch for the whole state: a select per leaf made XLA:CPU compile a ResNet-101
+    # train step for minutes instead of seconds.
+    kept = new.replace(
+        params=state.params,
+        opt_state=state.opt_state,
+        batch_stats=state.batch_stats,
+        ema_params=state.ema_params,
     )
+    new = jax.lax.cond(finite, lambda: new, lambda: kept)
     return new, {"loss": loss, "nonfinite": jnp.logical_not(finite)}
 
 
