@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
 
     def predict_and_score() -> tuple[dict, float]:
         start = time.perf_counter()
-        summary, _ = evaluate.evaluate_examples(
+        summary = evaluate.score_examples(
             predict_fn,
             state,
             examples,
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
             config.eval.batch_size,
             config.eval.threshold,
             mesh,
-        )
+        ).summary
         return summary, time.perf_counter() - start
 
     summary, predict_s = predict_and_score()

@@ -115,6 +115,11 @@ class Scores:
     worst: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
+def effective_threshold(threshold: float) -> float:
+    """``threshold``, or 0.5 where it is <= 0 (config's "tuned if available" before tuning)."""
+    return threshold if threshold > 0 else DEFAULT_THRESHOLD
+
+
 def score_examples(
     predict_fn: Callable,
     state: steps.TrainState,
@@ -136,7 +141,7 @@ def score_examples(
       sweep: also compute the mean Dice at each of ``SWEEP_THRESHOLDS``.
       num_worst: keep the predicted masks of this many lowest-Dice images.
     """
-    threshold = threshold if threshold > 0 else DEFAULT_THRESHOLD
+    threshold = effective_threshold(threshold)
     cut = logit(threshold)
     rows, counts, plain_counts, half_counts, sweeps, worst = [], [], [], [], [], []
     for index, logits in full_resolution_logits(
@@ -181,25 +186,6 @@ def score_examples(
     )
 
 
-def evaluate_examples(
-    predict_fn: Callable,
-    state: steps.TrainState,
-    examples: Examples,
-    image_size: int,
-    batch_size: int,
-    threshold: float = DEFAULT_THRESHOLD,
-    mesh: Mesh | None = None,
-) -> tuple[dict[str, float], list[dict]]:
-    """Scores predictions against the original-resolution masks, predicted on ``mesh``
-    (``threshold`` <= 0 means 0.5; see ``score_examples``).
-
-    Returns:
-      The summary (mean and pooled Dice/IoU, accuracy, mean BCE loss) and one row per image.
-    """
-    scores = score_examples(predict_fn, state, examples, image_size, batch_size, threshold, mesh)
-    return scores.summary, scores.rows
-
-
 def preview_panels(
     predict_fn: Callable,
     state: steps.TrainState,
@@ -214,7 +200,7 @@ def preview_panels(
     uint8 (count, PREVIEW_BOX, 3 * PREVIEW_BOX, 3). Batched like the evaluation, so the
     compiled predict step is reused."""
     subset = examples.take(count)
-    cut = logit(threshold if threshold > 0 else DEFAULT_THRESHOLD)
+    cut = logit(effective_threshold(threshold))
     return np.stack(
         [
             pictures.panel(

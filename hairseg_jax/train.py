@@ -242,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
             if eval_now:
                 with report_progress.timed("eval"):
-                    val_summary, _ = evaluate.evaluate_examples(
+                    val_summary = evaluate.score_examples(
                         predict_step,
                         state,
                         val_data,
@@ -250,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         config.eval.batch_size,
                         config.eval.threshold,
                         mesh,
-                    )
+                    ).summary
                 writer.write_scalars(
                     step,
                     {f"val_{k}": val_summary[k] for k in ("loss", "dice", "pooled_dice", "iou")},

@@ -62,9 +62,9 @@ def model(trained, figaro_dir) -> dict:
 def scores(model, split: str, tta: str, threshold: float) -> dict:
     predict_fn = model["predict"][tta]
     examples = sources.load_examples(model["config"], split, 8)
-    summary, _ = evaluate.evaluate_examples(
+    summary = evaluate.score_examples(
         predict_fn, model["state"], examples, SIZE, 4, threshold, model["mesh"]
-    )
+    ).summary
     return summary
 
 

@@ -109,11 +109,11 @@ def test_bfloat16_eval_dice_within_0_005_of_float32_on_a_trained_checkpoint(init
     for step in range(TRAIN_STEPS):
         state, _ = train(state, batch_at(data, step))
     val = make_examples(16, size=48, seed=1)
-    fp32, _ = evaluate.evaluate_examples(predict, state, val, SIZE, BATCH)
+    fp32 = evaluate.score_examples(predict, state, val, SIZE, BATCH).summary
     bf16_model = models.build_model(tiny_config("bfloat16").model)
-    bf16, _ = evaluate.evaluate_examples(
+    bf16 = evaluate.score_examples(
         predict, state.replace(apply_fn=bf16_model.apply), val, SIZE, BATCH
-    )
+    ).summary
     print(f"val Dice: float32 {fp32['dice']:.5f}, bfloat16 {bf16['dice']:.5f}")
     assert fp32["dice"] > 0.3  # trained, not a constant prediction
     assert abs(bf16["dice"] - fp32["dice"]) <= 0.005

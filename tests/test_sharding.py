@@ -78,7 +78,7 @@ def train_and_predict_on_meshes(out: str) -> None:
         for batch in batches:
             state, metrics = train(state, sharding.shard_batch(batch, mesh))
             losses.append(metrics["loss"])
-        _, rows = evaluate.evaluate_examples(predict, state, val, SIZE, 4, mesh=mesh)
+        rows = evaluate.score_examples(predict, state, val, SIZE, 4, mesh=mesh).rows
         results[count] = jax.device_get(
             {
                 "params": state.params,

@@ -62,9 +62,9 @@ def test_eval_without_training_uses_config_model_pretrained(tmp_path):
     saved = json.loads((tmp_path / "workdir" / "eval_val.json").read_text())
     assert saved["dice"] == summary["dice"]
     _, predict = steps.jit_steps(config)
-    expected, _ = evaluate.evaluate_examples(
+    expected = evaluate.score_examples(
         predict, state, sources.load_examples(config, "val"), 32, 4
-    )
+    ).summary
     np.testing.assert_allclose(summary["dice"], expected["dice"])
 
 
