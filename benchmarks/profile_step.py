@@ -106,6 +106,10 @@ def profile(case: train_step.JaxCase, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/figaro.py", help="base config file")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
     parser.add_argument("--backbone", default="resnet101")
     parser.add_argument("--size", type=int, default=227)
     parser.add_argument("--batch", type=int, default=4)
@@ -116,7 +120,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="ops listed one by one")
     args = parser.parse_args()
     config = train_step.case_config(
-        args.backbone, args.size, args.batch, args.dtype, args.output_stride
+        train_step.base_config(args.config, args.set),
+        args.backbone,
+        args.size,
+        args.batch,
+        args.dtype,
+        args.output_stride,
     )
     case = train_step.compile_jax(config, args.predict)
     step_s, state = train_step.time_jax(case, args.steps, 1)

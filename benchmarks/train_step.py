@@ -18,6 +18,8 @@ images/s over PyTorch's (above 1: JAX is faster).
 """
 
 import argparse
+import ast
+import importlib.util
 import itertools
 import os
 import platform
@@ -35,7 +37,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import figaro  # noqa: E402
 from hairseg_jax import models, sharding, steps  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device kind (substring match, first wins).
@@ -68,9 +69,27 @@ def forward_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
     return total
 
 
-def case_config(backbone: str, size: int, batch: int, dtype: str, output_stride: int):
-    """figaro.py's config (SGD, BCE) with one case's model, size and batch."""
-    config = figaro.get_config()
+def base_config(path: str, overrides: list[str]):
+    """The ``get_config()`` of a config file with ``key=value`` overrides (``model.dropout=0``);
+    values are Python literals, else strings."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, _, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        config.update_from_flattened_dict({key: value})
+    return config
+
+
+def case_config(base, backbone: str, size: int, batch: int, dtype: str, output_stride: int):
+    """A copy of ``base`` (a config file's, e.g. figaro.py's SGD + BCE) with one case's model,
+    size and batch."""
+    config = base.copy_and_resolve_references()
     config.model.backbone = backbone
     config.model.output_stride = output_stride
     config.model.dtype = dtype
@@ -217,6 +236,10 @@ def parse_args() -> argparse.Namespace:
     """Command-line flags: the grid and the number of steps."""
     csv = lambda cast: lambda s: [cast(v) for v in s.split(",")]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/figaro.py", help="base config file")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
     parser.add_argument("--backbones", type=csv(str), default=["resnet101"])
     parser.add_argument("--sizes", type=csv(int), default=[227])
     parser.add_argument("--batches", type=csv(int), default=[4])
@@ -240,10 +263,11 @@ def main() -> None:
         flush=True,
     )
     kind = "predict_step" if args.predict else "train_step"
+    base = base_config(args.config, args.set)
     for backbone, size, batch, dtype in itertools.product(
         args.backbones, args.sizes, args.batches, args.dtypes
     ):
-        config = case_config(backbone, size, batch, dtype, args.output_stride)
+        config = case_config(base, backbone, size, batch, dtype, args.output_stride)
         case = f"backbone={backbone} size={size} batch={batch} dtype={dtype}"
         jax_case = compile_jax(config, args.predict)
         step_s, _ = time_jax(jax_case, args.steps, args.warmup)
