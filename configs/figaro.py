@@ -40,6 +40,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     # Spatial transforms move image and mask together; colour ones touch the image only.
     config.augment = ml_collections.ConfigDict()
+    config.augment.enabled = True  # False: whole images resized to the crop size (ablations)
     config.augment.scale = (0.25, 1.0)  # random resized crop: fraction of the image area
     config.augment.ratio = (3 / 4, 4 / 3)  # and aspect ratio range
     config.augment.rotation = 15.0  # degrees, uniform in [-r, r]

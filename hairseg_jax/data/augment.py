@@ -111,12 +111,16 @@ def train_transform(
       mask: uint8 mask of the same height and width.
       seed: int32 or int64 tensor of shape (2,), the example's stateless seed.
       size: side of the square output.
-      cfg: ``config.augment`` (scale, ratio, rotation, hflip, vflip, brightness, contrast,
-        saturation, hue).
+      cfg: ``config.augment`` (enabled, scale, ratio, rotation, hflip, vflip, brightness,
+        contrast, saturation, hue). With ``enabled`` False the whole image and mask are
+        resized to the square as in evaluation, with nothing random.
 
     Returns:
       The uint8 (size, size, 3) image and uint8 (size, size) mask.
     """
+    if not cfg.enabled:
+        mask = tf.image.resize(mask[..., None], [size, size], method="nearest")[..., 0]
+        return eval_transform(image, size), mask
     seeds = tf.random.experimental.stateless_split(seed, num=11)
     shape = tf.shape(image)
     affine = sample_affine(seeds[:7], shape[0], shape[1], size, cfg)

@@ -15,6 +15,7 @@ NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
 def augment_config(**overrides) -> ml_collections.ConfigDict:
     """An augment config with no spatial change and no colour jitter, then ``overrides``."""
     values = {
+        "enabled": True,
         "scale": (1.0, 1.0),
         "ratio": (1.0, 1.0),
         "rotation": 0.0,
@@ -143,6 +144,20 @@ def test_vflip_only_flips_image_and_mask_together():
         np.testing.assert_array_equal(out_mask, expected_mask)
         outcomes.add(flipped)
     assert outcomes == {False, True}
+
+
+def test_disabled_resizes_whole_image_and_mask_like_evaluation(picture):
+    image, mask = picture
+    cfg = augment_config(**{**STRONG.to_dict(), "enabled": False, "brightness": 0.5, "hue": 0.2})
+    out_image, out_mask = transform(image, mask, 0, 48, cfg)
+    again_image, again_mask = transform(image, mask, 1, 48, cfg)
+    expected = augment.eval_transform(tf.constant(image), 48).numpy()
+    np.testing.assert_array_equal(out_image, expected)
+    np.testing.assert_array_equal(again_image, out_image)
+    np.testing.assert_array_equal(again_mask, out_mask)
+    assert out_mask.dtype == np.uint8 and out_mask.shape == (48, 48)
+    # The mask is the whole mask scaled to the square: on the image's shape, not beside it.
+    assert np.mean(out_mask == recovered_shape(out_image)) > 0.97
 
 
 def test_output_types_and_mask_values(picture):
