@@ -31,6 +31,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_val_images = 0
     config.data.skip_unreadable = False  # True: log and leave out undecodable examples
     config.data.image_size = 227  # side of the square training crops
+    # Progressive resizing: earlier stages train on smaller, faster crops. Sizes (96,) until
+    # (0.6,) crop 96 px for the first 60% of the steps, then image_size to the end.
+    config.data.progressive_sizes = ()
+    config.data.progressive_until = ()  # fraction of the steps at which each of those ends
 
     # Pixel normalisation before the model; ImageNet statistics match torchvision's weights.
     config.input = ml_collections.ConfigDict()

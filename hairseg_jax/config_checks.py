@@ -1,5 +1,6 @@
 """Checks of a config's values before any work starts: every problem named in one message."""
 
+import itertools
 import json
 from typing import Any
 
@@ -40,6 +41,13 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     need(data.dataset in ("figaro1k", "synthetic"), "data.dataset", "is not figaro1k or synthetic")
     need(data.mask_source in MASK_SOURCES, "data.mask_source", f"is not one of {MASK_SOURCES}")
     need(data.image_size > 0, "data.image_size", "must be positive")
+    sizes, ends = data.progressive_sizes, [0.0, *data.progressive_until, 1.0]
+    need(all(size > 0 for size in sizes), "data.progressive_sizes", "must be positive")
+    need(
+        len(ends) == len(sizes) + 2 and all(a < b for a, b in itertools.pairwise(ends)),
+        "data.progressive_until",
+        "must hold one fraction in (0, 1) per progressive size, increasing",
+    )
     need(model.backbone in BACKBONE_NAMES, "model.backbone", f"is not one of {BACKBONE_NAMES}")
     need(model.output_stride in (8, 16, 32), "model.output_stride", "must be 8, 16 or 32")
     need(model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")

@@ -170,10 +170,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     start_step = int(state.step)
 
     train_step, predict_step = steps.jit_steps(config, mesh)
-    batches = pipeline.train_batches(
+    stages = pipeline.size_stages(config.data, total_steps)
+    if len(stages) > 1:
+        logging.info("Crop side by stage, as (last step, side): %s.", stages)
+    batches = pipeline.staged_train_batches(
         train_data,
         batch_size,
-        config.data.image_size,
+        stages,
         config.augment,
         config.seed,
         start_step,

@@ -42,6 +42,8 @@ def test_shipped_configs_pass(config):
         ("predict.tta", "rot", "predict.tta='rot' is not one of ('none', 'flip')"),
         ("predict.save_prob", "jpg", "predict.save_prob='jpg' is not one of"),
         ("predict.batch_size", 0, "predict.batch_size=0 must be positive"),
+        ("data.progressive_sizes", (0,), "data.progressive_sizes=(0,) must be positive"),
+        ("data.progressive_until", (0.5,), "data.progressive_until=(0.5,) must hold one fraction"),
     ],
 )
 def test_each_bad_value_is_named(field, value, message):
@@ -51,6 +53,16 @@ def test_each_bad_value_is_named(field, value, message):
     with pytest.raises(ConfigError, match="Bad config") as error:
         check_config(config)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("until", [(0.7, 0.4), (0.5, 1.0), (0.0, 0.5), (0.5,)])
+def test_progressive_stages_need_increasing_fractions_inside_training(until):
+    config = figaro.get_config()
+    config.data.progressive_sizes = (64, 96)
+    config.data.progressive_until = until
+    assert any("data.progressive_until" in problem for problem in problems(config))
+    config.data.progressive_until = (0.3, 0.6)
+    assert problems(config) == []
 
 
 def test_epochs_may_be_zero_when_steps_are_given():

@@ -3,7 +3,7 @@
 TensorFlow lives only on the host side: it is hidden from any GPU when this module is imported.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -79,6 +79,54 @@ def train_batches(
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds))
+
+
+def size_stages(data_config: ml_collections.ConfigDict, total_steps: int) -> list[tuple[int, int]]:
+    """The crop side of each stage of training, as (last step, side) pairs in order.
+
+    ``data_config.progressive_sizes`` are the sides of the stages before the last, each ending
+    at its fraction ``data_config.progressive_until`` of ``total_steps``; the last stage crops
+    ``data_config.image_size`` up to ``total_steps`` (progressive resizing).
+    """
+    ends = [round(f * total_steps) for f in data_config.progressive_until] + [total_steps]
+    return list(zip(ends, [*data_config.progressive_sizes, data_config.image_size], strict=True))
+
+
+def staged_train_batches(
+    examples: Examples,
+    batch_size: int,
+    stages: Sequence[tuple[int, int]],
+    augment_config: ml_collections.ConfigDict,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """``train_batches`` whose crop side changes by stage (see ``size_stages``).
+
+    Each stage continues the same stream of examples and augmentation draws, so batch ``k``
+    is ``train_batches(..., side of k's stage, start_step=k)``'s first, and ``start_step``
+    resumes inside any stage. The last stage is endless.
+    """
+    for number, (last_step, image_size) in enumerate(stages):
+        final = number == len(stages) - 1
+        if start_step >= last_step and not final:
+            continue
+        batches = train_batches(
+            examples,
+            batch_size,
+            image_size,
+            augment_config,
+            seed,
+            start_step,
+            process_index,
+            process_count,
+        )
+        if final:
+            yield from batches
+        for _ in range(last_step - start_step):
+            yield next(batches)
+        start_step = last_step
 
 
 def eval_batches(

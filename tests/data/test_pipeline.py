@@ -10,7 +10,12 @@ import tensorflow as tf
 from configs import figaro
 from hairseg_jax.data import augment
 from hairseg_jax.data.examples import Examples
-from hairseg_jax.data.pipeline import eval_batches, train_batches
+from hairseg_jax.data.pipeline import (
+    eval_batches,
+    size_stages,
+    staged_train_batches,
+    train_batches,
+)
 from hairseg_jax.data.synthetic import make_examples
 
 SIZE = 32
@@ -114,6 +119,33 @@ def test_each_epoch_visits_every_example_once(augment_config):
     for order in orders:
         assert sorted(order) == list(range(count))
     assert len({tuple(order) for order in orders}) == epochs, "epochs were not reshuffled"
+
+
+def test_size_stages_end_at_their_fractions_of_training():
+    data = figaro.get_config().data
+    assert size_stages(data, 100) == [(100, 227)]
+    data.progressive_sizes, data.progressive_until = (64, 96), (0.25, 0.6)
+    assert size_stages(data, 100) == [(25, 64), (60, 96), (100, 227)]
+
+
+@pytest.mark.parametrize("start_step", [0, 1, 3])
+def test_staged_batches_continue_one_stream_at_each_stage_size(
+    examples, augment_config, start_step
+):
+    """Step k of a staged stream is step k of the plain stream at k's crop side, also when
+    resumed inside either stage."""
+    stages = [(2, 24), (5, SIZE)]
+    staged = take(
+        staged_train_batches(
+            examples, BATCH, stages, augment_config, seed=4, start_step=start_step
+        ),
+        6 - start_step,
+    )
+    for step, batch in enumerate(staged, start=start_step):
+        side = 24 if step < 2 else SIZE
+        plain = next(train_batches(examples, BATCH, side, augment_config, 4, start_step=step))
+        assert batch["image"].shape == (BATCH, side, side, 3)
+        assert_batches_equal([batch], [plain])
 
 
 def test_batch_larger_than_dataset_raises(examples, augment_config):
