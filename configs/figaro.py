@@ -113,6 +113,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # <workdir>/threshold.json for this checkpoint.
     config.eval.tune_threshold = False
     config.eval.tta = "none"  # none | flip (mean of the logits of the image and its mirror)
+    # Multi-scale test-time augmentation: more sizes (e.g. (192, 256)) whose logits, resized to
+    # each image's resolution, are averaged with those of image_size.
+    config.eval.tta_sizes = ()
     config.eval.max_images = 0  # 0: all (also limits the val images of tune_threshold)
     config.eval.preview_images = 3  # val images (image | truth | prediction) to TensorBoard
 

@@ -73,6 +73,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     threshold_rule = "must be in (0, 1), or -1 for the tuned one"
     need(0 < ev.threshold < 1 or ev.threshold == -1, "eval.threshold", threshold_rule)
     need(ev.tta in TTA_MODES, "eval.tta", f"is not one of {TTA_MODES}")
+    need(all(size > 0 for size in ev.tta_sizes), "eval.tta_sizes", "must be positive")
     need(ev.preview_images >= 0, "eval.preview_images", "must not be negative")
     pr = config.predict
     need(0 < pr.threshold < 1 or pr.threshold == -1, "predict.threshold", threshold_rule)

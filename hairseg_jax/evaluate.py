@@ -57,24 +57,43 @@ def full_resolution_logits(
     image_size: int,
     batch_size: int,
     mesh: Mesh | None = None,
+    tta_sizes: Sequence[int] = (),
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (index, logits (H, W, C) at the image's own size) for every example, in order.
 
     Whole images are resized to ``image_size`` squares and batched (one compiled shape);
     the logits are resized back to each image's original height and width on the host. C is
     the number of channels ``predict_fn`` gives: 1, or 2 with the plain logits of a
-    test-time augmented step (``steps.tta_logits``). Every process reads every batch and gets
-    every logit; the devices of ``mesh`` (default: all) share each batch, whose size is
-    rounded up to a multiple of their number.
+    test-time augmented step (``steps.tta_logits``). Multi-scale test-time augmentation:
+    with ``tta_sizes`` the images are also predicted at each of those sizes, and channel 0
+    is the mean of every size's channel 0 at the original resolution (channel 1 stays that
+    of ``image_size``). Every process reads every batch and gets every logit; the devices
+    of ``mesh`` (default: all) share each batch, whose size is rounded up to a multiple of
+    their number.
     """
     mesh = sharding.data_mesh() if mesh is None else mesh
     batch_size = sharding.padded_batch_size(batch_size, mesh)
-    for batch in pipeline.eval_batches(examples, batch_size, image_size):
-        images = sharding.shard_batch(batch["image"], mesh, whole=True)
-        logits = np.asarray(jax.device_get(predict_fn(state, images)))
-        for index, image_logits in zip(batch["index"], logits, strict=True):
-            if index >= 0:
-                yield int(index), resize_logits(image_logits, *examples.masks[index].shape)
+    streams = [
+        pipeline.eval_batches(examples, batch_size, size) for size in (image_size, *tta_sizes)
+    ]
+    for batches in zip(*streams, strict=True):
+        logits = [
+            np.asarray(
+                jax.device_get(
+                    predict_fn(state, sharding.shard_batch(batch["image"], mesh, whole=True))
+                )
+            )
+            for batch in batches
+        ]
+        for row, index in enumerate(batches[0]["index"]):
+            if index < 0:
+                continue
+            shape = examples.masks[index].shape
+            first, *others = [resize_logits(size_logits[row], *shape) for size_logits in logits]
+            if others:
+                mean = np.mean([first[..., :1], *(other[..., :1] for other in others)], axis=0)
+                first = np.concatenate([mean, first[..., 1:]], axis=-1)
+            yield int(index), first
 
 
 def dice_per_threshold(
@@ -129,6 +148,7 @@ def score_examples(
     threshold: float = DEFAULT_THRESHOLD,
     mesh: Mesh | None = None,
     *,
+    tta_sizes: Sequence[int] = (),
     sweep: bool = False,
     num_worst: int = 0,
 ) -> Scores:
@@ -138,6 +158,7 @@ def score_examples(
       predict_fn: a jitted predict step; its channel 0 is scored, and a second channel (the
         plain logits of a test-time augmented step) gives ``summary["no_tta"]``.
       threshold: the probability above which a pixel is hair; <= 0 means 0.5.
+      tta_sizes: more sizes whose logits are averaged in (see ``full_resolution_logits``).
       sweep: also compute the mean Dice at each of ``SWEEP_THRESHOLDS``.
       num_worst: keep the predicted masks of this many lowest-Dice images.
     """
@@ -145,7 +166,7 @@ def score_examples(
     cut = logit(threshold)
     rows, counts, plain_counts, half_counts, sweeps, worst = [], [], [], [], [], []
     for index, logits in full_resolution_logits(
-        predict_fn, state, examples, image_size, batch_size, mesh
+        predict_fn, state, examples, image_size, batch_size, mesh, tta_sizes
     ):
         mask = examples.masks[index]
         main = logits[..., 0]
@@ -386,15 +407,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     With ``config.eval.tune_threshold`` the validation split first picks the threshold with
     the highest mean Dice, saved as ``workdir/threshold.json`` for this checkpoint;
     ``config.eval.threshold`` -1 uses it (else 0.5). ``config.eval.tta="flip"`` scores the
-    flip-averaged logits and reports the plain ones' scores beside them. A workdir without a
+    flip-averaged logits, ``config.eval.tta_sizes`` also averages those of other sizes, and
+    the plain logits' scores are reported beside them. A workdir without a
     checkpoint evaluates the weights of ``config.model.pretrained`` instead (e.g. a
     checkpoint of the original PyTorch project, imported as it is).
     """
     workdir = Path(workdir)
     mesh = sharding.data_mesh()
     state, weights, step = load_state(config, workdir, mesh)
-    tta = config.eval.tta
-    predict_fn = steps.jit_predict(config, mesh, tta=tta, with_plain=tta != "none")
+    tta, tta_sizes = config.eval.tta, tuple(config.eval.tta_sizes)
+    predict_fn = steps.jit_predict(
+        config, mesh, tta=tta, with_plain=tta != "none" or bool(tta_sizes)
+    )
     run = functools.partial(
         score_examples,
         predict_fn,
@@ -402,6 +426,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         image_size=config.eval.image_size,
         batch_size=config.eval.batch_size,
         mesh=mesh,
+        tta_sizes=tta_sizes,
     )
     leader = jax.process_index() == 0
     if leader:
@@ -409,7 +434,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
 
     if config.eval.tune_threshold:
         val = sources.load_examples(config, "val", config.eval.max_images)
-        tuned = tune_threshold(run, val, "val") | {"step": step, "weights": weights, "tta": tta}
+        tuned = tune_threshold(run, val, "val") | {
+            "step": step,
+            "weights": weights,
+            "tta": tta,
+            "tta_sizes": list(tta_sizes),
+        }
         if leader:
             write_json(workdir / THRESHOLD_FILE, tuned)
         logging.info(
@@ -437,6 +467,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         threshold=threshold,
         threshold_source=source,
         tta=tta,
+        tta_sizes=list(tta_sizes),
         image_size=config.eval.image_size,
         per_hair_type=per_hair_type(rows),
         worst=[
@@ -450,14 +481,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         sheet_pixels = worst_contact_sheet(examples, rows, scores.worst)
         Image.fromarray(sheet_pixels).save(workdir / sheet)
     logging.info(
-        "Eval of %s on %s (%d images) at threshold %.2f (%s), TTA %s: Dice %.4f (pooled %.4f), "
-        "IoU %.4f, accuracy %.4f.",
+        "Eval of %s on %s (%d images) at threshold %.2f (%s), TTA %s, sizes %s: Dice %.4f "
+        "(pooled %.4f), IoU %.4f, accuracy %.4f.",
         weights,
         split,
         summary["num_images"],
         threshold,
         source,
         tta,
+        (config.eval.image_size, *tta_sizes),
         summary["dice"],
         summary["pooled_dice"],
         summary["iou"],

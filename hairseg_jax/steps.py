@@ -203,17 +203,17 @@ def tta_logits(
     """Logits (B, H, W, 1) of preprocessed images, with test-time augmentation ``tta``.
 
     ``"flip"`` averages the logits of the images and of their horizontal mirror images
-    (mirrored back); ``with_plain`` then appends the plain logits as a second channel
-    (B, H, W, 2), so one call gives both.
+    (mirrored back); ``with_plain`` appends the plain logits as a second channel
+    (B, H, W, 2), so one call gives both (and multi-scale TTA keeps a plain reference).
     """
     if tta not in TTA_MODES:
         raise ValueError(f"Unknown test-time augmentation {tta!r}; use one of {TTA_MODES}.")
     logits = apply_fn(variables, images, train=False)
-    if tta == "none":
-        return logits
-    mirrored = apply_fn(variables, images[:, :, ::-1], train=False)[:, :, ::-1]
-    averaged = (logits + mirrored) / 2
-    return jnp.concatenate([averaged, logits], axis=-1) if with_plain else averaged
+    augmented = logits
+    if tta == "flip":
+        mirrored = apply_fn(variables, images[:, :, ::-1], train=False)[:, :, ::-1]
+        augmented = (logits + mirrored) / 2
+    return jnp.concatenate([augmented, logits], axis=-1) if with_plain else augmented
 
 
 def predict_step(

@@ -42,6 +42,7 @@ def test_shipped_configs_pass(config):
         ("predict.tta", "rot", "predict.tta='rot' is not one of ('none', 'flip')"),
         ("predict.save_prob", "jpg", "predict.save_prob='jpg' is not one of"),
         ("predict.batch_size", 0, "predict.batch_size=0 must be positive"),
+        ("eval.tta_sizes", (96, -1), "eval.tta_sizes=(96, -1) must be positive"),
         ("data.progressive_sizes", (0,), "data.progressive_sizes=(0,) must be positive"),
         ("data.progressive_until", (0.5,), "data.progressive_until=(0.5,) must hold one fraction"),
     ],

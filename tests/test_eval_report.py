@@ -100,7 +100,7 @@ def test_threshold_is_tuned_on_val_and_saved_for_the_checkpoint(trained, report,
 def test_test_dice_is_reported_at_the_tuned_threshold_and_at_half(report, trained, model):
     tuned = json.loads((trained / evaluate.THRESHOLD_FILE).read_text())
     assert report["threshold"] == tuned["threshold"] and report["threshold_source"] == "tuned"
-    assert report["tta"] == "flip"
+    assert report["tta"] == "flip" and report["tta_sizes"] == []
     flip = scores(model, "test", "flip", tuned["threshold"])
     np.testing.assert_allclose(report["dice"], flip["dice"], rtol=1e-12)
     plain = scores(model, "test", "none", tuned["threshold"])
@@ -123,6 +123,38 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(model):
     np.testing.assert_allclose(both[..., 1:], logits, atol=1e-5)
     np.testing.assert_allclose(both[..., :1], (logits + mirrored) / 2, atol=1e-5)
     assert not np.allclose(logits, mirrored, atol=1e-3)  # the flip changes something
+
+
+def test_multi_scale_tta_averages_each_sizes_logits_at_the_original_resolution(model):
+    examples = sources.load_examples(model["config"], "test", 3)
+    multi = evaluate.full_resolution_logits(
+        steps.jit_predict(model["config"], tta="flip", with_plain=True),
+        model["state"],
+        examples,
+        SIZE,
+        2,
+        tta_sizes=(48, 80),
+    )
+    single = {
+        size: dict(
+            evaluate.full_resolution_logits(
+                model["predict"]["flip"], model["state"], examples, size, 2
+            )
+        )
+        for size in (SIZE, 48, 80)
+    }
+    plain = dict(
+        evaluate.full_resolution_logits(model["predict"]["none"], model["state"], examples, SIZE, 2)
+    )
+    indices = []
+    for index, logits in multi:
+        indices.append(index)
+        assert logits.shape == (*examples.masks[index].shape, 2)
+        mean = np.mean([single[size][index][..., 0] for size in single], axis=0)
+        np.testing.assert_allclose(logits[..., 0], mean, atol=1e-5)
+        np.testing.assert_allclose(logits[..., 1], plain[index][..., 0], atol=1e-5)
+        assert not np.allclose(logits[..., 0], single[SIZE][index][..., 0], atol=1e-3)
+    assert indices == [0, 1, 2]
 
 
 def test_report_has_hair_types_worst_images_and_a_contact_sheet(report, trained):
