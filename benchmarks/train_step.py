@@ -12,7 +12,10 @@ takes a train step as 3x the forward pass (forward, input and weight gradients).
 ``xla_gflops`` is XLA's own cost analysis of the compiled step, which may differ (it counts
 the padded taps of dilated convolutions differently, and on GPU leaves out the convolutions
 that run as cuDNN calls). ``--predict`` times the inference step instead (BatchNorm in
-inference mode, no gradients, FLOPs 1x the forward pass). MFU is model FLOPs per second over the
+inference mode, no gradients, FLOPs 1x the forward pass); with ``--fold_bn`` also with every
+BatchNorm reduced to its bias add, which is what a model with BatchNorm folded into the
+preceding convolutions' kernels computes (row ``impl=jax_bn_folded``: its speed, not its
+numbers). MFU is model FLOPs per second over the
 device's dense bf16 peak, printed for known accelerators. ``jax_over_torch`` is JAX's
 images/s over PyTorch's (above 1: JAX is faster).
 """
@@ -31,6 +34,7 @@ from typing import Any, NamedTuple
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to torch too
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -109,8 +113,17 @@ class JaxCase(NamedTuple):
     xla_flops_per_image: float
 
 
-def compile_jax(config, predict: bool) -> JaxCase:
-    """Compiles the jitted train (or predict) step of ``config`` on a random batch."""
+def bias_only_batch_norm(next_fun, args, kwargs, context):
+    """A flax method interceptor that computes each BatchNorm as its bias add alone."""
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+        x = args[0]
+        return x + context.module.get_variable("params", "bias").astype(x.dtype)
+    return next_fun(*args, **kwargs)
+
+
+def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
+    """Compiles the jitted train (or predict) step of ``config`` on a random batch; with
+    ``fold_bn`` every BatchNorm is traced as ``bias_only_batch_norm``."""
     size, batch = config.data.image_size, config.train.batch_size
     mesh = sharding.data_mesh()
     sharding.check_batch_size(batch, mesh)
@@ -131,7 +144,11 @@ def compile_jax(config, predict: bool) -> JaxCase:
         fn, inputs = train_fn, device_batch
 
     start = time.perf_counter()
-    compiled = fn.lower(state, inputs).compile()
+    if fold_bn:
+        with nn.intercept_methods(bias_only_batch_norm):
+            compiled = fn.lower(state, inputs).compile()
+    else:
+        compiled = fn.lower(state, inputs).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -248,6 +265,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile")
     parser.add_argument("--predict", action="store_true", help="time inference instead")
+    parser.add_argument(
+        "--fold_bn", action="store_true", help="also time inference with BatchNorm folded"
+    )
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
     parser.add_argument("--torch_compile", action="store_true", help="also with torch.compile")
     return parser.parse_args()
@@ -269,18 +289,22 @@ def main() -> None:
     ):
         config = case_config(base, backbone, size, batch, dtype, args.output_stride)
         case = f"backbone={backbone} size={size} batch={batch} dtype={dtype}"
-        jax_case = compile_jax(config, args.predict)
-        step_s, _ = time_jax(jax_case, args.steps, args.warmup)
-        flops = jax_case.model_flops_per_image
-        line = (
-            f"{kind} impl=jax {case} compile_s={jax_case.compile_s:.1f} "
-            f"ms_per_step={1e3 * step_s:.1f} images_per_s={batch / step_s:.2f} "
-            f"model_gflops_per_image={flops / 1e9:.1f} "
-            f"xla_gflops_per_image={jax_case.xla_flops_per_image / 1e9:.1f}"
-        )
-        if peak:
-            line += f" mfu={flops * batch / step_s / peak:.3f}"
-        print(line, flush=True)
+        seconds = {}
+        for impl in ["jax", "jax_bn_folded"] if args.predict and args.fold_bn else ["jax"]:
+            jax_case = compile_jax(config, args.predict, fold_bn=impl == "jax_bn_folded")
+            impl_s, _ = time_jax(jax_case, args.steps, args.warmup)
+            seconds[impl] = impl_s
+            flops = jax_case.model_flops_per_image
+            line = (
+                f"{kind} impl={impl} {case} compile_s={jax_case.compile_s:.1f} "
+                f"ms_per_step={1e3 * impl_s:.1f} images_per_s={batch / impl_s:.2f} "
+                f"model_gflops_per_image={flops / 1e9:.1f} "
+                f"xla_gflops_per_image={jax_case.xla_flops_per_image / 1e9:.1f}"
+            )
+            if peak:
+                line += f" mfu={flops * batch / impl_s / peak:.3f}"
+            print(line, flush=True)
+        step_s = seconds["jax"]  # torch is compared with the plain JAX step
         variants = [False, True] if args.torch_compile else [False] if args.torch else []
         for compile_model in variants:
             result = time_torch(config, args.steps, args.warmup, compile_model, args.predict)
