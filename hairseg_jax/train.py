@@ -1,6 +1,7 @@
 """Training loop: data -> jitted steps -> clu metric writers and orbax checkpoints."""
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -173,15 +174,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     stages = pipeline.size_stages(config.data, total_steps)
     if len(stages) > 1:
         logging.info("Crop side by stage, as (last step, side): %s.", stages)
-    batches = pipeline.staged_train_batches(
-        train_data,
-        batch_size,
+    batches = pipeline.staged_batches(
         stages,
-        config.augment,
-        config.seed,
         start_step,
-        jax.process_index(),
-        jax.process_count(),
+        functools.partial(
+            pipeline.train_batches,
+            train_data,
+            batch_size,
+            augment_config=config.augment,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ),
     )
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     train_metrics = None

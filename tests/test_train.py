@@ -13,7 +13,7 @@ import pytest
 
 from configs import synthetic
 from hairseg_jax import checkpoints, config_checks, evaluate, models, steps, train
-from hairseg_jax.data import sources
+from hairseg_jax.data import pipeline, sources
 from hairseg_jax.weights import convert
 
 
@@ -44,6 +44,23 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path):
         best.metrics(s)[checkpoints.BEST_METRIC] for s in best.all_steps()
     )
     assert (tmp_path / "config.json").is_file()
+
+
+def test_progressive_resizing_trains_each_stage_on_its_crop_size(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.data.progressive_sizes, config.data.progressive_until = (24,), (0.5,)
+    streams = []
+
+    def recording_train_batches(*args, **kwargs):
+        streams.append((kwargs["image_size"], kwargs["start_step"]))
+        return plain_train_batches(*args, **kwargs)
+
+    plain_train_batches = pipeline.train_batches
+    monkeypatch.setattr(pipeline, "train_batches", recording_train_batches)
+    summary = train.train_and_evaluate(config, tmp_path)
+    assert streams == [(24, 0), (32, 2)]  # steps 1-2 at 24 px, steps 3-4 at 32 px
+    assert 0.0 <= summary["dice"] <= 1.0
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
 
 
 def test_eval_without_training_uses_config_model_pretrained(tmp_path):

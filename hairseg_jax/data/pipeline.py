@@ -3,7 +3,7 @@
 TensorFlow lives only on the host side: it is hidden from any GPU when this module is imported.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -92,36 +92,23 @@ def size_stages(data_config: ml_collections.ConfigDict, total_steps: int) -> lis
     return list(zip(ends, [*data_config.progressive_sizes, data_config.image_size], strict=True))
 
 
-def staged_train_batches(
-    examples: Examples,
-    batch_size: int,
+def staged_batches(
     stages: Sequence[tuple[int, int]],
-    augment_config: ml_collections.ConfigDict,
-    seed: int,
-    start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
+    start_step: int,
+    batches_from: Callable[..., Iterator[dict[str, np.ndarray]]],
 ) -> Iterator[dict[str, np.ndarray]]:
-    """``train_batches`` whose crop side changes by stage (see ``size_stages``).
+    """Training batches whose crop side changes by stage (see ``size_stages``).
 
-    Each stage continues the same stream of examples and augmentation draws, so batch ``k``
-    is ``train_batches(..., side of k's stage, start_step=k)``'s first, and ``start_step``
-    resumes inside any stage. The last stage is endless.
+    ``batches_from(image_size=side, start_step=k)`` is the stream of one side from step k on:
+    ``train_batches`` with its other arguments bound. Every stage continues the same stream of
+    examples and augmentation draws, so batch k is the first of ``batches_from`` with k's side
+    and ``start_step=k``, and ``start_step`` resumes inside any stage. The last stage is endless.
     """
     for number, (last_step, image_size) in enumerate(stages):
         final = number == len(stages) - 1
         if start_step >= last_step and not final:
             continue
-        batches = train_batches(
-            examples,
-            batch_size,
-            image_size,
-            augment_config,
-            seed,
-            start_step,
-            process_index,
-            process_count,
-        )
+        batches = batches_from(image_size=image_size, start_step=start_step)
         if final:
             yield from batches
         for _ in range(last_step - start_step):

@@ -1,5 +1,6 @@
 """Tests of the tf.data training and evaluation pipelines on small in-memory examples."""
 
+import functools
 import itertools
 
 import ml_collections
@@ -13,7 +14,7 @@ from hairseg_jax.data.examples import Examples
 from hairseg_jax.data.pipeline import (
     eval_batches,
     size_stages,
-    staged_train_batches,
+    staged_batches,
     train_batches,
 )
 from hairseg_jax.data.synthetic import make_examples
@@ -135,12 +136,10 @@ def test_staged_batches_continue_one_stream_at_each_stage_size(
     """Step k of a staged stream is step k of the plain stream at k's crop side, also when
     resumed inside either stage."""
     stages = [(2, 24), (5, SIZE)]
-    staged = take(
-        staged_train_batches(
-            examples, BATCH, stages, augment_config, seed=4, start_step=start_step
-        ),
-        6 - start_step,
+    batches_from = functools.partial(
+        train_batches, examples, BATCH, augment_config=augment_config, seed=4
     )
+    staged = take(staged_batches(stages, start_step, batches_from), 6 - start_step)
     for step, batch in enumerate(staged, start=start_step):
         side = 24 if step < 2 else SIZE
         plain = next(train_batches(examples, BATCH, side, augment_config, 4, start_step=step))
