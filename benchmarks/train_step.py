@@ -22,6 +22,7 @@ images/s over PyTorch's (above 1: JAX is faster).
 
 import argparse
 import ast
+import contextlib
 import importlib.util
 import itertools
 import os
@@ -144,10 +145,7 @@ def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
         fn, inputs = train_fn, device_batch
 
     start = time.perf_counter()
-    if fold_bn:
-        with nn.intercept_methods(bias_only_batch_norm):
-            compiled = fn.lower(state, inputs).compile()
-    else:
+    with nn.intercept_methods(bias_only_batch_norm) if fold_bn else contextlib.nullcontext():
         compiled = fn.lower(state, inputs).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()

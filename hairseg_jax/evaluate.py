@@ -89,9 +89,12 @@ def full_resolution_logits(
             if index < 0:
                 continue
             shape = examples.masks[index].shape
-            first, *others = [resize_logits(size_logits[row], *shape) for size_logits in logits]
-            if others:
-                mean = np.mean([first[..., :1], *(other[..., :1] for other in others)], axis=0)
+            first = resize_logits(logits[0][row], *shape)
+            if len(logits) > 1:  # only channel 0 of the other sizes is used: resize only it
+                others = [
+                    resize_logits(size_logits[row, ..., :1], *shape) for size_logits in logits[1:]
+                ]
+                mean = np.mean([first[..., :1], *others], axis=0)
                 first = np.concatenate([mean, first[..., 1:]], axis=-1)
             yield int(index), first
 

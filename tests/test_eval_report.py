@@ -157,6 +157,29 @@ def test_multi_scale_tta_averages_each_sizes_logits_at_the_original_resolution(m
     assert indices == [0, 1, 2]
 
 
+def test_multi_scale_eval_reports_the_plain_model_beside_it(trained, model, figaro_dir):
+    """Multi-scale TTA alone (no flip) still reports the plain model as ``no_tta``."""
+    config = tiny_config(figaro_dir)
+    config.eval.split = "val"  # leaves the test report of the other tests alone
+    config.eval.tta_sizes = (48,)
+    report = evaluate.evaluate(config, trained)
+    assert report["tta"] == "none" and report["tta_sizes"] == [48]
+    examples = sources.load_examples(config, "val", 8)
+    multi = evaluate.score_examples(
+        steps.jit_predict(config, tta="none", with_plain=True),
+        model["state"],
+        examples,
+        SIZE,
+        4,
+        report["threshold"],
+        tta_sizes=(48,),
+    ).summary
+    plain = scores(model, "val", "none", report["threshold"])
+    np.testing.assert_allclose(report["dice"], multi["dice"], rtol=1e-12)
+    np.testing.assert_allclose(report["no_tta"]["dice"], plain["dice"], rtol=1e-12)
+    np.testing.assert_allclose(multi["no_tta"]["dice"], plain["dice"], rtol=1e-12)
+
+
 def test_report_has_hair_types_worst_images_and_a_contact_sheet(report, trained):
     with open(trained / "eval_test.csv") as f:
         rows = list(csv.DictReader(f))
