@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from hairseg_jax import checkpoints, metrics, models, pictures, sharding, steps
-from hairseg_jax.data import pipeline, sources
+from hairseg_jax.data import sources, whole_images
 from hairseg_jax.data import split as figaro_split
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.weights import convert
@@ -74,7 +74,7 @@ def full_resolution_logits(
     mesh = sharding.data_mesh() if mesh is None else mesh
     batch_size = sharding.padded_batch_size(batch_size, mesh)
     streams = [
-        pipeline.eval_batches(examples, batch_size, size) for size in (image_size, *tta_sizes)
+        whole_images.eval_batches(examples, batch_size, size) for size in (image_size, *tta_sizes)
     ]
     for batches in zip(*streams, strict=True):
         logits = [

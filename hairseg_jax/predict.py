@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from hairseg_jax import evaluate, pictures, sharding, steps
-from hairseg_jax.data import pipeline
+from hairseg_jax.data import whole_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LOG_EVERY_SECONDS = 10.0
@@ -106,7 +106,7 @@ class _Loaded:
 def _load(path: Path, name: str, image_size: int) -> _Loaded:
     try:
         image = read_photo(path)
-        return _Loaded(path, name, image, pipeline.resize_image(image, image_size))
+        return _Loaded(path, name, image, whole_images.resize_image(image, image_size))
     except Exception as e:  # noqa: BLE001  (any undecodable file is reported and skipped)
         return _Loaded(path, name, error=f"{type(e).__name__}: {e}".replace("\n", " "))
 

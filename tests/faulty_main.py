@@ -49,9 +49,9 @@ def kill_in_step(step: int) -> None:
 
 
 def kill_in_eval(batch_number: int) -> None:
-    from hairseg_jax.data import pipeline
+    from hairseg_jax.data import whole_images
 
-    eval_batches = pipeline.eval_batches
+    eval_batches = whole_images.eval_batches
     delivered = [0]
 
     def faulty_eval_batches(*args, **kwargs):
@@ -61,7 +61,7 @@ def kill_in_eval(batch_number: int) -> None:
                 die()
             yield batch
 
-    pipeline.eval_batches = faulty_eval_batches
+    whole_images.eval_batches = faulty_eval_batches
 
 
 def kill_in_save(where: str) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from configs import figaro
 from hairseg_jax import checkpoints, evaluate, export, models, sharding, steps
-from hairseg_jax.data import pipeline
+from hairseg_jax.data import whole_images
 from tests.conftest import REPO, random_variables
 
 SIZE = 64
@@ -89,7 +89,7 @@ def test_saved_model_matches_the_jax_model_on_real_images(workdir, exported, pho
     # The in-graph preprocessing is predict mode's: the same mask to within resize rounding.
     predict_fn = steps.jit_predict(config, tta="flip")
     image = photos[0]
-    logits = np.asarray(predict_fn(state, pipeline.resize_image(image, SIZE)[None]))[0]
+    logits = np.asarray(predict_fn(state, whole_images.resize_image(image, SIZE)[None]))[0]
     host = 1 / (1 + np.exp(-evaluate.resize_logits(logits, *image.shape[:2])[..., 0]))
     graph = serving(images=tf.constant(image[None]))["probability"].numpy()[0]
     cut = np.median(graph)

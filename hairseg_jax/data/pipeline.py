@@ -114,33 +114,3 @@ def staged_batches(
         for _ in range(last_step - start_step):
             yield next(batches)
         start_step = last_step
-
-
-def eval_batches(
-    examples: Examples, batch_size: int, image_size: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Whole images resized to ``image_size``, in order, the last batch padded with zeros.
-
-    Yields:
-      ``{"image": uint8 (B, S, S, 3), "index": int64 (B,)}`` where padding has index -1.
-    """
-    lookup = _lookup(examples)
-
-    def load(index: tf.Tensor) -> dict[str, tf.Tensor]:
-        image, _ = lookup(index)
-        return {"image": augment.eval_transform(image, image_size), "index": index}
-
-    ds = tf.data.Dataset.range(len(examples))
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for batch in tfds.as_numpy(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)):
-        missing = batch_size - len(batch["index"])
-        yield {
-            "image": np.pad(batch["image"], [(0, missing), (0, 0), (0, 0), (0, 0)]),
-            "index": np.pad(batch["index"], (0, missing), constant_values=-1),
-        }
-
-
-def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
-    """One uint8 (H, W, 3) image resized to ``image_size`` squares exactly as ``eval_batches``
-    resizes (for images outside a dataset, e.g. in predict mode)."""
-    return augment.eval_transform(tf.convert_to_tensor(image), image_size).numpy()

@@ -1,4 +1,4 @@
-"""Tests of the tf.data training and evaluation pipelines on small in-memory examples."""
+"""Tests of the tf.data training pipeline on small in-memory examples."""
 
 import functools
 import itertools
@@ -6,13 +6,10 @@ import itertools
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from configs import figaro
-from hairseg_jax.data import augment
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.data.pipeline import (
-    eval_batches,
     size_stages,
     staged_batches,
     train_batches,
@@ -155,40 +152,3 @@ def test_batch_larger_than_dataset_raises(examples, augment_config):
 def test_batch_as_large_as_dataset(examples, augment_config):
     batch = next(train_batches(examples, 12, 16, augment_config, seed=0))
     assert batch["image"].shape == (12, 16, 16, 3)
-
-
-def test_eval_batches_cover_every_example_in_order(examples):
-    batches = list(eval_batches(examples, 5, SIZE))
-    assert len(batches) == 3
-    for batch in batches:
-        assert set(batch) == {"image", "index"}
-        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (5, SIZE, SIZE, 3)
-        assert batch["index"].dtype == np.int64 and batch["index"].shape == (5,)
-    indices = np.concatenate([b["index"] for b in batches])
-    np.testing.assert_array_equal(indices, [*range(12), -1, -1, -1])
-    images = np.concatenate([b["image"] for b in batches])
-    for i in range(12):
-        expected = augment.eval_transform(tf.constant(examples.images[i]), SIZE).numpy()
-        np.testing.assert_array_equal(images[i], expected)
-    assert not images[12:].any(), "padding images are not zeros"
-
-
-def test_eval_batches_without_padding(examples):
-    batches = list(eval_batches(examples, 4, 24))
-    assert [b["index"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    assert all(b["image"].shape == (4, 24, 24, 3) for b in batches)
-
-
-def test_eval_batches_of_images_of_different_sizes():
-    data = Examples(
-        ["a", "b", "c"],
-        [
-            np.full((20, 30, 3), 40, np.uint8),
-            np.full((9, 7, 3), 90, np.uint8),
-            np.zeros((5, 5, 3), np.uint8),
-        ],
-        [np.zeros((20, 30), np.uint8), np.zeros((9, 7), np.uint8), np.zeros((5, 5), np.uint8)],
-    )
-    (batch,) = list(eval_batches(data, 4, 16))
-    np.testing.assert_array_equal(batch["index"], [0, 1, 2, -1])
-    assert (batch["image"][0] == 40).all() and (batch["image"][1] == 90).all()
