@@ -1,0 +1,202 @@
+"""Training batches drawn and augmented on the accelerator, in JAX (no TensorFlow).
+
+For hosts that have only JAX, or too few CPU cores to feed a fast accelerator. The transforms
+are those of ``augment.py``: one affine map per example folds a random resized crop, a
+rotation and flips; the image is resampled through it bilinearly and the mask through the
+same map with nearest neighbours, both reflected at the image's own edges; then the image
+alone gets colour jitter. Brightness and contrast jitter as TensorFlow's do; saturation
+scales each pixel's distance from its grey value and hue rotates its chroma (YIQ), the same
+kinds of change as TensorFlow's HSV versions but not bit-identical.
+
+The training images stay on the device, each in the top-left corner of one padded array
+(``pack``). A step's batch depends on (seed, step) alone: its examples (a new permutation
+every epoch, as in ``pipeline.train_batches``) and every draw, so a run resumes exactly and
+nothing crosses from the host per step.
+"""
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from hairseg_jax.data.examples import Examples
+
+
+class Packed(NamedTuple):
+    """Examples padded into one array: example i is ``images[i, :h, :w]``, ``(h, w) = sizes[i]``."""
+
+    images: np.ndarray | jax.Array  # uint8 (N, S, S, 3)
+    masks: np.ndarray | jax.Array  # uint8 (N, S, S), 0/1
+    sizes: np.ndarray | jax.Array  # int32 (N, 2): height, width
+
+
+def pack(examples: Examples, max_side: int) -> Packed:
+    """Pads ``examples`` into one array, first shrinking any image whose longer side exceeds
+    ``max_side`` to that side (image bilinearly, mask by nearest neighbour, aspect kept)."""
+    shrunk = []
+    for image, mask in zip(examples.images, examples.masks, strict=True):
+        height, width = mask.shape
+        factor = max_side / max(height, width)
+        if factor < 1:
+            size = (max(round(width * factor), 1), max(round(height * factor), 1))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+            mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+        shrunk.append((image, mask))
+    side = max(max(mask.shape) for _, mask in shrunk)
+    images = np.zeros((len(shrunk), side, side, 3), np.uint8)
+    masks = np.zeros((len(shrunk), side, side), np.uint8)
+    for i, (image, mask) in enumerate(shrunk):
+        images[i, : mask.shape[0], : mask.shape[1]] = image
+        masks[i, : mask.shape[0], : mask.shape[1]] = mask
+    sizes = np.array([mask.shape for _, mask in shrunk], np.int32)
+    return Packed(images, masks, sizes)
+
+
+def sample_affine(
+    key: jax.Array, height: jax.Array, width: jax.Array, size: int, cfg: ml_collections.ConfigDict
+) -> jax.Array:
+    """Draws a crop, rotation and flips; returns the 3x3 map output -> input pixel centres.
+
+    ``augment.sample_affine`` in JAX: continuous coordinates (pixel i covers [i, i + 1)),
+    x along width. With ``cfg.enabled`` False the map is the whole image, nothing drawn.
+    """
+    height, width = height.astype(jnp.float32), width.astype(jnp.float32)
+    if not cfg.enabled:
+        return jnp.array([[width / size, 0.0, 0.0], [0.0, height / size, 0.0], [0.0, 0.0, 1.0]])
+    keys = jax.random.split(key, 7)
+    uniform = lambda k, low, high: jax.random.uniform(k, (), jnp.float32, low, high)  # noqa: E731
+    area = height * width
+    scale = uniform(keys[0], *cfg.scale)
+    ratio = jnp.exp(uniform(keys[1], math.log(cfg.ratio[0]), math.log(cfg.ratio[1])))
+    crop_w = jnp.minimum(jnp.sqrt(scale * area * ratio), width)
+    crop_h = jnp.minimum(jnp.sqrt(scale * area / ratio), height)
+    x0 = uniform(keys[2], 0.0, 1.0) * (width - crop_w)
+    y0 = uniform(keys[3], 0.0, 1.0) * (height - crop_h)
+    angle = uniform(keys[4], -cfg.rotation, cfg.rotation) * (math.pi / 180.0)
+    flip_x = jnp.where(jax.random.bernoulli(keys[5], 0.5 if cfg.hflip else 0.0), -1.0, 1.0)
+    flip_y = jnp.where(jax.random.bernoulli(keys[6], 0.5 if cfg.vflip else 0.0), -1.0, 1.0)
+    half = size / 2.0
+    sx, sy = flip_x * crop_w / size, flip_y * crop_h / size
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    cx, cy = x0 + crop_w / 2.0, y0 + crop_h / 2.0
+    a0, a1 = cos * sx, -sin * sy
+    b0, b1 = sin * sx, cos * sy
+    return jnp.array(
+        [
+            [a0, a1, cx - (a0 + a1) * half],
+            [b0, b1, cy - (b0 + b1) * half],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+
+
+def _reflect(index: jax.Array, length: jax.Array) -> jax.Array:
+    """Integer pixel indices reflected into [0, length) (d c b a | a b c d | d c b a)."""
+    folded = jnp.mod(index, 2 * length)
+    return jnp.where(folded >= length, 2 * length - 1 - folded, folded)
+
+
+def warp(
+    image: jax.Array, size_hw: jax.Array, affine: jax.Array, size: int, nearest: bool = False
+) -> jax.Array:
+    """Resamples the (h, w) = ``size_hw`` corner of a padded (S, S, C) array through
+    ``affine`` to (size, size, C) float32: bilinearly, or by nearest neighbour."""
+    centres = jnp.arange(size, dtype=jnp.float32) + 0.5
+    xo, yo = jnp.meshgrid(centres, centres)
+    # Continuous input coordinates, then pixel-index coordinates (centre of pixel i is i).
+    x = affine[0, 0] * xo + affine[0, 1] * yo + affine[0, 2] - 0.5
+    y = affine[1, 0] * xo + affine[1, 1] * yo + affine[1, 2] - 0.5
+    height, width = size_hw[0], size_hw[1]
+    if nearest:
+        rows, columns = jnp.round(y).astype(jnp.int32), jnp.round(x).astype(jnp.int32)
+        return image[_reflect(rows, height), _reflect(columns, width)].astype(jnp.float32)
+    top, left = jnp.floor(y), jnp.floor(x)
+    dy, dx = (y - top)[..., None], (x - left)[..., None]
+    top, left = top.astype(jnp.int32), left.astype(jnp.int32)
+    rows = _reflect(top, height), _reflect(top + 1, height)
+    columns = _reflect(left, width), _reflect(left + 1, width)
+    pixel = lambda r, c: image[rows[r], columns[c]].astype(jnp.float32)  # noqa: E731
+    upper = pixel(0, 0) * (1 - dx) + pixel(0, 1) * dx
+    lower = pixel(1, 0) * (1 - dx) + pixel(1, 1) * dx
+    return upper * (1 - dy) + lower * dy
+
+
+_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def colour_jitter(key: jax.Array, image: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
+    """Brightness, contrast, saturation and hue jitter of a float (H, W, 3) image in [0, 1]."""
+    keys = jax.random.split(key, 4)
+    uniform = lambda k, spread: jax.random.uniform(k, (), jnp.float32, -spread, spread)  # noqa: E731
+    if cfg.brightness:
+        image = image + uniform(keys[0], cfg.brightness)
+    if cfg.contrast:
+        mean = image.mean(axis=(0, 1))
+        image = (image - mean) * (1 + uniform(keys[1], cfg.contrast)) + mean
+    if cfg.saturation or cfg.hue:
+        yiq = image @ jnp.asarray(_TO_YIQ.T, jnp.float32)
+        chroma = yiq[..., 1:] * (1 + uniform(keys[2], cfg.saturation))
+        angle = uniform(keys[3], cfg.hue) * (2 * math.pi)  # hue: a fraction of the colour wheel
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        chroma = chroma @ jnp.array([[cos, sin], [-sin, cos]])
+        yiq = jnp.concatenate([yiq[..., :1], chroma], axis=-1)
+        image = yiq @ jnp.asarray(np.linalg.inv(_TO_YIQ).T, jnp.float32)
+    return jnp.clip(image, 0.0, 1.0)
+
+
+def augment_example(
+    key: jax.Array,
+    image: jax.Array,
+    mask: jax.Array,
+    size_hw: jax.Array,
+    size: int,
+    cfg: ml_collections.ConfigDict,
+) -> tuple[jax.Array, jax.Array]:
+    """One padded example -> uint8 (size, size, 3) image and uint8 (size, size) mask."""
+    affine_key, colour_key = jax.random.split(key)
+    affine = sample_affine(affine_key, size_hw[0], size_hw[1], size, cfg)
+    warped = warp(image, size_hw, affine, size) / 255.0
+    mask = warp(mask[..., None], size_hw, affine, size, nearest=True)[..., 0]
+    if cfg.enabled:
+        warped = colour_jitter(colour_key, warped, cfg)
+    return jnp.round(warped * 255.0).astype(jnp.uint8), mask.astype(jnp.uint8)
+
+
+def batch_fn(
+    batch_size: int, image_size: int, augment_config: ml_collections.ConfigDict, seed: int
+) -> Callable[[Packed, jax.Array], dict[str, jax.Array]]:
+    """``(packed, step) -> {"image": uint8 (B, S, S, 3), "mask": uint8 (B, S, S)}``, the
+    augmented global batch number ``step`` (from 0) of an endless stream; jit it.
+
+    Positions ``step * B ... step * B + B - 1`` of the stream are read, position p being
+    example ``permutation(epoch p // N)[p % N]``, augmented with a key folded from p.
+    """
+    order_key, draw_key = jax.random.split(jax.random.key(seed))
+
+    def batch(packed: Packed, step: jax.Array) -> dict[str, jax.Array]:
+        count = packed.images.shape[0]
+        positions = step * batch_size + jnp.arange(batch_size)
+
+        def one(position: jax.Array) -> tuple[jax.Array, jax.Array]:
+            epoch_order = jax.random.permutation(
+                jax.random.fold_in(order_key, position // count), count
+            )
+            index = epoch_order[position % count]
+            return augment_example(
+                jax.random.fold_in(draw_key, position),
+                packed.images[index],
+                packed.masks[index],
+                packed.sizes[index],
+                image_size,
+                augment_config,
+            )
+
+        images, masks = jax.vmap(one)(positions)
+        return {"image": images, "mask": masks}
+
+    return batch

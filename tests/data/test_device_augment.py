@@ -1,0 +1,157 @@
+"""Tests of the training batches drawn and augmented on the device, in JAX."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import figaro
+from hairseg_jax.data import augment, device_augment
+from hairseg_jax.data.examples import Examples
+from hairseg_jax.data.synthetic import make_examples
+
+
+@pytest.fixture
+def augment_config():
+    return figaro.get_config().augment
+
+
+def no_colour(cfg):
+    cfg.brightness = cfg.contrast = cfg.saturation = cfg.hue = 0.0
+    return cfg
+
+
+def flat_examples(count: int, shape=(20, 30)) -> Examples:
+    """Example i is a flat image of grey level 10 * i with an all-hair mask."""
+    return Examples(
+        [f"flat{i}" for i in range(count)],
+        [np.full((*shape, 3), 10 * i, np.uint8) for i in range(count)],
+        [np.ones(shape, np.uint8) for _ in range(count)],
+    )
+
+
+def test_pack_pads_into_one_array_and_shrinks_large_images():
+    examples = Examples(
+        ["a", "b"],
+        [np.full((10, 40, 3), 200, np.uint8), np.full((12, 8, 3), 50, np.uint8)],
+        [np.ones((10, 40), np.uint8), np.ones((12, 8), np.uint8)],
+    )
+    packed = device_augment.pack(examples, max_side=20)
+    assert packed.images.shape == (2, 20, 20, 3) and packed.masks.shape == (2, 20, 20)
+    np.testing.assert_array_equal(packed.sizes, [[5, 20], [12, 8]])  # a shrunk, aspect kept
+    assert (packed.images[0, :5, :20] == 200).all() and (packed.masks[0, :5, :20] == 1).all()
+    assert not packed.images[0, 5:].any() and not packed.masks[0, 5:].any()
+    assert (packed.images[1, :12, :8] == 50).all() and not packed.images[1, :, 8:].any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_warp_matches_tensorflow_through_the_same_map(seed, augment_config):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (30, 45, 3), np.uint8)
+    mask = (rng.random((30, 45)) > 0.5).astype(np.uint8)
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, 1], tf.int64), 7)
+    affine = augment.sample_affine(seeds, 30, 45, 24, augment_config)
+    expected_image = augment.warp(tf.constant(image, tf.float32), affine, 24, "BILINEAR")
+    expected_mask = augment.warp(tf.constant(mask)[..., None], affine, 24, "NEAREST")[..., 0]
+    canvas, mask_canvas = np.zeros((50, 50, 3), np.uint8), np.zeros((50, 50), np.uint8)
+    canvas[:30, :45], mask_canvas[:30, :45] = image, mask  # padding must never be read
+    size_hw, matrix = jnp.array([30, 45]), jnp.asarray(affine.numpy())
+    warped = device_augment.warp(jnp.asarray(canvas), size_hw, matrix, 24)
+    warped_mask = device_augment.warp(
+        jnp.asarray(mask_canvas)[..., None], size_hw, matrix, 24, True
+    )
+    np.testing.assert_allclose(warped, expected_image.numpy(), atol=2e-3)
+    np.testing.assert_array_equal(warped_mask[..., 0], expected_mask.numpy())
+
+
+def test_sample_affine_of_a_whole_crop_is_a_plain_resize(augment_config):
+    cfg = augment_config
+    cfg.scale, cfg.ratio, cfg.rotation, cfg.hflip = (1.0, 1.0), (1.5, 1.5), 0.0, False
+    affine = device_augment.sample_affine(jax.random.key(0), jnp.array(20), jnp.array(30), 10, cfg)
+    np.testing.assert_allclose(
+        affine, [[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]], atol=1e-5
+    )
+    cfg.enabled = False
+    affine = device_augment.sample_affine(jax.random.key(0), jnp.array(20), jnp.array(30), 10, cfg)
+    np.testing.assert_allclose(affine, [[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def test_sample_affine_flips_about_half_of_the_draws(augment_config):
+    draws = [
+        device_augment.sample_affine(
+            jax.random.key(k), jnp.array(40), jnp.array(40), 16, augment_config
+        )
+        for k in range(40)
+    ]
+    mirrored = sum(float(d[0, 0]) < 0 for d in draws)
+    assert 8 <= mirrored <= 32
+
+
+def test_colour_jitter_off_is_the_identity_and_stays_in_range(augment_config):
+    image = jax.random.uniform(jax.random.key(0), (8, 8, 3))
+    plain = device_augment.colour_jitter(jax.random.key(1), image, no_colour(augment_config))
+    np.testing.assert_allclose(plain, image, atol=1e-6)
+    cfg = figaro.get_config().augment
+    cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue = 0.5, 0.5, 0.5, 0.5
+    for k in range(5):
+        jittered = device_augment.colour_jitter(jax.random.key(k), image, cfg)
+        assert jittered.shape == image.shape and jittered.min() >= 0 and jittered.max() <= 1
+        assert not np.allclose(jittered, image)
+
+
+def test_saturation_and_hue_keep_grey_grey(augment_config):
+    grey = jnp.full((4, 4, 3), 0.4)
+    cfg = augment_config
+    cfg.brightness = cfg.contrast = 0.0
+    cfg.saturation, cfg.hue = 0.5, 0.5
+    np.testing.assert_allclose(
+        device_augment.colour_jitter(jax.random.key(0), grey, cfg), grey, atol=1e-5
+    )
+
+
+def test_batches_depend_on_seed_and_step_alone(augment_config):
+    packed = jax.device_put(device_augment.pack(make_examples(6, (40, 30), seed=1), 64))
+    batch = jax.jit(device_augment.batch_fn(4, 24, augment_config, seed=0))
+    first = batch(packed, 3)
+    assert first["image"].shape == (4, 24, 24, 3) and first["image"].dtype == jnp.uint8
+    assert first["mask"].shape == (4, 24, 24) and first["mask"].dtype == jnp.uint8
+    assert set(np.unique(first["mask"])) <= {0, 1}
+    again = jax.jit(device_augment.batch_fn(4, 24, augment_config, seed=0))(packed, 3)
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert not np.array_equal(first["image"], batch(packed, 4)["image"])
+    other_seed = jax.jit(device_augment.batch_fn(4, 24, augment_config, seed=1))(packed, 3)
+    assert not np.array_equal(first["image"], other_seed["image"])
+
+
+def test_every_example_once_per_epoch_in_a_new_order(augment_config):
+    augment_config.enabled = False  # flat images stay flat: the grey level names the example
+    packed = jax.device_put(device_augment.pack(flat_examples(8), 32))
+    batch = jax.jit(device_augment.batch_fn(4, 8, augment_config, seed=0))
+    epochs = [
+        [
+            int(image[0, 0, 0]) // 10
+            for step in (2 * e, 2 * e + 1)
+            for image in batch(packed, step)["image"]
+        ]
+        for e in range(3)
+    ]
+    for order in epochs:
+        assert sorted(order) == list(range(8))
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+
+
+def test_labels_stay_on_the_pixels_they_describe(augment_config):
+    """The mask is drawn into the image: after the joint transforms they still agree."""
+    examples = make_examples(4, (48, 40), seed=2)
+    examples = Examples(
+        examples.names,
+        [np.repeat(mask[..., None] * 255, 3, axis=-1).astype(np.uint8) for mask in examples.masks],
+        examples.masks,
+    )
+    packed = jax.device_put(device_augment.pack(examples, 64))
+    batch = jax.jit(device_augment.batch_fn(4, 32, no_colour(augment_config), seed=0))
+    for step in range(3):
+        out = batch(packed, step)
+        agree = (np.asarray(out["image"][..., 0]) > 127) == np.asarray(out["mask"]).astype(bool)
+        assert agree.mean() > 0.97
