@@ -13,10 +13,11 @@ from hairseg_jax.config_checks import ConfigError, check_config, config_changes,
     [
         figaro.get_config(),
         figaro.get_config("smoke"),
+        figaro.get_config("scratch"),
         synthetic.get_config(),
         figaro_cpu.get_config(),
     ],
-    ids=["figaro", "smoke", "synthetic", "figaro_cpu"],
+    ids=["figaro", "smoke", "scratch", "synthetic", "figaro_cpu"],
 )
 def test_shipped_configs_pass(config):
     assert problems(config) == []
@@ -116,3 +117,9 @@ def test_predict_mode_needs_an_input_and_an_output_folder():
     ]
     config.predict.input, config.predict.output = "photos/*.jpg", "masks"
     assert problems(config) == []
+
+
+def test_an_unknown_variant_names_the_known_ones():
+    with pytest.raises(ValueError, match="known: smoke, scratch"):
+        figaro.get_config("fast")
+

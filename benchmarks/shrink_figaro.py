@@ -1,0 +1,68 @@
+"""Writes a smaller copy of a Figaro1k folder, to carry to a machine that lacks the dataset.
+
+The training split's images are shrunk so their longer side is at most ``--max_side``
+(JPEG quality ``--quality``; masks by nearest neighbour, as 1-bit PBM files); the splits of
+``--full_splits`` are copied byte for byte, so they are still scored at their original
+resolution; other splits are left out of the copy and of its split file. The copy reads like
+the original (``--config.data.data_dir=OUT``). ``benchmarks/time_to_dice.py`` trains from
+such a copy with ``--max_side`` no larger than this one's.
+
+    python benchmarks/shrink_figaro.py --data_dir=data/Figaro1k --out=/tmp/figaro_small
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hairseg_jax.data import figaro1k  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default="data/Figaro1k")
+    parser.add_argument("--split_file", default="train_val_test.json")
+    parser.add_argument("--out", required=True, help="folder to write (must not exist)")
+    parser.add_argument("--max_side", type=int, default=512)
+    parser.add_argument("--quality", type=int, default=92)
+    parser.add_argument("--full_splits", default="test", help="comma-separated")
+    args = parser.parse_args()
+
+    data_dir, out = Path(args.data_dir), Path(args.out)
+    split_file = figaro1k.resolve_split_file(data_dir, args.split_file)
+    (out / "GT" / "images").mkdir(parents=True)
+    (out / "GT" / "labels").mkdir(parents=True)
+    full = args.full_splits.split(",") if args.full_splits else []
+    splits = {}
+    for split in ["train", *full]:
+        entries = figaro1k.read_split_entries(split_file, split)
+        splits[split] = entries
+        for entry in entries:
+            image_path, mask_path = figaro1k.locate(data_dir, entry, "auto")
+            mask_name = f"{Path(entry['annotation']).stem}-gt.pbm"
+            if split in full:
+                shutil.copyfile(image_path, out / "GT" / "images" / entry["image"])
+                if mask_path.suffix == ".pbm":
+                    shutil.copyfile(mask_path, out / "GT" / "labels" / mask_name)
+                    continue
+            image, mask = figaro1k.read_example(image_path, mask_path)
+            image, mask = Image.fromarray(image), Image.fromarray(mask * 255).convert("1")
+            factor = args.max_side / max(image.size)
+            if split not in full and factor < 1:
+                size = (max(round(image.width * factor), 1), max(round(image.height * factor), 1))
+                image = image.resize(size, Image.Resampling.BILINEAR)
+                mask = mask.resize(size, Image.Resampling.NEAREST)
+            if split not in full:
+                image.save(out / "GT" / "images" / entry["image"], quality=args.quality)
+            mask.save(out / "GT" / "labels" / mask_name)
+    (out / "train_val_test.json").write_text(json.dumps(splits))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{out}: {', '.join(f'{len(v)} {k}' for k, v in splits.items())}; {size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
