@@ -5,7 +5,7 @@ The training split's images are shrunk so their longer side is at most ``--max_s
 ``--full_splits`` are copied byte for byte, so they are still scored at their original
 resolution; other splits are left out of the copy and of its split file. The copy reads like
 the original (``--config.data.data_dir=OUT``). ``benchmarks/time_to_dice.py`` trains from
-such a copy with ``--max_side`` no larger than this one's.
+such a copy (with ``config.augment.device_max_side`` no larger than this ``--max_side``).
 
     python benchmarks/shrink_figaro.py --data_dir=data/Figaro1k --out=/tmp/figaro_small
 """

@@ -1,13 +1,15 @@
 """Time to Dice: trains a config from scratch, then scores the test split at original resolution.
 
 Runs on a bare JAX install (JAX, flax, optax, ml-collections, PIL: no TensorFlow, no clu),
-so it measures on accelerator hosts that cannot run ``main.py``'s tf.data pipeline. Batches
-are drawn and augmented on the accelerator (``hairseg_jax.data.device_augment``); the train
-and predict steps and the scoring are the package's own. It saves no checkpoint and runs no
+so it measures on accelerator hosts that cannot run ``main.py`` (clu's writers need
+TensorFlow). Batches are drawn and augmented on the accelerator whatever
+``config.augment.on_device`` says (``hairseg_jax.data.device_augment``, from the training
+images shrunk to ``config.augment.device_max_side``); the train and predict steps and the
+scoring are the package's own. It saves no checkpoint and runs no
 validation: the model scored is the one after the last step (its EMA weights if kept).
 
     python benchmarks/time_to_dice.py --config=configs/figaro.py:scratch \\
-        --config.data.data_dir=/tmp/figaro_small --max_side=448
+        --config.data.data_dir=/tmp/figaro_small
 
 Prints a line every ``--log_every`` steps and one summary line; ``--out`` also writes the
 summary as JSON. ``--budget_s`` stops training early (the summary says so) once that many
@@ -30,7 +32,6 @@ from hairseg_jax.data import device_augment, sources  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/figaro.py:scratch.")
-flags.DEFINE_integer("max_side", 512, "Training images are shrunk to this longer side at most.")
 flags.DEFINE_integer("log_every", 200, "Steps between progress lines.")
 flags.DEFINE_float("budget_s", 0.0, "> 0: stop training after this many seconds.")
 flags.DEFINE_string("out", "", "JSON file for the summary.")
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> None:
     sharding.check_batch_size(batch_size, mesh, "config.train.batch_size")
     train = sources.load_examples(config, "train", config.data.max_train_images)
     test = sources.load_examples(config, config.eval.split, config.eval.max_images)
-    packed = sharding.replicate(device_augment.pack(train, FLAGS.max_side), mesh)
+    packed = sharding.replicate(device_augment.pack(train, config.augment.device_max_side), mesh)
     total_steps = config.train.num_steps or config.train.num_epochs * (len(train) // batch_size)
     read_s = time.perf_counter() - begin
 

@@ -54,6 +54,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.augment.contrast = 0.2
     config.augment.saturation = 0.2
     config.augment.hue = 0.05
+    # True: batches are drawn and augmented on the accelerator (data/device_augment.py), from
+    # the training images shrunk to device_max_side at most and kept there; for hosts with
+    # too few CPU cores to feed a fast accelerator through tf.data.
+    config.augment.on_device = False
+    config.augment.device_max_side = 512
 
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
@@ -147,6 +152,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.data.image_size = 320
         config.augment.scale = (0.35, 1.0)
         config.augment.hue = 0.02
+        config.augment.on_device = True  # as measured; tf.data at 800 img/s needs many cores
+        config.augment.device_max_side = 448
         config.model.dtype = "bfloat16"
         config.model.dropout = 0.1
         config.optim.name = "adamw"

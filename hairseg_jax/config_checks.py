@@ -89,6 +89,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     for name in ("rotation", "brightness", "contrast", "saturation"):
         need(aug[name] >= 0, f"augment.{name}", "must not be negative")
     need(0 <= aug.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
+    need(aug.device_max_side > 0, "augment.device_max_side", "must be positive")
     return found
 
 

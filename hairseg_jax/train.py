@@ -18,7 +18,7 @@ import ml_collections
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 
 from hairseg_jax import checkpoints, config_checks, evaluate, models, sharding, steps
-from hairseg_jax.data import pipeline, sources
+from hairseg_jax.data import device_augment, pipeline, sources
 from hairseg_jax.weights import convert
 
 
@@ -174,19 +174,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     stages = pipeline.size_stages(config.data, total_steps)
     if len(stages) > 1:
         logging.info("Crop side by stage, as (last step, side): %s.", stages)
-    batches = pipeline.staged_batches(
-        stages,
-        start_step,
-        functools.partial(
-            pipeline.train_batches,
-            train_data,
-            batch_size,
-            augment_config=config.augment,
-            seed=config.seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ),
-    )
+    if config.augment.on_device:
+        packed = device_augment.pack(train_data, config.augment.device_max_side)
+        batches = pipeline.staged_batches(
+            stages,
+            start_step,
+            functools.partial(
+                device_augment.train_batches,
+                sharding.replicate(packed, mesh),
+                batch_size,
+                augment_config=config.augment,
+                seed=config.seed,
+                mesh=mesh,
+            ),
+        )
+    else:
+        host_batches = pipeline.staged_batches(
+            stages,
+            start_step,
+            functools.partial(
+                pipeline.train_batches,
+                train_data,
+                batch_size,
+                augment_config=config.augment,
+                seed=config.seed,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            ),
+        )
+        batches = (sharding.shard_batch(batch, mesh) for batch in host_batches)
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     train_metrics = None
     val_summary = {}
@@ -220,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with metric_writers.ensure_flushes(writer), stop_requests() as stop:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = sharding.shard_batch(next(batches), mesh)
+                batch = next(batches)
                 state, step_metrics = train_step(state, batch)
             check_steps()  # the previous step's flag, read while this step runs
             unchecked.append((step, step_metrics["nonfinite"]))

@@ -50,7 +50,7 @@ def test_shrink_then_time_to_dice_without_tensorflow(figaro_dir, tmp_path):
             "--config.data.image_size=64",
             "--config.train.num_steps=4",
             "--config.eval.image_size=64",
-            "--max_side=100",
+            "--config.augment.device_max_side=100",
             "--log_every=2",
             f"--out={summary_file}",
         ],

@@ -45,6 +45,7 @@ def test_shipped_configs_pass(config):
         ("predict.batch_size", 0, "predict.batch_size=0 must be positive"),
         ("eval.tta_sizes", (96, -1), "eval.tta_sizes=(96, -1) must be positive"),
         ("data.progressive_sizes", (0,), "data.progressive_sizes=(0,) must be positive"),
+        ("augment.device_max_side", 0, "augment.device_max_side=0 must be positive"),
         ("data.progressive_until", (0.5,), "data.progressive_until=(0.5,) must hold one fraction"),
     ],
 )
@@ -122,4 +123,3 @@ def test_predict_mode_needs_an_input_and_an_output_folder():
 def test_an_unknown_variant_names_the_known_ones():
     with pytest.raises(ValueError, match="known: smoke, scratch"):
         figaro.get_config("fast")
-

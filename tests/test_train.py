@@ -13,7 +13,7 @@ import pytest
 
 from configs import synthetic
 from hairseg_jax import checkpoints, config_checks, evaluate, models, steps, train
-from hairseg_jax.data import pipeline, sources
+from hairseg_jax.data import device_augment, pipeline, sources
 from hairseg_jax.weights import convert
 
 
@@ -59,6 +59,29 @@ def test_progressive_resizing_trains_each_stage_on_its_crop_size(tmp_path, monke
     monkeypatch.setattr(pipeline, "train_batches", recording_train_batches)
     summary = train.train_and_evaluate(config, tmp_path)
     assert streams == [(24, 0), (32, 2)]  # steps 1-2 at 24 px, steps 3-4 at 32 px
+    assert 0.0 <= summary["dice"] <= 1.0
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
+
+
+def test_augmentation_on_the_device_trains_each_stage_from_its_step(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.augment.on_device, config.augment.device_max_side = True, 40
+    config.data.progressive_sizes, config.data.progressive_until = (24,), (0.5,)
+    streams, shapes = [], []
+
+    def recording_train_batches(packed, *args, **kwargs):
+        streams.append((kwargs["image_size"], kwargs["start_step"]))
+        for batch in plain_train_batches(packed, *args, **kwargs):
+            shapes.append((packed.images.shape, batch["image"].shape))
+            yield batch
+
+    plain_train_batches = device_augment.train_batches
+    monkeypatch.setattr(device_augment, "train_batches", recording_train_batches)
+    monkeypatch.setattr(pipeline, "train_batches", None)  # the tf.data path must stay unused
+    summary = train.train_and_evaluate(config, tmp_path)
+    assert streams == [(24, 0), (32, 2)]
+    assert [image for _, image in shapes] == [(4, 24, 24, 3)] * 2 + [(4, 32, 32, 3)] * 2
+    assert all(packed == (8, 40, 40, 3) for packed, _ in shapes)  # 48 px images shrunk to 40
     assert 0.0 <= summary["dice"] <= 1.0
     assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
 

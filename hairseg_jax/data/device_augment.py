@@ -14,8 +14,9 @@ every epoch, as in ``pipeline.train_batches``) and every draw, so a run resumes 
 nothing crosses from the host per step.
 """
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -24,6 +25,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from hairseg_jax import sharding
 from hairseg_jax.data.examples import Examples
 
 
@@ -200,3 +202,22 @@ def batch_fn(
         return {"image": images, "mask": masks}
 
     return batch
+
+
+def train_batches(
+    packed: Packed,
+    batch_size: int,
+    image_size: int,
+    augment_config: ml_collections.ConfigDict,
+    seed: int,
+    mesh: jax.sharding.Mesh,
+    start_step: int = 0,
+) -> Iterator[dict[str, jax.Array]]:
+    """The endless stream of ``batch_fn``'s global batches from ``start_step`` on, each split
+    over ``mesh``'s ``data`` axis as it is drawn (``packed`` replicated over ``mesh``)."""
+    draw = jax.jit(
+        batch_fn(batch_size, image_size, augment_config, seed),
+        out_shardings=sharding.batch_sharded(mesh),
+    )
+    for step in itertools.count(start_step):
+        yield draw(packed, step)
