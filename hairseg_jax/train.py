@@ -174,35 +174,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     stages = pipeline.size_stages(config.data, total_steps)
     if len(stages) > 1:
         logging.info("Crop side by stage, as (last step, side): %s.", stages)
-    if config.augment.on_device:
+    if config.augment.on_device:  # global batches, drawn on (and split over) the devices
         packed = device_augment.pack(train_data, config.augment.device_max_side)
-        batches = pipeline.staged_batches(
-            stages,
-            start_step,
-            functools.partial(
-                device_augment.train_batches,
-                sharding.replicate(packed, mesh),
-                batch_size,
-                augment_config=config.augment,
-                seed=config.seed,
-                mesh=mesh,
-            ),
+        batches_from = functools.partial(
+            device_augment.train_batches,
+            sharding.replicate(packed, mesh),
+            batch_size,
+            augment_config=config.augment,
+            seed=config.seed,
+            mesh=mesh,
         )
-    else:
-        host_batches = pipeline.staged_batches(
-            stages,
-            start_step,
-            functools.partial(
-                pipeline.train_batches,
-                train_data,
-                batch_size,
-                augment_config=config.augment,
-                seed=config.seed,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            ),
+    else:  # this process's slices of the global batches, on the host
+        batches_from = functools.partial(
+            pipeline.train_batches,
+            train_data,
+            batch_size,
+            augment_config=config.augment,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
-        batches = (sharding.shard_batch(batch, mesh) for batch in host_batches)
+    batches = pipeline.staged_batches(stages, start_step, batches_from)
+    if not config.augment.on_device:
+        batches = (sharding.shard_batch(batch, mesh) for batch in batches)
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     train_metrics = None
     val_summary = {}

@@ -20,7 +20,7 @@ import pytest
 
 from configs import figaro, synthetic
 from hairseg_jax import evaluate, models, sharding, steps
-from hairseg_jax.data import pipeline
+from hairseg_jax.data import device_augment, pipeline
 from hairseg_jax.data.synthetic import make_examples
 from tests.conftest import REPO
 
@@ -69,6 +69,7 @@ def train_and_predict_on_meshes(out: str) -> None:
         for i in range(0, len(images), BATCH)
     ]
     val = make_examples(6, size=40, seed=1)  # batches of 4 (1 device) or 8 (8), both padded
+    packed = device_augment.pack(make_examples(5, size=40, seed=2), 36)
     results = {}
     for count in (1, DEVICES):
         mesh = sharding.data_mesh(jax.devices()[:count])
@@ -79,8 +80,14 @@ def train_and_predict_on_meshes(out: str) -> None:
             state, metrics = train(state, sharding.shard_batch(batch, mesh))
             losses.append(metrics["loss"])
         rows = evaluate.score_examples(predict, state, val, SIZE, 4, mesh=mesh).rows
+        drawn = device_augment.train_batches(
+            sharding.replicate(packed, mesh), 8, SIZE, config.augment, 0, mesh, start_step=3
+        )
+        device_batch = next(drawn)
         results[count] = jax.device_get(
             {
+                "device_batch": device_batch,
+                "device_batch_sharding": str(device_batch["image"].sharding),
                 "params": state.params,
                 "batch_stats": state.batch_stats,
                 "loss": np.array(losses),
@@ -146,6 +153,16 @@ def test_eight_devices_match_one_device(on_meshes, key):
     in five; the seeds here are ones where it does not happen.
     """
     assert_trees_close(key, on_meshes[DEVICES][key], on_meshes[1][key])
+
+
+def test_batches_drawn_on_eight_devices_match_one_device(on_meshes):
+    """Augmentation on the devices: each device draws its slice, the same as on one device."""
+    assert "'data': 8" in on_meshes[DEVICES]["device_batch_sharding"]
+    eight, one = on_meshes[DEVICES]["device_batch"], on_meshes[1]["device_batch"]
+    np.testing.assert_array_equal(eight["mask"], one["mask"])
+    # Two compilations may round a colour sum differently: one grey level at the most.
+    difference = np.abs(eight["image"].astype(int) - one["image"].astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
 
 
 def test_training_lowered_the_loss_and_scored_every_image(on_meshes):
