@@ -12,6 +12,8 @@ import math
 import ml_collections
 import tensorflow as tf
 
+from hairseg_jax.data.affine import crop_map_rows
+
 
 def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
     return tf.random.stateless_uniform([], seed, low, high)
@@ -43,21 +45,8 @@ def sample_affine(
     angle = _uniform(seeds[4], -cfg.rotation, cfg.rotation) * (math.pi / 180.0)
     flip_x = tf.where(_bernoulli(seeds[5], 0.5 if cfg.hflip else 0.0), -1.0, 1.0)
     flip_y = tf.where(_bernoulli(seeds[6], 0.5 if cfg.vflip else 0.0), -1.0, 1.0)
-
-    # Output square [0, size]^2, centred and flipped -> crop box scale -> rotated -> shifted to
-    # the crop centre in the input.
-    half = size / 2.0
-    sx, sy = flip_x * crop_w / size, flip_y * crop_h / size
-    cos, sin = tf.cos(angle), tf.sin(angle)
-    cx, cy = x0 + crop_w / 2.0, y0 + crop_h / 2.0
-    a0, a1 = cos * sx, -sin * sy
-    b0, b1 = sin * sx, cos * sy
     return tf.stack(
-        [
-            [a0, a1, cx - (a0 + a1) * half],
-            [b0, b1, cy - (b0 + b1) * half],
-            [0.0, 0.0, 1.0],
-        ]
+        crop_map_rows(x0, y0, crop_w, crop_h, tf.cos(angle), tf.sin(angle), flip_x, flip_y, size)
     )
 
 

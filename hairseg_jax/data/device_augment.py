@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from hairseg_jax import sharding
+from hairseg_jax.data.affine import crop_map_rows
 from hairseg_jax.data.examples import Examples
 
 
@@ -64,8 +65,8 @@ def sample_affine(
 ) -> jax.Array:
     """Draws a crop, rotation and flips; returns the 3x3 map output -> input pixel centres.
 
-    ``augment.sample_affine`` in JAX: continuous coordinates (pixel i covers [i, i + 1)),
-    x along width. With ``cfg.enabled`` False the map is the whole image, nothing drawn.
+    ``augment.sample_affine`` in JAX (coordinates: see ``affine.crop_map_rows``). With
+    ``cfg.enabled`` False the map is the whole image, nothing drawn.
     """
     height, width = height.astype(jnp.float32), width.astype(jnp.float32)
     if not cfg.enabled:
@@ -82,18 +83,8 @@ def sample_affine(
     angle = uniform(keys[4], -cfg.rotation, cfg.rotation) * (math.pi / 180.0)
     flip_x = jnp.where(jax.random.bernoulli(keys[5], 0.5 if cfg.hflip else 0.0), -1.0, 1.0)
     flip_y = jnp.where(jax.random.bernoulli(keys[6], 0.5 if cfg.vflip else 0.0), -1.0, 1.0)
-    half = size / 2.0
-    sx, sy = flip_x * crop_w / size, flip_y * crop_h / size
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    cx, cy = x0 + crop_w / 2.0, y0 + crop_h / 2.0
-    a0, a1 = cos * sx, -sin * sy
-    b0, b1 = sin * sx, cos * sy
     return jnp.array(
-        [
-            [a0, a1, cx - (a0 + a1) * half],
-            [b0, b1, cy - (b0 + b1) * half],
-            [0.0, 0.0, 1.0],
-        ]
+        crop_map_rows(x0, y0, crop_w, crop_h, jnp.cos(angle), jnp.sin(angle), flip_x, flip_y, size)
     )
 
 
