@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hairseg_jax.data import figaro1k  # noqa: E402
+from hairseg_jax.data import device_augment, figaro1k  # noqa: E402
 
 
 def main() -> None:
@@ -43,22 +43,18 @@ def main() -> None:
         splits[split] = entries
         for entry in entries:
             image_path, mask_path = figaro1k.locate(data_dir, entry, "auto")
-            mask_name = f"{Path(entry['annotation']).stem}-gt.pbm"
+            image_out = out / "GT" / "images" / entry["image"]
+            mask_out = out / "GT" / "labels" / f"{Path(entry['annotation']).stem}-gt.pbm"
             if split in full:
-                shutil.copyfile(image_path, out / "GT" / "images" / entry["image"])
+                shutil.copyfile(image_path, image_out)
                 if mask_path.suffix == ".pbm":
-                    shutil.copyfile(mask_path, out / "GT" / "labels" / mask_name)
+                    shutil.copyfile(mask_path, mask_out)
                     continue
             image, mask = figaro1k.read_example(image_path, mask_path)
-            image, mask = Image.fromarray(image), Image.fromarray(mask * 255).convert("1")
-            factor = args.max_side / max(image.size)
-            if split not in full and factor < 1:
-                size = (max(round(image.width * factor), 1), max(round(image.height * factor), 1))
-                image = image.resize(size, Image.Resampling.BILINEAR)
-                mask = mask.resize(size, Image.Resampling.NEAREST)
             if split not in full:
-                image.save(out / "GT" / "images" / entry["image"], quality=args.quality)
-            mask.save(out / "GT" / "labels" / mask_name)
+                image, mask = device_augment.shrink(image, mask, args.max_side)
+                Image.fromarray(image).save(image_out, quality=args.quality)
+            Image.fromarray(mask * 255).convert("1").save(mask_out)
     (out / "train_val_test.json").write_text(json.dumps(splits))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{out}: {', '.join(f'{len(v)} {k}' for k, v in splits.items())}; {size / 2**20:.1f} MiB")

@@ -38,18 +38,26 @@ class Packed(NamedTuple):
     sizes: np.ndarray | jax.Array  # int32 (N, 2): height, width
 
 
+def shrink(image: np.ndarray, mask: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """An example with its longer side shrunk to ``max_side`` if it is longer (image
+    bilinearly, mask by nearest neighbour, aspect kept)."""
+    height, width = mask.shape
+    factor = max_side / max(height, width)
+    if factor >= 1:
+        return image, mask
+    size = (max(round(width * factor), 1), max(round(height * factor), 1))
+    return (
+        np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
+        np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST)),
+    )
+
+
 def pack(examples: Examples, max_side: int) -> Packed:
-    """Pads ``examples`` into one array, first shrinking any image whose longer side exceeds
-    ``max_side`` to that side (image bilinearly, mask by nearest neighbour, aspect kept)."""
-    shrunk = []
-    for image, mask in zip(examples.images, examples.masks, strict=True):
-        height, width = mask.shape
-        factor = max_side / max(height, width)
-        if factor < 1:
-            size = (max(round(width * factor), 1), max(round(height * factor), 1))
-            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-            mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-        shrunk.append((image, mask))
+    """Pads ``examples``, each shrunk to ``max_side`` at most (``shrink``), into one array."""
+    shrunk = [
+        shrink(image, mask, max_side)
+        for image, mask in zip(examples.images, examples.masks, strict=True)
+    ]
     side = max(max(mask.shape) for _, mask in shrunk)
     images = np.zeros((len(shrunk), side, side, 3), np.uint8)
     masks = np.zeros((len(shrunk), side, side), np.uint8)
