@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hairseg_jax.models.layers import batch_norm, conv
+from hairseg_jax.models.layers import batch_norm, conv, residual_relu
 
 BACKBONES: dict[str, tuple[tuple[int, ...], str]] = {
     "resnet18": ((2, 2, 2, 2), "basic"),
@@ -50,7 +50,7 @@ class BasicBlock(nn.Module):
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
         out = conv(self.planes, 3, dilation=self.dilation, dtype=self.dtype, name="conv2")(out)
         out = batch_norm(train, dtype=self.dtype, name="bn2")(out)
-        return nn.relu(out + _shortcut(x, self.planes, self.strides, train, self.dtype))
+        return residual_relu(out, _shortcut(x, self.planes, self.strides, train, self.dtype))
 
 
 class Bottleneck(nn.Module):
@@ -76,7 +76,7 @@ class Bottleneck(nn.Module):
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
         out = conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(out)
         out = batch_norm(train, dtype=self.dtype, name="bn3")(out)
-        return nn.relu(out + _shortcut(x, self.planes * 4, self.strides, train, self.dtype))
+        return residual_relu(out, _shortcut(x, self.planes * 4, self.strides, train, self.dtype))
 
 
 def _shortcut(x: jax.Array, features: int, strides: int, train: bool, dtype: Any) -> jax.Array:

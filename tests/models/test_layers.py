@@ -1,4 +1,5 @@
-"""Conv2d computes what flax.linen.Conv computes, with the same parameters and gradients."""
+"""Conv2d computes what flax.linen.Conv computes, with the same parameters and gradients;
+residual_relu what relu(x + shortcut) computes."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hairseg_jax.models.layers import Conv2d
+from hairseg_jax.models.layers import Conv2d, residual_relu
 
 
 @pytest.mark.parametrize(
@@ -58,3 +59,18 @@ def test_conv2d_computes_in_bfloat16_with_float32_params():
     params = layer.init(jax.random.key(0), x)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     assert layer.apply(params, x).dtype == jnp.bfloat16
+
+
+def test_residual_relu_matches_relu_in_values_gradients_and_nans():
+    x = jnp.array([-2.0, -0.5, 0.0, 0.5, 2.0, jnp.nan, 1.0, -1.0])
+    shortcut = jnp.array([1.0, 0.5, 0.0, -1.0, 0.5, 0.0, jnp.inf, -jnp.inf])
+
+    def reference(x, shortcut):
+        return nn.relu(x + shortcut)
+
+    np.testing.assert_array_equal(residual_relu(x, shortcut), reference(x, shortcut))
+    finite = slice(0, 5)  # relu's gradient at 0 is 0, also where x + shortcut == 0
+    grads = jax.grad(lambda x, s: jnp.sum(residual_relu(x, s)[finite]), (0, 1))(x, shortcut)
+    expected = jax.grad(lambda x, s: jnp.sum(reference(x, s)[finite]), (0, 1))(x, shortcut)
+    np.testing.assert_array_equal(grads, expected)
+    assert residual_relu(x, shortcut).dtype == x.dtype

@@ -3,6 +3,8 @@
 Everything is traced abstractly (``jax.eval_shape`` / ``jax.make_jaxpr``), nothing is compiled.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from hairseg_jax.models.resnet import BACKBONES, ResNet, resnet
 
 # Strides of layer1..layer4 per output stride, as in DeepLabV3.
+BLOCKS_RESNET50 = (3, 4, 6, 3)
 LAYER_STRIDES = {8: (1, 2, 1, 1), 16: (1, 2, 2, 1), 32: (1, 2, 2, 2)}
 
 
@@ -126,3 +129,16 @@ def test_invalid_configuration_raises(kwargs):
     model = ResNet(**{"stage_sizes": (2, 2, 2, 2), "block": "basic", **kwargs})
     with pytest.raises(ValueError):
         abstract_init(model, 32, 32)
+
+
+def test_each_residual_add_is_compiled_once():
+    """Guards against XLA fusing the chain of block outputs into every later block (the
+    quadratic recomputation that ``layers.residual_relu`` avoids)."""
+    model = resnet("resnet50")
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    hlo = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    adds = re.findall(r"= f32\S* add\(.*op_name=\"[^\"]*(layer\d_\d+)/add\"", hlo.as_text())
+    blocks = sum(BLOCKS_RESNET50)
+    assert len(set(adds)) == blocks
+    assert len(adds) < 1.5 * blocks  # with max(y, 0): several times the block count
