@@ -1,0 +1,23 @@
+"""Helpers shared by the model tests."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hairseg_jax.models.layers import Conv2d
+
+
+def conv_dilations(model: nn.Module, size: int) -> list[int]:
+    """The ``dilation`` of every ``Conv2d`` that ``model.init`` calls on a ``size``-pixel image,
+    in call order (abstractly traced; read from the modules, whichever way each computes)."""
+    dilations = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Conv2d) and context.method_name == "__call__":
+            dilations.append(context.module.dilation)
+        return next_fun(*args, **kwargs)
+
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return dilations

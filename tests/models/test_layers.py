@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hairseg_jax.models import layers
 from hairseg_jax.models.layers import Conv2d, residual_relu
 
 
@@ -74,3 +75,25 @@ def test_residual_relu_matches_relu_in_values_gradients_and_nans():
     expected = jax.grad(lambda x, s: jnp.sum(reference(x, s)[finite]), (0, 1))(x, shortcut)
     np.testing.assert_array_equal(grads, expected)
     assert residual_relu(x, shortcut).dtype == x.dtype
+
+
+@pytest.mark.parametrize(
+    "size, dilation, expected",
+    [
+        (32, 18, (14 + 32 + 14) ** 2 / (9 * 32 * 32)),  # ASPP rate 18 at 512 px: 0.39
+        (32, 6, (26 + 32 + 26) ** 2 / (9 * 32 * 32)),  # rate 6: 0.77
+        (9, 6, (3 + 9 + 3) ** 2 / (9 * 9 * 9)),
+    ],
+)
+def test_real_fraction_counts_the_pixels_each_tap_reaches(size, dilation, expected):
+    assert layers._real_fraction(size, size, (3, 3), dilation) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("size, products", [(9, True), (32, False)])
+def test_cpu_computes_mostly_padding_dilated_convs_as_tap_products(size, products):
+    layer = Conv2d(4, 3, dilation=6)
+    x = jnp.zeros((1, size, size, 2))
+    params = jax.eval_shape(layer.init, jax.random.key(0), x)
+    primitives = {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
+    assert jax.default_backend() == "cpu"
+    assert ("conv_general_dilated" not in primitives) == products

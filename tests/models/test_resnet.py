@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hairseg_jax.models.resnet import BACKBONES, ResNet, resnet
+from tests.models import conv_dilations
 
 # Strides of layer1..layer4 per output stride, as in DeepLabV3.
 BLOCKS_RESNET50 = (3, 4, 6, 3)
@@ -21,17 +22,6 @@ def abstract_init(model: ResNet, height: int, width: int):
     """Returns the (features, variables) shapes of ``model.init`` on one RGB image."""
     x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
     return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
-
-
-def conv_dilations(model: ResNet) -> list[int]:
-    """Returns the kernel dilation of every conv, in execution order."""
-    x = jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x, train=False))(x)
-    return [
-        eqn.params["rhs_dilation"][0]
-        for eqn in jaxpr.eqns
-        if eqn.primitive.name == "conv_general_dilated"
-    ]
 
 
 def torch_conv_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
@@ -114,7 +104,7 @@ def test_feature_shapes_at_227_os16():
 )
 def test_dilations_use_output_stride_and_multi_grid(name, output_stride, multi_grid, expected):
     model = resnet(name, output_stride=output_stride, multi_grid=multi_grid)
-    assert [d for d in conv_dilations(model) if d != 1] == expected
+    assert [d for d in conv_dilations(model, 33) if d != 1] == expected
 
 
 def test_unknown_backbone_lists_known_names():
