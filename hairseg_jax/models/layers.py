@@ -10,7 +10,7 @@ result:
   than the feature map, e.g. ASPP's rate 18 on a 15x15 map) are dropped with that padding;
 - on CPU, a dilated conv whose taps mostly read padding (under ``TAP_PRODUCTS_MAX_FRACTION``
   of the dense work is real, e.g. ASPP's rates 12 and 18 on a 32x32 map) is a sum of one
-  matrix product per tap over only the pixels that tap reaches (``_tap_products``). XLA's
+  matrix product per tap over only the pixels that tap reaches (``tap_products``). XLA's
   convolution does the dense work: ResNet-101's rate-18 branch at 512 px ran 3.7x faster
   this way, and at fractions above about 0.6 (and for the 512-channel convs of layer4) the
   convolution is as fast or faster, gradients included. GPUs keep the convolution (not
@@ -42,7 +42,7 @@ def _reach(offset: int, size: int) -> tuple[int, int]:
     return max(0, offset), size + min(0, offset)
 
 
-def _real_fraction(height: int, width: int, kernel_shape: tuple[int, ...], dilation: int) -> float:
+def real_fraction(height: int, width: int, kernel_shape: tuple[int, ...], dilation: int) -> float:
     """The share of a stride-1 conv's dense work whose taps read the map, not padding."""
     kh, kw = kernel_shape[:2]
     rows = [_reach((i - kh // 2) * dilation, height) for i in range(kh)]
@@ -51,7 +51,7 @@ def _real_fraction(height: int, width: int, kernel_shape: tuple[int, ...], dilat
     return real / (kh * kw * height * width)
 
 
-def _tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+def tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     """A stride-1 ``same`` conv (odd kernel, no groups) as a sum of one matrix product per tap,
     each over only the input pixels the tap reaches, accumulated in float32."""
     kh, kw = kernel.shape[:2]
@@ -116,10 +116,10 @@ class Conv2d(nn.Module):
                 and d > 1
                 and self.groups == 1
                 and jax.default_backend() == "cpu"
-                and _real_fraction(x.shape[1], x.shape[2], kernel.shape, d)
+                and real_fraction(x.shape[1], x.shape[2], kernel.shape, d)
                 <= TAP_PRODUCTS_MAX_FRACTION
             ):
-                y = _tap_products(x, kernel, d)
+                y = tap_products(x, kernel, d)
             else:
                 y = jax.lax.conv_general_dilated(
                     x,

@@ -86,7 +86,7 @@ def test_residual_relu_matches_relu_in_values_gradients_and_nans():
     ],
 )
 def test_real_fraction_counts_the_pixels_each_tap_reaches(size, dilation, expected):
-    assert layers._real_fraction(size, size, (3, 3), dilation) == pytest.approx(expected)
+    assert layers.real_fraction(size, size, (3, 3), dilation) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("size, products", [(9, True), (32, False)])
