@@ -147,11 +147,11 @@ def test_state_is_replicated_over_the_data_mesh(on_meshes):
 def test_eight_devices_match_one_device(on_meshes, key):
     """Gradients and BatchNorm statistics are those of the global batch (synchronised BN).
 
-        The all-reduces add partial sums in another order, so the runs agree to rounding (about
-        1e-7), not bit for bit. In float32 this tiny model is chaotic: when such a rounding moves a
-        pre-activation across a ReLU's kink, later steps amplify the change (to 1e-4..1e-2 after
-        three steps). Reordering the same batch on one device does it for about one initialisation
-        in five; the seeds here are ones where it does not happen. A change to how the model compiles
+    The all-reduces add partial sums in another order, so the runs agree to rounding (about
+    1e-7), not bit for bit. In float32 this tiny model is chaotic: when such a rounding moves a
+    pre-activation across a ReLU's kink, later steps amplify the change (to 1e-4..1e-2 after
+    three steps). Reordering the same batch on one device does it for about one initialisation
+    in five; the seeds here are ones where it does not happen. A change to how the model compiles
     can move that (``INIT_SEED`` 1 did it until ``residual_relu`` changed the fusions; of seeds 1-3
     only 3 stays within 1e-5, with a largest difference of 3e-6).
     """
