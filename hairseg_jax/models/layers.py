@@ -12,9 +12,9 @@ result:
   of the dense work is real, e.g. ASPP's rates 12 and 18 on a 32x32 map) is a sum of one
   matrix product per tap over only the pixels that tap reaches (``tap_products``). XLA's
   convolution does the dense work: ResNet-101's rate-18 branch at 512 px ran 3.7x faster
-  this way, and at fractions above about 0.6 (and for the 512-channel convs of layer4) the
-  convolution is as fast or faster, gradients included. GPUs keep the convolution (not
-  measured there).
+  this way. Above about 0.6 (layer4's 512-channel convs) the products' gradient is slower than
+  the convolution's, so those stay convolutions. GPUs keep the convolution (not measured
+  there).
 """
 
 from typing import Any
