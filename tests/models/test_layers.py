@@ -97,3 +97,21 @@ def test_cpu_computes_mostly_padding_dilated_convs_as_tap_products(size, product
     primitives = {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
     assert jax.default_backend() == "cpu"
     assert ("conv_general_dilated" not in primitives) == products
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_1x1_conv_weight_gradient_uses_the_output_gradient_as_laid_out(strides):
+    """No transpose of the output gradient into a channels-major layout (XLA:CPU made one
+    for a dot over a 4-D map, ~10% of ResNet-101's train step)."""
+    layer = Conv2d(64, 1, strides=strides)
+    x = jax.random.normal(jax.random.key(0), (2, 14, 14, 32))
+    params = layer.init(jax.random.key(1), x)
+
+    def loss(params):
+        y = layer.apply(params, x)  # normalised over the batch, as BatchNorm does in training
+        y = (y - y.mean((0, 1, 2))) * jax.lax.rsqrt(y.var((0, 1, 2)) + 1e-5)
+        return jnp.sum(y * jnp.cos(y))
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert jax.default_backend() == "cpu"
+    assert " transpose(" not in hlo
