@@ -28,7 +28,7 @@ DEVICES = 8
 SIZE = 32
 BATCH = 8
 NUM_STEPS = 3
-INIT_SEED = 3  # see test_eight_devices_match_one_device
+INIT_SEED = 5  # see test_eight_devices_match_one_device
 
 
 def cpu_env(devices: int = DEVICES) -> dict[str, str]:
@@ -152,8 +152,9 @@ def test_eight_devices_match_one_device(on_meshes, key):
     pre-activation across a ReLU's kink, later steps amplify the change (to 1e-4..1e-2 after
     three steps). Reordering the same batch on one device does it for about one initialisation
     in five; the seeds here are ones where it does not happen. A change to how the model compiles
-    can move that (``INIT_SEED`` 1 did it until ``residual_relu`` changed the fusions; of seeds 1-3
-    only 3 stays within 1e-5, with a largest difference of 3e-6).
+    can move that (``INIT_SEED`` 1 did it until ``residual_relu`` changed the fusions, 3 once 1x1
+    convs became 2-D matrix products; since then seeds 4, 5 and 6 agree to 1.2e-7 in the params,
+    3 and 7 differ by 3e-6 and 6e-6, 1 and 2 by 3e-4 and 1e-3).
     """
     assert_trees_close(key, on_meshes[DEVICES][key], on_meshes[1][key])
 
