@@ -1,7 +1,7 @@
 """Convolution and BatchNorm layers shared by the backbones and the DeepLab head.
 
 ``Conv2d`` keeps ``flax.linen.Conv``'s parameters (``kernel`` (k, k, in / groups, out), optional
-``bias``) and torch's symmetric padding, but computes two cases the cheaper way, with the same
+``bias``) and torch's symmetric padding, but computes three cases the cheaper way, with the same
 result:
 - a 1x1 conv (no groups) is a 2-D matrix product of the flattened pixels by the kernel
   (``pixel_matmul``). On XLA:CPU this avoids the layout transposes that the gradient of a 1x1
