@@ -65,16 +65,19 @@ def milliseconds(fn: Callable, *args, repeats: int) -> float:
 CASES = [
     (4, 15, 512, 512, 2),  # ResNet-101 227 px: layer4 (multi-grid 2, 4, 8)
     (4, 15, 512, 512, 4),
+    (4, 15, 512, 512, 8),
     (4, 15, 2048, 256, 6),  # its ASPP branches
     (4, 15, 2048, 256, 12),
     (16, 8, 512, 512, 2),  # ResNet-18 128 px: layer4
     (16, 8, 512, 512, 4),
     (1, 32, 512, 512, 2),  # ResNet-101 512 px: layer4
+    (1, 32, 512, 512, 4),
     (1, 32, 512, 512, 8),
     (1, 32, 2048, 256, 6),  # its ASPP branches
     (1, 32, 2048, 256, 12),
     (1, 32, 2048, 256, 18),
-    (16, 10, 512, 128, 6),  # the CPU recipe (ResNet-18, 128-channel ASPP) at 160 px
+    (16, 10, 512, 512, 2),  # the CPU recipe (ResNet-18) at 160 px: layer4
+    (16, 10, 512, 128, 6),  # its 128-channel ASPP
 ]
 
 

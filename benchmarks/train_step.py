@@ -8,7 +8,9 @@ Prints one line per case; compile time is reported apart from the step time.
 
 FLOPs: ``model_gflops`` counts every convolution and matmul of the forward pass from the
 jaxpr (2 * outputs * kernel taps * input channels; dilation leaves the count unchanged) and
-takes a train step as 3x the forward pass (forward, input and weight gradients).
+takes a train step as 3x the forward pass (forward, input and weight gradients). On CPU,
+where dilated convolutions that read much padding are tap products, their taps count only
+the pixels they reach, so the CPU count is a little lower than the GPU's.
 ``xla_gflops`` is XLA's own cost analysis of the compiled step, which may differ (it counts
 the padded taps of dilated convolutions differently, and on GPU leaves out the convolutions
 that run as cuDNN calls). ``--predict`` times the inference step instead (BatchNorm in

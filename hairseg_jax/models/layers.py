@@ -9,13 +9,13 @@ result:
   then 1.1x faster);
 - taps of a dilated conv that can only ever read padding (offset ``dilation * i`` not smaller
   than the feature map, e.g. ASPP's rate 18 on a 15x15 map) are dropped with that padding;
-- on CPU, a dilated conv whose taps mostly read padding (under ``TAP_PRODUCTS_MAX_FRACTION``
-  of the dense work is real, e.g. ASPP's rates 12 and 18 on a 32x32 map) is a sum of one
+- on CPU, a dilated conv whose taps read much padding (at most ``TAP_PRODUCTS_MAX_FRACTION``
+  of the dense work is real, e.g. ASPP's branches and most of layer4's convs) is a sum of one
   matrix product per tap over only the pixels that tap reaches (``tap_products``). XLA's
-  convolution does the dense work: ResNet-101's rate-18 branch at 512 px ran 3.7x faster
-  this way. Above about 0.6 (layer4's 512-channel convs) the products' gradient is slower than
-  the convolution's, so those stay convolutions. GPUs keep the convolution (not measured
-  there).
+  convolution does the dense work: ResNet-101's rate-18 branch at 512 px ran 2.5x faster
+  this way (forward and backward). Above about 0.85 (layer4's rate-2 conv on a 32x32 map,
+  0.92) the products' gradient is slower than the convolution's, so those stay convolutions.
+  GPUs keep the convolution (not measured there).
 """
 
 from typing import Any
@@ -30,7 +30,7 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # Largest share of a dilated conv's dense work that is real (not padding) for which the CPU
 # computes it as per-tap matrix products (benchmarked on a 2-core AVX-512 CPU, see BENCHMARKS.md).
-TAP_PRODUCTS_MAX_FRACTION = 0.6
+TAP_PRODUCTS_MAX_FRACTION = 0.85
 
 
 def _kept_half_width(half: int, dilation: int, size: int) -> int:
