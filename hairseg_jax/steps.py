@@ -174,6 +174,10 @@ def train_step(
         return loss, updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # A float64 model updates the float32 statistics in float64; the state keeps its dtypes.
+    batch_stats = jax.tree.map(
+        lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats
+    )
     new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     if new.ema_params is not None:
         decay = jnp.minimum(ema_decay, (1.0 + new.step) / (10.0 + new.step))

@@ -27,7 +27,7 @@ _FEATURE_TAPS: dict[str, tuple[str, str]] = {
 # Default ASPP rates of the three dilated branches per output stride.
 _ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
-_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 # The PyTorch project's kaiming_normal_ (fan_in, gain sqrt(2), untruncated) for head convs.
 _head_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -213,13 +213,15 @@ def build_model(config: Any) -> DeepLabV3Plus:
 
     Reads ``backbone``, ``output_stride``, ``multi_grid``, ``aspp_channels``,
     ``decoder_channels``, ``dropout`` (ASPP rate; the decoder uses ``(dropout, dropout / 5)``),
-    ``align_corners`` and ``dtype`` (``"float32"`` or ``"bfloat16"``); missing fields take the
-    defaults.
+    ``align_corners`` and ``dtype`` (``"float32"``, ``"bfloat16"``, or ``"float64"`` for
+    numerical checks, which needs ``jax_enable_x64``); missing fields take the defaults.
     """
     defaults = DeepLabV3Plus()
     dtype_name = config.get("dtype", "float32")
     if dtype_name not in _DTYPES:
         raise ValueError(f"Unknown dtype {dtype_name!r}; known: {', '.join(_DTYPES)}.")
+    if dtype_name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("dtype 'float64' needs jax_enable_x64 (e.g. JAX_ENABLE_X64=1).")
     dropout = config.get("dropout", defaults.aspp_dropout)
     return DeepLabV3Plus(
         backbone=config.get("backbone", defaults.backbone),

@@ -166,6 +166,12 @@ def test_build_model_rejects_unknown_dtype():
         build_model(ml_collections.ConfigDict({"dtype": "float16"}))
 
 
+def test_build_model_wants_x64_for_float64():
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        build_model(ml_collections.ConfigDict({"dtype": "float64"}))
+
+
 @pytest.mark.parametrize(
     "align_corners, expected",
     [(True, [0.0, 0.25, 0.5, 0.75, 1.0]), (False, [0.0, 0.1, 0.5, 0.9, 1.0])],
