@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hairseg_jax.models.layers import batch_norm, conv, residual_relu
+from hairseg_jax.models.layers import batch_norm, conv, max_pool, residual_relu
 
 BACKBONES: dict[str, tuple[tuple[int, ...], str]] = {
     "resnet18": ((2, 2, 2, 2), "basic"),
@@ -137,7 +137,7 @@ class ResNet(nn.Module):
         x = conv(64, 7, strides=2, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         features = {"stem": x}
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+        x = max_pool(x, 3, 2, 1)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 dilation = dilations[i] * (self.multi_grid[j] if i == 3 else 1)

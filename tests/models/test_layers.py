@@ -1,5 +1,5 @@
 """Conv2d computes what flax.linen.Conv computes, with the same parameters and gradients;
-residual_relu what relu(x + shortcut) computes."""
+residual_relu what relu(x + shortcut) computes; max_pool what flax.linen.max_pool computes."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hairseg_jax.models import layers
-from hairseg_jax.models.layers import Conv2d, residual_relu
+from hairseg_jax.models.layers import Conv2d, max_pool, residual_relu
 
 
 @pytest.mark.parametrize(
@@ -118,3 +118,36 @@ def test_1x1_conv_weight_gradient_uses_the_output_gradient_as_laid_out(strides):
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     assert jax.default_backend() == "cpu"
     assert " transpose(" not in hlo
+
+
+@pytest.mark.parametrize(
+    "window, stride, padding, shape",
+    [
+        (3, 2, 1, (2, 9, 12, 3)),  # ResNet's stem pool, odd and even sides
+        (3, 2, 1, (2, 8, 7, 3)),
+        (3, 2, 1, (1, 1, 1, 2)),
+        (2, 2, 0, (2, 6, 5, 3)),
+        (3, 1, 1, (2, 5, 6, 3)),
+    ],
+)
+def test_max_pool_matches_flax_with_ties(window, stride, padding, shape):
+    # Small integers: most windows hold their maximum more than once.
+    x = jnp.asarray(np.random.default_rng(0).integers(-2, 3, shape), jnp.float32)
+    pads = ((padding, padding), (padding, padding))
+
+    def reference(x):
+        return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+    weights = jax.random.normal(jax.random.key(1), reference(x).shape)
+    np.testing.assert_array_equal(max_pool(x, window, stride, padding), reference(x))
+    grads = jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, padding) * weights))(x)
+    expected = jax.grad(lambda x: jnp.sum(reference(x) * weights))(x)
+    np.testing.assert_allclose(grads, expected, atol=1e-6)  # sums of overlaps, other order
+
+
+def test_max_pool_gradient_is_not_a_scatter_on_cpu():
+    """XLA:CPU expands nn.max_pool's gradient into a scatter over index arrays (10x slower)."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 8))
+    hlo = jax.jit(jax.grad(lambda x: jnp.sum(max_pool(x, 3, 2, 1)))).lower(x).compile().as_text()
+    assert jax.default_backend() == "cpu"
+    assert " scatter(" not in hlo and " iota(" not in hlo
