@@ -336,6 +336,19 @@ def test_inference_state_predicts_like_the_train_state():
 # Non-finite steps.
 
 
+@pytest.mark.parametrize(
+    "bad, expected",
+    [(None, True), (np.nan, False), (np.inf, False), (-np.inf, False), ("both", False)],
+)
+def test_all_finite_finds_one_bad_element(bad, expected):
+    tree = {"a": np.full((3, 4), 1e30, np.float32), "b": [np.zeros(5, np.float32), 2.0]}
+    if bad == "both":  # +inf and -inf in two leaves: their sum is NaN
+        tree["a"][1, 2], tree["b"][0][4] = np.inf, -np.inf
+    elif bad is not None:
+        tree["b"][0][4] = bad
+    assert bool(steps.all_finite(tree)) is expected
+
+
 def test_a_nonfinite_step_changes_nothing_but_the_step_count():
     optim = optim_config(learning_rate=0.1, schedule="constant")  # SGD with momentum
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
