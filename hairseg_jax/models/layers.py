@@ -205,12 +205,20 @@ def _max_pool_taps(x: jax.Array, window: int, stride: int, padding: int) -> jax.
     return functools.reduce(jnp.maximum, (tap for _, _, tap in taps))
 
 
-def _max_pool_taps_forward(x, window, stride, padding):
+def _max_pool_taps_forward(
+    x: jax.Array, window: int, stride: int, padding: int
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     y = _max_pool_taps(x, window, stride, padding)
     return y, (x, y)
 
 
-def _max_pool_taps_backward(window, stride, padding, residuals, grad):
+def _max_pool_taps_backward(
+    window: int,
+    stride: int,
+    padding: int,
+    residuals: tuple[jax.Array, jax.Array],
+    grad: jax.Array,
+) -> tuple[jax.Array]:
     """Each output's gradient goes to the first input of its window (row-major) that equals
     the output: what XLA's select-and-scatter gives ``nn.max_pool``."""
     x, y = residuals
@@ -241,8 +249,8 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
 
     On CPU it is the maximum of the window's strided slices, with a gradient written out
     the same way: XLA:CPU expands ``nn.max_pool``'s gradient (select-and-scatter) into a scatter
-    with index arrays, 10x slower (ResNet's stem pool at 160 px, batch 16: 117 vs 11 ms
-    forward and backward). Same values and gradients, ties included. GPUs keep
+    with index arrays, 6-9x slower (ResNet's stem pool at 160 px, batch 16: 112-117 vs
+    13-19 ms forward and backward). Same values and gradients, ties included. GPUs keep
     ``nn.max_pool`` (not measured there).
     """
     if jax.default_backend() != "cpu":
