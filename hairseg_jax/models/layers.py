@@ -196,20 +196,25 @@ def _pad_with_minus_inf(x: jax.Array, padding: int) -> jax.Array:
     return jnp.pad(x, pads, constant_values=-jnp.inf)
 
 
+def _max_of_taps(padded: jax.Array, window: int, stride: int) -> jax.Array:
+    """The max pool of an already padded map (no padding of its own)."""
+    height = (padded.shape[1] - window) // stride + 1
+    width = (padded.shape[2] - window) // stride + 1
+    taps = _window_taps(padded, window, stride, (padded.shape[0], height, width, padded.shape[3]))
+    return functools.reduce(jnp.maximum, (tap for _, _, tap in taps))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool_taps(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
-    x = _pad_with_minus_inf(x, padding)
-    height = (x.shape[1] - window) // stride + 1
-    width = (x.shape[2] - window) // stride + 1
-    taps = _window_taps(x, window, stride, (x.shape[0], height, width, x.shape[3]))
-    return functools.reduce(jnp.maximum, (tap for _, _, tap in taps))
+    return _max_of_taps(_pad_with_minus_inf(x, padding), window, stride)
 
 
 def _max_pool_taps_forward(
     x: jax.Array, window: int, stride: int, padding: int
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    y = _max_pool_taps(x, window, stride, padding)
-    return y, (x, y)
+    padded = _pad_with_minus_inf(x, padding)
+    y = _max_of_taps(padded, window, stride)
+    return y, (padded, y)
 
 
 def _max_pool_taps_backward(
@@ -221,19 +226,18 @@ def _max_pool_taps_backward(
 ) -> tuple[jax.Array]:
     """Each output's gradient goes to the first input of its window (row-major) that equals
     the output: what XLA's select-and-scatter gives ``nn.max_pool``."""
-    x, y = residuals
-    x = _pad_with_minus_inf(x, padding)
-    dx = jnp.zeros(x.shape, grad.dtype)
+    padded, y = residuals
+    dx = jnp.zeros(padded.shape, grad.dtype)
     taken = jnp.zeros(y.shape, bool)
     zero = jnp.zeros((), grad.dtype)
-    for i, j, tap in _window_taps(x, window, stride, y.shape):
+    for i, j, tap in _window_taps(padded, window, stride, y.shape):
         hit = (tap == y) & ~taken
         taken = taken | hit
         # Put the hits back where the tap read them: start at (i, j), stride - 1 zeros between.
         spread = [
             (0, 0, 0),
-            (i, x.shape[1] - i - stride * (y.shape[1] - 1) - 1, stride - 1),
-            (j, x.shape[2] - j - stride * (y.shape[2] - 1) - 1, stride - 1),
+            (i, padded.shape[1] - i - stride * (y.shape[1] - 1) - 1, stride - 1),
+            (j, padded.shape[2] - j - stride * (y.shape[2] - 1) - 1, stride - 1),
             (0, 0, 0),
         ]
         dx = dx + jax.lax.pad(jnp.where(hit, grad, zero), zero, spread)

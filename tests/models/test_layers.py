@@ -93,7 +93,9 @@ def test_real_fraction_counts_the_pixels_each_tap_reaches(size, dilation, expect
     "size, dilation, products",
     [(9, 6, True), (32, 6, True), (15, 2, True), (32, 2, False)],  # fractions 0.31 0.77 0.83 0.92
 )
-def test_cpu_computes_mostly_padding_dilated_convs_as_tap_products(size, dilation, products):
+def test_cpu_computes_dilated_convs_that_read_much_padding_as_tap_products(
+    size, dilation, products
+):
     layer = Conv2d(4, 3, dilation=dilation)
     x = jnp.zeros((1, size, size, 2))
     params = jax.eval_shape(layer.init, jax.random.key(0), x)
