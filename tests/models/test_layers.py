@@ -1,5 +1,6 @@
 """Conv2d computes what flax.linen.Conv computes, with the same parameters and gradients;
-residual_relu what relu(x + shortcut) computes; max_pool what flax.linen.max_pool computes."""
+residual_relu what relu(x + shortcut) computes; max_pool what flax.linen.max_pool computes;
+BatchNorm what flax.linen.BatchNorm computes."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from hairseg_jax.models import layers
-from hairseg_jax.models.layers import Conv2d, max_pool, residual_relu
+from hairseg_jax.models.layers import BatchNorm, Conv2d, max_pool, residual_relu
 
 
 @pytest.mark.parametrize(
@@ -153,3 +154,41 @@ def test_max_pool_gradient_is_not_a_scatter_on_cpu():
     hlo = jax.jit(jax.grad(lambda x: jnp.sum(max_pool(x, 3, 2, 1)))).lower(x).compile().as_text()
     assert jax.default_backend() == "cpu"
     assert " scatter(" not in hlo and " iota(" not in hlo
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax_in_values_updates_and_gradients(train, dtype):
+    """Same variables, outputs, running-average updates, and gradients for the input, scale
+    and bias, including those that flow through the updated statistics."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6)) * 2 + 1
+    weights = jax.random.normal(jax.random.key(1), x.shape)
+    ours = BatchNorm(train, dtype=dtype)
+    ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), ours.init(jax.random.key(2), x))
+    assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), ref.init(jax.random.key(2), x))
+    params = {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1.0, 1.0, 6)}
+    stats = {"mean": jnp.linspace(-0.2, 0.3, 6), "var": jnp.linspace(0.5, 2.0, 6)}
+
+    def loss(module, params, x):
+        variables = {"params": params, "batch_stats": stats}
+        y, updates = module.apply(variables, x.astype(dtype), mutable=["batch_stats"])
+        new = updates["batch_stats"]
+        value = jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights)
+        return value + jnp.sum(jnp.cos(new["mean"])) + jnp.sum(new["var"] ** 2), (y, new)
+
+    grad = jax.grad(loss, argnums=(1, 2), has_aux=True)
+    (ours_grads, (ours_y, ours_stats)) = grad(ours, params, x)
+    (ref_grads, (ref_y, ref_stats)) = grad(ref, params, x)
+    assert ours_y.dtype == ref_y.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(ours_y, np.float32), np.asarray(ref_y, np.float32))
+    for a, b in zip(jax.tree.leaves(ours_stats), jax.tree.leaves(ref_stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # bfloat16: the input gradient is rounded to bfloat16 by both, in a different order.
+    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(ref_grads), strict=True):
+        assert a.dtype == b.dtype
+        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tolerance * scale
+        )
