@@ -12,7 +12,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from hairseg_jax import losses, sharding
+from hairseg_jax import losses, sharding, threefry
 
 TTA_MODES = ("none", "flip")  # test-time augmentation: none, or the mean with the mirror image
 
@@ -166,7 +166,8 @@ def train_step(
     as they were, and the returned ``"nonfinite"`` flag is True (the caller stops or skips).
     """
     images = preprocess(batch["image"])
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    # The same dropout masks as the plain key gives, drawn in one fused pass on CPU.
+    dropout_rng = threefry.unrolled_key(jax.random.fold_in(state.rng, state.step))
 
     def loss_fn(params):
         logits, updates = state.apply_fn(

@@ -10,6 +10,7 @@ PURE_JAX = (
     "hairseg_jax.metrics",
     "hairseg_jax.sharding",
     "hairseg_jax.steps",
+    "hairseg_jax.threefry",
 )
 
 
