@@ -1,7 +1,7 @@
 """Convolution, max-pool and BatchNorm layers shared by the backbones and the DeepLab head.
 
 ``Conv2d`` keeps ``flax.linen.Conv``'s parameters (``kernel`` (k, k, in / groups, out), optional
-``bias``) and torch's symmetric padding, but computes three cases the cheaper way, with the same
+``bias``) and torch's symmetric padding, but computes four cases the cheaper way, with the same
 result:
 - a 1x1 conv (no groups) is a 2-D matrix product of the flattened pixels by the kernel
   (``pixel_matmul``). On XLA:CPU this avoids the layout transposes that the gradient of a 1x1
@@ -15,7 +15,11 @@ result:
   convolution does the dense work: ResNet-101's rate-18 branch at 512 px ran 2.5x faster
   this way (forward and backward). Above about 0.85 (layer4's rate-2 conv on a 32x32 map,
   0.92) the products' gradient is slower than the convolution's, so those stay convolutions.
-  GPUs keep the convolution (not measured there).
+  GPUs keep the convolution (not measured there);
+- on CPU, an undilated stride-1 conv with at least 256 output channels on a map of at least
+  32x32 pixels (the decoder's convs from 227 px up) takes its weight gradient row by row
+  (``conv_with_row_weight_grad``): XLA's own slows down sharply there (ResNet-101's 227 px
+  train step, batch 4, ran 8% faster).
 """
 
 import functools
@@ -32,6 +36,11 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # Largest share of a dilated conv's dense work that is real (not padding) for which the CPU
 # computes it as per-tap matrix products (benchmarked on a 2-core AVX-512 CPU, see BENCHMARKS.md).
 TAP_PRODUCTS_MAX_FRACTION = 0.85
+
+# Undilated stride-1 convs with at least this many output channels, on maps of at least this
+# many pixels, take their weight gradient row by row on CPU (``conv_with_row_weight_grad``).
+ROW_WEIGHT_GRAD_MIN_FEATURES = 256
+ROW_WEIGHT_GRAD_MIN_PIXELS = 32 * 32
 
 
 def _kept_half_width(half: int, dilation: int, size: int) -> int:
@@ -85,6 +94,61 @@ def tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def _same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A stride-1, undilated conv (NHWC, HWIO, odd square kernel) with ``same`` padding."""
+    half = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((half, half), (half, half)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _weight_grad_by_rows(x: jax.Array, dy: jax.Array, kernel_size: int) -> jax.Array:
+    """``_same_conv``'s kernel gradient, one kernel row at a time: each row's taps are a 1-D
+    conv along the width whose batch is every (image, output row) pair."""
+    half = kernel_size // 2
+    batch, height, width, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
+    dy_rows = dy.reshape(batch * height, width, dy.shape[-1])
+    rows = []
+    for i in range(kernel_size):
+        x_rows = padded[:, i : i + height].reshape(batch * height, width + 2 * half, x.shape[-1])
+
+        def conv_1d(kernel_row: jax.Array, x_rows: jax.Array = x_rows) -> jax.Array:
+            return jax.lax.conv_general_dilated(
+                x_rows, kernel_row, (1,), ((0, 0),), dimension_numbers=("NWC", "WIO", "NWC")
+            )
+
+        shape = jax.ShapeDtypeStruct((kernel_size, x.shape[-1], dy.shape[-1]), x.dtype)
+        rows.append(jax.linear_transpose(conv_1d, shape)(dy_rows)[0])
+    return jnp.stack(rows)
+
+
+@jax.custom_vjp
+def conv_with_row_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``_same_conv`` whose kernel gradient is computed row by row (``_weight_grad_by_rows``).
+
+    XLA:CPU computes a 3x3 conv's weight gradient as a convolution that contracts over the
+    batch innermost, and it slows down sharply with 256 or more output channels on large
+    maps: the decoder's 304 -> 256 conv at 57x57 took 154-205 ms for batch 4 and 1.0-2.2 s for
+    batch 16, against 129 and 640-660 ms row by row (where the 1-D convs' batch is every image
+    row). With fewer output channels XLA's is as fast or faster, so those stay XLA's.
+    """
+    return _same_conv(x, kernel)
+
+
+def _conv_rows_forward(x: jax.Array, kernel: jax.Array):
+    return _same_conv(x, kernel), (x, kernel)
+
+
+def _conv_rows_backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array):
+    x, kernel = residuals
+    (dx,) = jax.linear_transpose(lambda x: _same_conv(x, kernel), x)(dy)
+    return dx, _weight_grad_by_rows(x, dy, kernel.shape[0]).astype(kernel.dtype)
+
+
+conv_with_row_weight_grad.defvjp(_conv_rows_forward, _conv_rows_backward)
+
+
 class Conv2d(nn.Module):
     """A square conv with torch-style padding ``dilation * (kernel_size // 2)`` on NHWC input.
 
@@ -136,6 +200,15 @@ class Conv2d(nn.Module):
                 <= TAP_PRODUCTS_MAX_FRACTION
             ):
                 y = tap_products(x, kernel, d)
+            elif (
+                s == 1
+                and d == 1
+                and self.groups == 1
+                and jax.default_backend() == "cpu"
+                and self.features >= ROW_WEIGHT_GRAD_MIN_FEATURES
+                and x.shape[1] * x.shape[2] >= ROW_WEIGHT_GRAD_MIN_PIXELS
+            ):
+                y = conv_with_row_weight_grad(x, kernel)
             else:
                 y = jax.lax.conv_general_dilated(
                     x,

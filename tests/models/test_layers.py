@@ -105,6 +105,43 @@ def test_cpu_computes_dilated_convs_that_read_much_padding_as_tap_products(
     assert ("conv_general_dilated" not in primitives) == products
 
 
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_row_by_row_weight_gradient_matches_flax_conv(kernel_size):
+    """A conv wide and large enough for the row-by-row weight gradient (256 outputs, 32x32)."""
+    x = jax.random.normal(jax.random.key(0), (2, 32, 33, 3))
+    pad = kernel_size // 2
+    reference = nn.Conv(256, (kernel_size, kernel_size), padding=pad, use_bias=False)
+    layer = Conv2d(256, kernel_size)
+    params = reference.init(jax.random.key(1), x)
+    weights = jax.random.normal(jax.random.key(2), (2, 32, 33, 256))
+
+    def loss(module, params, x):
+        return jnp.sum(module.apply(params, x) * weights)
+
+    primitives = {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
+    assert jax.default_backend() == "cpu"
+    assert "custom_vjp_call" in primitives
+    np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x), atol=1e-5)
+    grads = jax.grad(loss, argnums=(1, 2))(layer, params, x)
+    expected = jax.grad(loss, argnums=(1, 2))(reference, params, x)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "features, size, strides, rows",
+    [(256, 32, 1, True), (128, 57, 1, False), (256, 31, 1, False), (256, 64, 2, False)],
+)
+def test_cpu_takes_the_weight_gradient_row_by_row_only_for_wide_convs_on_large_maps(
+    features, size, strides, rows
+):
+    layer = Conv2d(features, 3, strides=strides)
+    x = jnp.zeros((1, size, size, 2))
+    params = jax.eval_shape(layer.init, jax.random.key(0), x)
+    primitives = {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
+    assert ("custom_vjp_call" in primitives) == rows
+
+
 @pytest.mark.parametrize("strides", [1, 2])
 def test_1x1_conv_weight_gradient_uses_the_output_gradient_as_laid_out(strides):
     """No transpose of the output gradient into a channels-major layout (XLA:CPU made one
