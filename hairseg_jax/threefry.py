@@ -6,7 +6,8 @@ decoder at 227 px (4x57x57x256) took about 30 ms, and the two of a train step ab
 (the CPU recipe's, at 160 px, 4%). ``unrolled_key`` wraps a key as ``UNROLLED_THREEFRY``, a PRNG
 implementation whose bits are the same hash written out round by round (as JAX lowers it on
 GPUs) over JAX's partitionable counter layout: every draw gives the bits ``jax.random`` gives
-for the plain key (tested), in one elementwise pass XLA fuses (1.8 instead of 30 ms for that mask).
+for the plain key (tested), in one elementwise pass XLA fuses (that dropout: 2.8 instead of
+29.7 ms).
 """
 
 import jax
