@@ -191,20 +191,18 @@ class Conv2d(nn.Module):
                 kernel = kernel[half - height : half + height + 1, half - width : half + width + 1]
             else:
                 height = width = half
+            # The CPU's own formulations: stride 1, no groups.
+            on_cpu = s == 1 and self.groups == 1 and jax.default_backend() == "cpu"
             if (
-                s == 1
+                on_cpu
                 and d > 1
-                and self.groups == 1
-                and jax.default_backend() == "cpu"
                 and real_fraction(x.shape[1], x.shape[2], kernel.shape, d)
                 <= TAP_PRODUCTS_MAX_FRACTION
             ):
                 y = tap_products(x, kernel, d)
             elif (
-                s == 1
+                on_cpu
                 and d == 1
-                and self.groups == 1
-                and jax.default_backend() == "cpu"
                 and self.features >= ROW_WEIGHT_GRAD_MIN_FEATURES
                 and x.shape[1] * x.shape[2] >= ROW_WEIGHT_GRAD_MIN_PIXELS
             ):

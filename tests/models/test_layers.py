@@ -12,6 +12,12 @@ from hairseg_jax.models import layers
 from hairseg_jax.models.layers import BatchNorm, Conv2d, max_pool, residual_relu
 
 
+def jaxpr_primitives(layer: nn.Module, x: jax.Array) -> set[str]:
+    """The primitives ``layer`` applies to ``x`` (traced, nothing compiled)."""
+    params = jax.eval_shape(layer.init, jax.random.key(0), x)
+    return {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
+
+
 @pytest.mark.parametrize(
     "kernel_size, strides, dilation, groups, size",
     [
@@ -97,10 +103,7 @@ def test_real_fraction_counts_the_pixels_each_tap_reaches(size, dilation, expect
 def test_cpu_computes_dilated_convs_that_read_much_padding_as_tap_products(
     size, dilation, products
 ):
-    layer = Conv2d(4, 3, dilation=dilation)
-    x = jnp.zeros((1, size, size, 2))
-    params = jax.eval_shape(layer.init, jax.random.key(0), x)
-    primitives = {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
+    primitives = jaxpr_primitives(Conv2d(4, 3, dilation=dilation), jnp.zeros((1, size, size, 2)))
     assert jax.default_backend() == "cpu"
     assert ("conv_general_dilated" not in primitives) == products
 
@@ -118,9 +121,8 @@ def test_row_by_row_weight_gradient_matches_flax_conv(kernel_size):
     def loss(module, params, x):
         return jnp.sum(module.apply(params, x) * weights)
 
-    primitives = {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
     assert jax.default_backend() == "cpu"
-    assert "custom_vjp_call" in primitives
+    assert "custom_vjp_call" in jaxpr_primitives(layer, x)
     np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x), atol=1e-5)
     grads = jax.grad(loss, argnums=(1, 2))(layer, params, x)
     expected = jax.grad(loss, argnums=(1, 2))(reference, params, x)
@@ -135,10 +137,10 @@ def test_row_by_row_weight_gradient_matches_flax_conv(kernel_size):
 def test_cpu_takes_the_weight_gradient_row_by_row_only_for_wide_convs_on_large_maps(
     features, size, strides, rows
 ):
-    layer = Conv2d(features, 3, strides=strides)
-    x = jnp.zeros((1, size, size, 2))
-    params = jax.eval_shape(layer.init, jax.random.key(0), x)
-    primitives = {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
+    primitives = jaxpr_primitives(
+        Conv2d(features, 3, strides=strides), jnp.zeros((1, size, size, 2))
+    )
+    assert jax.default_backend() == "cpu"
     assert ("custom_vjp_call" in primitives) == rows
 
 
