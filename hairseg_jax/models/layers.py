@@ -16,6 +16,11 @@ result:
   this way (forward and backward). Above about 0.85 (layer4's rate-2 conv on a 32x32 map,
   0.92) the products' gradient is slower than the convolution's, so those stay convolutions.
   GPUs keep the convolution (not measured there);
+- on CPU, an undilated stride-1 conv with at most 64 input channels on a map at most 64
+  pixels wide (ResNets' layer1 up to 256 px input) is one 1-D convolution along the width over
+  the kernel's row-shifted copies of the input (``row_stacked_conv``): XLA:CPU's YNNPACK
+  convolution runs such narrow maps at about half its usual rate (ResNet-101's layer1 3x3 conv
+  at 227 px, batch 4, forward and both gradients: 29-30 vs 20-21 ms);
 - on CPU, an undilated stride-1 conv with at least 256 output channels on a map of at least
   32x32 pixels (the decoder's convs from 227 px up) takes its weight gradient row by row
   (``conv_with_row_weight_grad``): XLA's own slows down sharply there (ResNet-101's 227 px
@@ -41,6 +46,11 @@ TAP_PRODUCTS_MAX_FRACTION = 0.85
 # many pixels, take their weight gradient row by row on CPU (``conv_with_row_weight_grad``).
 ROW_WEIGHT_GRAD_MIN_FEATURES = 256
 ROW_WEIGHT_GRAD_MIN_PIXELS = 32 * 32
+
+# Undilated stride-1 convs with at most this many input channels, on maps at most this wide,
+# are computed by ``row_stacked_conv`` on CPU.
+ROW_STACK_MAX_CHANNELS = 64
+ROW_STACK_MAX_WIDTH = 64
 
 
 def _kept_half_width(half: int, dilation: int, size: int) -> int:
@@ -92,6 +102,29 @@ def tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
             )
             out = part if out is None else out + part
     return out.astype(x.dtype)
+
+
+def row_stacked_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A stride-1, undilated ``same`` conv (NHWC, HWIO, odd square kernel, no groups) as one
+    1-D conv along the width: the kernel's row-shifted copies of the input side by side on
+    the channels, every (image, output row) pair one element of the 1-D conv's batch.
+
+    XLA:CPU hands 1-D convolutions to Eigen, not YNNPACK, whose 2-D convolution with 64
+    input channels runs at about 100 GFLOP/s on maps up to 64 pixels wide (190 from about 114
+    pixels); this form runs 1.1-1.5x faster there, forward and both gradients (BENCHMARKS.md).
+    """
+    size = kernel.shape[0]
+    half = size // 2
+    batch, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (half, half), (0, 0), (0, 0)))
+    rows = jnp.concatenate([padded[:, i : i + height] for i in range(size)], axis=-1)
+    rows = rows.reshape(batch * height, width, size * channels)
+    # (kh, kw, in, out) -> (kw, kh * in, out), matching the rows' channel order.
+    taps = kernel.transpose(1, 0, 2, 3).reshape(size, size * channels, kernel.shape[-1])
+    y = jax.lax.conv_general_dilated(
+        rows, taps, (1,), ((half, half),), dimension_numbers=("NWC", "WIO", "NWC")
+    )
+    return y.reshape(batch, height, width, -1)
 
 
 def _same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -192,7 +225,7 @@ class Conv2d(nn.Module):
             else:
                 height = width = half
             # The CPU's own formulations: stride 1, no groups.
-            on_cpu = s == 1 and self.groups == 1 and jax.default_backend() == "cpu"
+            on_cpu = s == 1 and self.groups == 1 and k % 2 == 1 and jax.default_backend() == "cpu"
             if (
                 on_cpu
                 and d > 1
@@ -200,6 +233,13 @@ class Conv2d(nn.Module):
                 <= TAP_PRODUCTS_MAX_FRACTION
             ):
                 y = tap_products(x, kernel, d)
+            elif (
+                on_cpu
+                and d == 1
+                and x.shape[-1] <= ROW_STACK_MAX_CHANNELS
+                and x.shape[2] <= ROW_STACK_MAX_WIDTH
+            ):
+                y = row_stacked_conv(x, kernel)
             elif (
                 on_cpu
                 and d == 1
