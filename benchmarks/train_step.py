@@ -8,9 +8,9 @@ Prints one line per case; compile time is reported apart from the step time.
 
 FLOPs: ``model_gflops`` counts every convolution and matmul of the forward pass from the
 jaxpr (2 * outputs * kernel taps * input channels; dilation leaves the count unchanged) and
-takes a train step as 3x the forward pass (forward, input and weight gradients). On CPU,
-where dilated convolutions that read much padding are tap products, their taps count only
-the pixels they reach, so the CPU count is a little lower than the GPU's.
+takes a train step as 3x the forward pass (forward, input and weight gradients). The jaxpr
+is traced as GPUs run the model (``layers.gpu_formulations``), so the count is the same on
+every backend, whatever the CPU computes instead (tap products, Winograd).
 ``xla_gflops`` is XLA's own cost analysis of the compiled step, which may differ (it counts
 the padded taps of dilated convolutions differently, and on GPU leaves out the convolutions
 that run as cuDNN calls). ``--predict`` times the inference step instead (BatchNorm in
@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hairseg_jax import models, sharding, steps  # noqa: E402
+from hairseg_jax.models import layers  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device kind (substring match, first wins).
 BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
@@ -156,7 +157,8 @@ def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
 
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     variables = steps.inference_variables(state)
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    with layers.gpu_formulations():  # model FLOPs, whichever formulation runs here
+        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
     model_flops = (1.0 if predict else 3.0) * forward_flops(jaxpr.jaxpr)
 
     def run(state):

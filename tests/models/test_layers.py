@@ -110,6 +110,20 @@ def test_cpu_computes_dilated_convs_that_read_much_padding_as_tap_products(
     assert ("conv_general_dilated" not in primitives) == products
 
 
+@pytest.mark.parametrize(
+    "features, channels, size, dilation",
+    [(4, 2, 9, 6), (4, 2, 9, 1), (256, 65, 32, 1)],  # tap products, row-stacked, Winograd
+)
+def test_gpu_formulations_trace_xla_convolutions_on_cpu(features, channels, size, dilation):
+    layer = Conv2d(features, 3, dilation=dilation)
+    x = jnp.zeros((1, size, size, channels))
+    assert jax.default_backend() == "cpu"
+    assert jaxpr_primitives(layer, x) != {"conv_general_dilated"}
+    with layers.gpu_formulations():
+        assert jaxpr_primitives(layer, x) == {"conv_general_dilated"}
+    assert jaxpr_primitives(layer, x) != {"conv_general_dilated"}
+
+
 @pytest.mark.parametrize("kernel_size", [3, 5])
 def test_row_by_row_weight_gradient_matches_flax_conv(kernel_size):
     """A conv wide and large enough for the row-by-row weight gradient (256 outputs, 32x32)."""
@@ -130,6 +144,30 @@ def test_row_by_row_weight_gradient_matches_flax_conv(kernel_size):
     expected = jax.grad(loss, argnums=(1, 2))(reference, params, x)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 7, 10, 3), (3, 1, 2, 4)])
+def test_winograd_conv3x3_matches_the_direct_conv(shape):
+    """Even and odd sizes (the last tile row or column cut off), down to a 1x2 map."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], 6))
+    expected = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    got = layers.winograd_conv3x3(x, kernel)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_same_conv_uses_winograd_only_for_3x3_float32_kernels():
+    def dots(x, kernel):
+        jaxpr = jax.make_jaxpr(layers._same_conv)(x, kernel)
+        return sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+
+    x = jnp.zeros((1, 6, 6, 4))
+    assert dots(x, jnp.zeros((3, 3, 4, 4))) == 16
+    assert dots(x, jnp.zeros((5, 5, 4, 4))) == 0
+    assert dots(x.astype(jnp.bfloat16), jnp.zeros((3, 3, 4, 4), jnp.bfloat16)) == 0
 
 
 @pytest.mark.parametrize(
