@@ -19,7 +19,12 @@ BatchNorm reduced to its bias add, which is what a model with BatchNorm folded i
 preceding convolutions' kernels computes (row ``impl=jax_bn_folded``: its speed, not its
 numbers). MFU is model FLOPs per second over the
 device's dense bf16 peak, printed for known accelerators. ``jax_over_torch`` is JAX's
-images/s over PyTorch's (above 1: JAX is faster).
+images/s over PyTorch's (above 1: JAX is faster); with ``--rounds=N`` the two alternate N
+times (``--steps`` each) and the medians are compared, since this machine's speed drifts by up
+to 10% between runs:
+
+    python benchmarks/train_step.py --backbones=resnet101 --sizes=227 --batches=4 --steps=2 \
+        --torch --rounds=8
 """
 
 import argparse
@@ -29,6 +34,7 @@ import importlib.util
 import itertools
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -175,8 +181,8 @@ def time_jax(case: JaxCase, steps_timed: int, warmup: int) -> tuple[float, Any]:
     after them (the case's own state is donated to the first step)."""
     state = case.state
     for _ in range(warmup):
-        state, out = case.run(state)
-    jax.block_until_ready(out)
+        state, _ = case.run(state)
+    jax.block_until_ready(state)
     start = time.perf_counter()
     for _ in range(steps_timed):
         state, out = case.run(state)
@@ -187,9 +193,10 @@ def time_jax(case: JaxCase, steps_timed: int, warmup: int) -> tuple[float, Any]:
     return seconds, state
 
 
-def time_torch(config, steps_timed: int, warmup: int, compile_model: bool, predict: bool) -> dict:
-    """The same step in the PyTorch reference model: SGD, backbone x1 / head x10, BCE; or
-    with ``predict`` a forward pass in eval mode without gradients."""
+def torch_steps(config, compile_model: bool, predict: bool) -> tuple[Callable[[int], None], float]:
+    """The same step in the PyTorch reference model (SGD, backbone x1 / head x10, BCE; or
+    with ``predict`` a forward pass in eval mode without gradients), after its first run:
+    a function that runs a number of steps and waits for them, and the first step's seconds."""
     import torch
     import torch.nn.functional as F
 
@@ -234,21 +241,26 @@ def time_torch(config, steps_timed: int, warmup: int, compile_model: bool, predi
         return loss
 
     synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            out = step()
+        synchronize()
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("Non-finite output in the torch step.")
+
     start = time.perf_counter()
-    step()
-    synchronize()
-    first_s = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    synchronize()
+    run(1)
+    return run, time.perf_counter() - start
+
+
+def time_torch(run: Callable[[int], None], steps_timed: int, warmup: int) -> float:
+    """Seconds per step of ``torch_steps``'s ``run``, after ``warmup`` untimed steps."""
+    if warmup:
+        run(warmup)
     start = time.perf_counter()
-    for _ in range(steps_timed):
-        out = step()
-    synchronize()
-    seconds = (time.perf_counter() - start) / steps_timed
-    if not torch.isfinite(out).all():
-        raise FloatingPointError("Non-finite output in the torch step.")
-    return {"first_step_s": first_s, "step_s": seconds}
+    run(steps_timed)
+    return (time.perf_counter() - start) / steps_timed
 
 
 def parse_args() -> argparse.Namespace:
@@ -272,6 +284,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
     parser.add_argument("--torch_compile", action="store_true", help="also with torch.compile")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --torch: alternate JAX and PyTorch this many times, --steps each, and "
+        "report the median round (this machine's speed drifts by up to 10%% between runs)",
+    )
     return parser.parse_args()
 
 
@@ -294,7 +313,9 @@ def main() -> None:
         seconds = {}
         for impl in ["jax", "jax_bn_folded"] if args.predict and args.fold_bn else ["jax"]:
             jax_case = compile_jax(config, args.predict, fold_bn=impl == "jax_bn_folded")
-            impl_s, _ = time_jax(jax_case, args.steps, args.warmup)
+            impl_s, state = time_jax(jax_case, args.steps, args.warmup)
+            if impl == "jax":
+                plain = jax_case._replace(state=state)
             seconds[impl] = impl_s
             flops = jax_case.model_flops_per_image
             line = (
@@ -306,19 +327,31 @@ def main() -> None:
             if peak:
                 line += f" mfu={flops * batch / impl_s / peak:.3f}"
             print(line, flush=True)
-        step_s = seconds["jax"]  # torch is compared with the plain JAX step
         variants = [False, True] if args.torch_compile else [False] if args.torch else []
         for compile_model in variants:
-            result = time_torch(config, args.steps, args.warmup, compile_model, args.predict)
+            run, first_s = torch_steps(config, compile_model, args.predict)
+            torch_s = [time_torch(run, args.steps, args.warmup)]
+            jax_s = [seconds["jax"]]  # torch is compared with the plain JAX step
+            for _ in range(args.rounds - 1):
+                step_s, state = time_jax(plain, args.steps, 0)
+                plain = plain._replace(state=state)
+                jax_s.append(step_s)
+                torch_s.append(time_torch(run, args.steps, 0))
+            step_s, result_s = statistics.median(jax_s), statistics.median(torch_s)
             name = "torch_compile" if compile_model else "torch"
             line = (
-                f"{kind} impl={name} {case} first_step_s={result['first_step_s']:.1f} "
-                f"ms_per_step={1e3 * result['step_s']:.1f} "
-                f"images_per_s={batch / result['step_s']:.2f} "
-                f"jax_over_{name}={result['step_s'] / step_s:.2f}"
+                f"{kind} impl={name} {case} first_step_s={first_s:.1f} "
+                f"ms_per_step={1e3 * result_s:.1f} images_per_s={batch / result_s:.2f} "
+                f"jax_over_{name}={result_s / step_s:.2f}"
             )
+            if args.rounds > 1:
+                line += (
+                    f" rounds={args.rounds} jax_median_ms_per_step={1e3 * step_s:.1f}"
+                    f" jax_ms={','.join(f'{1e3 * t:.0f}' for t in jax_s)}"
+                    f" {name}_ms={','.join(f'{1e3 * t:.0f}' for t in torch_s)}"
+                )
             if peak:
-                line += f" mfu={flops * batch / result['step_s'] / peak:.3f}"
+                line += f" mfu={flops * batch / result_s / peak:.3f}"
             print(line, flush=True)
 
 

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 # Run as on a host without TensorFlow or clu: importing them fails.
@@ -63,3 +65,17 @@ def test_shrink_then_time_to_dice_without_tensorflow(figaro_dir, tmp_path):
     assert 0.0 <= summary["dice"] <= 1.0 and summary["nonfinite_steps"] == 0
     assert sum(v["num_images"] for v in summary["per_hair_type"].values()) == 3
     assert f"test_dice={summary['dice']:.4f}" in trained.stdout
+
+
+def test_train_step_alternates_jax_and_torch_without_tensorflow():
+    args = ["--config=configs/figaro_cpu.py", "--backbones=resnet18", "--sizes=64"]
+    args += ["--batches=2", "--steps=1", "--warmup=0", "--torch", "--rounds=2"]
+    result = run_script("benchmarks/train_step.py", args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("train_step")]
+    assert [line.split()[1] for line in lines] == ["impl=jax", "impl=torch"]
+    fields = dict(field.split("=", 1) for field in lines[1].split()[1:])
+    assert fields["rounds"] == "2"
+    assert len(fields["jax_ms"].split(",")) == len(fields["torch_ms"].split(",")) == 2
+    jax_s, torch_s = float(fields["jax_median_ms_per_step"]), float(fields["ms_per_step"])
+    assert float(fields["jax_over_torch"]) == pytest.approx(torch_s / jax_s, abs=0.01)

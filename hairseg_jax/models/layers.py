@@ -1,8 +1,8 @@
 """Convolution, max-pool and BatchNorm layers shared by the backbones and the DeepLab head.
 
 ``Conv2d`` keeps ``flax.linen.Conv``'s parameters (``kernel`` (k, k, in / groups, out), optional
-``bias``) and torch's symmetric padding, but computes four cases the cheaper way, with the same
-result:
+``bias``) and torch's symmetric padding, but computes these cases the cheaper way, with the same
+result (up to float32 rounding):
 - a 1x1 conv (no groups) is a 2-D matrix product of the flattened pixels by the kernel
   (``pixel_matmul``). On XLA:CPU this avoids the layout transposes that the gradient of a 1x1
   convolution, or of a dot over the 4-D map, costs (ResNet-101's train step runs about 1.4x,
@@ -24,7 +24,11 @@ result:
 - on CPU, an undilated stride-1 conv with at least 256 output channels on a map of at least
   32x32 pixels (the decoder's convs from 227 px up) takes its weight gradient row by row
   (``conv_with_row_weight_grad``): XLA's own slows down sharply there (ResNet-101's 227 px
-  train step, batch 4, ran 8% faster).
+  train step, batch 4, ran 8% faster); if it is 3x3 and float32, its forward pass and input
+  gradient are Winograd's F(2x2, 3x3) (``winograd_conv3x3``, 2.25x fewer multiplies; that
+  step ran another 5-7% faster).
+
+``gpu_formulations()`` turns the CPU's own formulations off while tracing (to count FLOPs).
 """
 
 import contextlib
