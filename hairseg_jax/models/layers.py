@@ -164,6 +164,19 @@ def _winograd_output_rows(m: list[jax.Array]) -> list[jax.Array]:
     return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
 
 
+def _winograd_windows(pairs: jax.Array, axis: int) -> list[jax.Array]:
+    """The four rows (``axis`` 1) or columns (``axis`` 2) of every 4-wide, stride-2 window of
+    a map viewed as pixel pairs (pair index at ``axis``, position in the pair at ``axis + 1``)."""
+    count = pairs.shape[axis] - 1
+    firsts = jax.lax.slice_in_dim(pairs, 0, count, axis=axis)
+    seconds = jax.lax.slice_in_dim(pairs, 1, count + 1, axis=axis)
+    return [
+        jax.lax.index_in_dim(part, i, axis=axis + 1, keepdims=False)
+        for part in (firsts, seconds)
+        for i in (0, 1)
+    ]
+
+
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A stride-1 ``same`` 3x3 conv (NHWC, HWIO, no groups) by Winograd's F(2x2, 3x3).
 
@@ -179,22 +192,14 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
     pads = ((0, 0), (1, 2 * tiles_h + 1 - height), (1, 2 * tiles_w + 1 - width), (0, 0))
     pairs = jnp.pad(x, pads).reshape(batch, tiles_h + 1, 2, 2 * tiles_w + 2, channels)
-    window_rows = [pairs[:, :tiles_h, 0], pairs[:, :tiles_h, 1], pairs[:, 1:, 0], pairs[:, 1:, 1]]
-    rows = jnp.stack(_winograd_input_rows(window_rows))
+    rows = jnp.stack(_winograd_input_rows(_winograd_windows(pairs, axis=1)))
     kernel_rows = _winograd_kernel_rows([kernel[i] for i in range(3)])
     products = []  # products[a][b]: (batch, tiles_h, tiles_w, out) for each transformed tap
     for a in range(4):
-        row = rows[a].reshape(batch, tiles_h, tiles_w + 1, 2, channels)
-        window = [
-            row[:, :, :tiles_w, 0],
-            row[:, :, :tiles_w, 1],
-            row[:, :, 1:, 0],
-            row[:, :, 1:, 1],
-        ]
+        row_pairs = rows[a].reshape(batch, tiles_h, tiles_w + 1, 2, channels)
+        columns = _winograd_input_rows(_winograd_windows(row_pairs, axis=2))
         taps = _winograd_kernel_rows([kernel_rows[a][j] for j in range(3)])
-        products.append(
-            [pixel_matmul(v, taps[b]) for b, v in enumerate(_winograd_input_rows(window))]
-        )
+        products.append([pixel_matmul(v, taps[b]) for b, v in enumerate(columns)])
     # A^T over the rows (a), then over the columns (b): the 2x2 outputs of every tile.
     half_done = [_winograd_output_rows([products[a][b] for a in range(4)]) for b in range(4)]
     out = [_winograd_output_rows([half_done[b][p] for b in range(4)]) for p in range(2)]
