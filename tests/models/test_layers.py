@@ -12,10 +12,15 @@ from hairseg_jax.models import layers
 from hairseg_jax.models.layers import BatchNorm, Conv2d, max_pool, residual_relu
 
 
-def jaxpr_primitives(layer: nn.Module, x: jax.Array) -> set[str]:
-    """The primitives ``layer`` applies to ``x`` (traced, nothing compiled)."""
+def jaxpr_equations(layer: nn.Module, x: jax.Array) -> list:
+    """The operations ``layer`` applies to ``x`` (traced, nothing compiled)."""
     params = jax.eval_shape(layer.init, jax.random.key(0), x)
-    return {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).eqns}
+    return jax.make_jaxpr(layer.apply)(params, x).eqns
+
+
+def jaxpr_primitives(layer: nn.Module, x: jax.Array) -> set[str]:
+    """The primitives ``layer`` applies to ``x``."""
+    return {e.primitive.name for e in jaxpr_equations(layer, x)}
 
 
 @pytest.mark.parametrize(
@@ -199,11 +204,9 @@ def test_cpu_stacks_rows_only_for_undilated_convs_with_few_channels_on_narrow_ma
     channels, width, strides, dilation, stacked
 ):
     layer = Conv2d(64, 3, strides=strides, dilation=dilation)
-    x = jnp.zeros((1, 5, width, channels))
-    params = jax.eval_shape(layer.init, jax.random.key(0), x)
-    jaxpr = jax.make_jaxpr(layer.apply)(params, x)
+    equations = jaxpr_equations(layer, jnp.zeros((1, 5, width, channels)))
     conv_ranks = {
-        e.invars[0].aval.ndim for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+        e.invars[0].aval.ndim for e in equations if e.primitive.name == "conv_general_dilated"
     }
     assert jax.default_backend() == "cpu"
     assert (conv_ranks == {3}) == stacked
