@@ -23,7 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hairseg_jax.models.layers import real_fraction, tap_products  # noqa: E402
+from hairseg_jax.models.layers import (  # noqa: E402
+    real_fraction,
+    space_to_batch_conv,
+    tap_products,
+)
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -34,20 +38,6 @@ def dilated(x: jax.Array, kernel: jax.Array, rate: int) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel, (1, 1), padding, rhs_dilation=(rate, rate), dimension_numbers=DIMENSIONS
     )
-
-
-def space_to_batch(x: jax.Array, kernel: jax.Array, rate: int) -> jax.Array:
-    """The same convolution as an undilated one over ``rate**2`` interleaved sub-images."""
-    n, h, w, c = x.shape
-    hp, wp = -(-h // rate) * rate, -(-w // rate) * rate
-    x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-    x = x.reshape(n, hp // rate, rate, wp // rate, rate, c).transpose(2, 4, 0, 1, 3, 5)
-    x = x.reshape(rate * rate * n, hp // rate, wp // rate, c)
-    y = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), [(1, 1), (1, 1)], dimension_numbers=DIMENSIONS
-    )
-    y = y.reshape(rate, rate, n, hp // rate, wp // rate, -1).transpose(2, 3, 0, 4, 1, 5)
-    return y.reshape(n, hp, wp, -1)[:, :h, :w]
 
 
 def milliseconds(fn: Callable, *args, repeats: int) -> float:
@@ -81,33 +71,54 @@ CASES = [
 ]
 
 
+def parse_case(text: str) -> tuple[int, ...]:
+    """``BATCH,SIDE,CIN,COUT,RATE`` as a tuple of five ints."""
+    case = tuple(int(v) for v in text.split(","))
+    if len(case) != 5:
+        raise argparse.ArgumentTypeError(f"expected BATCH,SIDE,CIN,COUT,RATE, got {text!r}")
+    return case
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", help="of the input and kernel")
+    parser.add_argument(
+        "--case",
+        type=parse_case,
+        action="append",
+        metavar="BATCH,SIDE,CIN,COUT,RATE",
+        help="time this case instead of the built-in list (repeatable)",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    for batch, side, cin, cout, rate in CASES:
-        x = jnp.asarray(rng.standard_normal((batch, side, side, cin)), jnp.float32)
-        kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.01, jnp.float32)
-        reference = dilated(x, kernel, rate)
+    print(f"# device={jax.devices()[0].device_kind} jax={jax.__version__}", flush=True)
+    for batch, side, cin, cout, rate in args.case or CASES:
+        x = jnp.asarray(rng.standard_normal((batch, side, side, cin)), args.dtype)
+        kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.01, args.dtype)
+        reference = dilated(x, kernel, rate).astype(jnp.float32)
         fraction = real_fraction(side, side, kernel.shape, rate)
         for name, conv in [
             ("dilated", dilated),
-            ("space_to_batch", space_to_batch),
+            ("space_to_batch", space_to_batch_conv),
             ("tap_products", tap_products),
         ]:
-            error = float(jnp.max(jnp.abs(conv(x, kernel, rate) - reference)))
+            error = float(jnp.max(jnp.abs(conv(x, kernel, rate).astype(jnp.float32) - reference)))
             forward = jax.jit(conv, static_argnums=2)
             grads = jax.jit(
-                jax.grad(lambda x, k, r, conv=conv: jnp.sum(conv(x, k, r) ** 2), argnums=(0, 1)),
+                jax.grad(
+                    lambda x, k, r, conv=conv: jnp.sum(conv(x, k, r).astype(jnp.float32) ** 2),
+                    argnums=(0, 1),
+                ),
                 static_argnums=2,
             )
             forward_ms = milliseconds(forward, x, kernel, rate, repeats=args.repeats)
             both_ms = milliseconds(grads, x, kernel, rate, repeats=args.repeats)
             print(
                 f"dilated_conv batch={batch} side={side} cin={cin} cout={cout} rate={rate} "
-                f"real_fraction={fraction:.2f} impl={name} forward_ms={forward_ms:.1f} "
-                f"forward_backward_ms={both_ms:.1f} max_abs_diff={error:.1e}",
+                f"dtype={args.dtype} real_fraction={fraction:.2f} impl={name} "
+                f"forward_ms={forward_ms:.1f} forward_backward_ms={both_ms:.1f} "
+                f"max_abs_diff={error:.1e}",
                 flush=True,
             )
 

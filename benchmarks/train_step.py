@@ -9,7 +9,7 @@ Prints one line per case; compile time is reported apart from the step time.
 FLOPs: ``model_gflops`` counts every convolution and matmul of the forward pass from the
 jaxpr (2 * outputs * kernel taps * input channels; dilation leaves the count unchanged) and
 takes a train step as 3x the forward pass (forward, input and weight gradients). The jaxpr
-is traced as GPUs run the model (``layers.gpu_formulations``), so the count is the same on
+is traced in its plain form (``layers.reference_formulations``), so the count is the same on
 every backend, whatever the CPU computes instead (tap products, Winograd).
 ``xla_gflops`` is XLA's own cost analysis of the compiled step, which may differ (it counts
 the padded taps of dilated convolutions differently, and on GPU leaves out the convolutions
@@ -163,7 +163,7 @@ def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
 
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     variables = steps.inference_variables(state)
-    with layers.gpu_formulations():  # model FLOPs, whichever formulation runs here
+    with layers.reference_formulations():  # model FLOPs, whichever formulation runs here
         jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
     model_flops = (1.0 if predict else 3.0) * forward_flops(jaxpr.jaxpr)
 

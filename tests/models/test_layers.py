@@ -119,14 +119,72 @@ def test_cpu_computes_dilated_convs_that_read_much_padding_as_tap_products(
     "features, channels, size, dilation",
     [(4, 2, 9, 6), (4, 2, 9, 1), (256, 65, 32, 1)],  # tap products, row-stacked, Winograd
 )
-def test_gpu_formulations_trace_xla_convolutions_on_cpu(features, channels, size, dilation):
+def test_reference_formulations_trace_xla_convolutions_on_cpu(features, channels, size, dilation):
     layer = Conv2d(features, 3, dilation=dilation)
     x = jnp.zeros((1, size, size, channels))
     assert jax.default_backend() == "cpu"
     assert jaxpr_primitives(layer, x) != {"conv_general_dilated"}
-    with layers.gpu_formulations():
+    with layers.reference_formulations():
         assert jaxpr_primitives(layer, x) == {"conv_general_dilated"}
     assert jaxpr_primitives(layer, x) != {"conv_general_dilated"}
+
+
+@pytest.mark.parametrize(
+    "shape, kernel_shape, dilation",
+    [
+        ((2, 12, 12, 3), (3, 3), 2),  # sides a multiple of the dilation
+        ((1, 9, 13, 2), (3, 3), 6),  # padded up to 12x18
+        ((1, 32, 32, 4), (3, 3), 18),  # ASPP's rate 18 at 512 px
+        ((1, 5, 11, 2), (1, 3), 6),  # kernel rows cut off (they read only padding)
+        ((1, 10, 10, 2), (5, 5), 3),
+    ],
+)
+def test_space_to_batch_conv_matches_the_dilated_conv(shape, kernel_shape, dilation):
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernel = jax.random.normal(jax.random.key(1), (*kernel_shape, shape[-1], 5))
+    pads = [(dilation * (k // 2), dilation * (k // 2)) for k in kernel_shape]
+    expected = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        pads,
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    got = layers.space_to_batch_conv(x, kernel, dilation)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("size, dilation", [(9, 2), (9, 6), (15, 4)])
+def test_gpus_compute_dilated_convs_by_space_to_batch(monkeypatch, size, dilation):
+    """Traced as for a GPU (the backend's name patched), evaluated here."""
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 3, 4))
+    pad = dilation
+    pads = ((pad, pad), (pad, pad))
+    reference = nn.Conv(4, (3, 3), padding=pads, kernel_dilation=dilation, use_bias=False)
+    layer = Conv2d(4, 3, dilation=dilation)
+    params = reference.init(jax.random.key(1), x)
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)))
+
+    expected = jax.grad(loss, argnums=(1, 2))(reference, params, x)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    convs = [e for e in jaxpr_equations(layer, x) if e.primitive.name == "conv_general_dilated"]
+    assert [e.params["rhs_dilation"] for e in convs] == [(1, 1)]
+    np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x), atol=1e-4)
+    grads = jax.grad(loss, argnums=(1, 2))(layer, params, x)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_dilated_conv_whose_outer_taps_read_only_padding_is_a_matrix_product(monkeypatch, backend):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    primitives = jaxpr_primitives(Conv2d(4, 3, dilation=18), jnp.zeros((1, 15, 15, 2)))
+    assert "dot_general" in primitives
+    assert "conv_general_dilated" not in primitives
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5])
