@@ -330,19 +330,18 @@ class Conv2d(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        half = height = width = k // 2
-        if s == 1 and d > 1:
-            height = _kept_half_width(half, d, x.shape[1])
-            width = _kept_half_width(half, d, x.shape[2])
-            kernel = kernel[half - height : half + height + 1, half - width : half + width + 1]
-        if kernel.shape[:2] == (1, 1) and self.groups == 1:
-            # A 1x1 conv, or a dilated one whose other taps can only read padding.
+        if k == 1 and self.groups == 1:
             y = pixel_matmul(x[:, ::s, ::s], kernel[0, 0])
         else:
+            half = height = width = k // 2
+            if s == 1 and d > 1:
+                height = _kept_half_width(half, d, x.shape[1])
+                width = _kept_half_width(half, d, x.shape[2])
+                kernel = kernel[half - height : half + height + 1, half - width : half + width + 1]
             # The backends' own formulations: stride 1, no groups, odd kernel.
             own = s == 1 and self.groups == 1 and k % 2 == 1 and _own_formulations
             on_cpu = own and jax.default_backend() == "cpu"
-            if own and not on_cpu and d > 1:
+            if own and not on_cpu and d > 1 and kernel.shape[:2] != (1, 1):
                 y = space_to_batch_conv(x, kernel, d)
             elif (
                 on_cpu
