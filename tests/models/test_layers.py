@@ -38,7 +38,12 @@ def jaxpr_primitives(layer: nn.Module, x: jax.Array) -> set[str]:
         (7, 2, 1, 1, 9),
     ],
 )
-def test_conv2d_matches_flax_conv(kernel_size, strides, dilation, groups, size):
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_conv2d_matches_flax_conv(
+    monkeypatch, backend, kernel_size, strides, dilation, groups, size
+):
+    """On CPU, and traced as for a GPU (the backend's name patched) but evaluated here."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     x = jax.random.normal(jax.random.key(0), (2, size, size + 3, 4))
     pad = dilation * (kernel_size // 2)
     reference = nn.Conv(
@@ -158,25 +163,10 @@ def test_space_to_batch_conv_matches_the_dilated_conv(shape, kernel_shape, dilat
 
 @pytest.mark.parametrize("size, dilation", [(9, 2), (9, 6), (15, 4)])
 def test_gpus_compute_dilated_convs_by_space_to_batch(monkeypatch, size, dilation):
-    """Traced as for a GPU (the backend's name patched), evaluated here."""
-    x = jax.random.normal(jax.random.key(0), (2, size, size + 3, 4))
-    pad = dilation
-    pads = ((pad, pad), (pad, pad))
-    reference = nn.Conv(4, (3, 3), padding=pads, kernel_dilation=dilation, use_bias=False)
-    layer = Conv2d(4, 3, dilation=dilation)
-    params = reference.init(jax.random.key(1), x)
-
-    def loss(module, params, x):
-        return jnp.sum(jnp.sin(module.apply(params, x)))
-
-    expected = jax.grad(loss, argnums=(1, 2))(reference, params, x)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    convs = [e for e in jaxpr_equations(layer, x) if e.primitive.name == "conv_general_dilated"]
+    equations = jaxpr_equations(Conv2d(4, 3, dilation=dilation), jnp.zeros((2, size, size + 3, 4)))
+    convs = [e for e in equations if e.primitive.name == "conv_general_dilated"]
     assert [e.params["rhs_dilation"] for e in convs] == [(1, 1)]
-    np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x), atol=1e-4)
-    grads = jax.grad(loss, argnums=(1, 2))(layer, params, x)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_gpus_keep_the_convolution_when_only_the_centre_tap_is_left(monkeypatch):
