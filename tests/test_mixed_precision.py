@@ -15,7 +15,7 @@ from hairseg_jax.data.synthetic import make_examples
 
 SIZE = 32
 BATCH = 8
-TRAIN_STEPS = 24
+TRAIN_STEPS = 48  # Dice 0.55-0.63 over four init seeds (0.19-0.58 after 24 steps)
 FLOAT32 = {jnp.dtype(jnp.float32)}
 
 
@@ -115,5 +115,5 @@ def test_bfloat16_eval_dice_within_0_005_of_float32_on_a_trained_checkpoint(init
         predict, state.replace(apply_fn=bf16_model.apply), val, SIZE, BATCH
     ).summary
     print(f"val Dice: float32 {fp32['dice']:.5f}, bfloat16 {bf16['dice']:.5f}")
-    assert fp32["dice"] > 0.3  # trained, not a constant prediction
+    assert fp32["dice"] > 0.4  # trained: calling every pixel hair scores 0.25
     assert abs(bf16["dice"] - fp32["dice"]) <= 0.005
