@@ -1,12 +1,18 @@
 """End-to-end runs of the benchmark scripts that carry Figaro1k to, and train on, an
 accelerator host without TensorFlow (real data, small model)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from hairseg_jax import models
+from hairseg_jax.models import layers
 from tests.conftest import REPO
 
 # Run as on a host without TensorFlow or clu: importing them fails.
@@ -18,8 +24,11 @@ BARE = (
 
 
 def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Runs ``python script *args`` (its folder first on ``sys.path``) on a bare install."""
+    folder = str(Path(script).parent)
     code = (
-        f"{BARE}sys.argv = {[script, *args]!r}\nrunpy.run_path({script!r}, run_name='__main__')\n"
+        f"{BARE}sys.argv = {[script, *args]!r}\nsys.path.insert(0, {folder!r})\n"
+        f"runpy.run_path({script!r}, run_name='__main__')\n"
     )
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600
@@ -79,3 +88,34 @@ def test_train_step_alternates_jax_and_torch_without_tensorflow():
     assert len(fields["jax_ms"].split(",")) == len(fields["torch_ms"].split(",")) == 2
     jax_s, torch_s = float(fields["jax_median_ms_per_step"]), float(fields["ms_per_step"])
     assert float(fields["jax_over_torch"]) == pytest.approx(torch_s / jax_s, abs=0.01)
+
+
+def test_conv_rates_times_every_convolution_in_both_libraries():
+    args = ["--backbone=resnet18", "--size=64", "--batch=1", "--repeats=1", "--torch"]
+    result = run_script("benchmarks/conv_rates.py", args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    fields = [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in lines]
+    header, convs, total = fields[0], fields[1:-1], fields[-1]
+    assert len(convs) == int(header["shapes"])
+    assert sum(int(conv["count"]) for conv in convs) == int(header["convs"])
+    assert {conv["kernel"] for conv in convs} == {"1", "3", "7"}
+    for impl in ("jax", "plain", "torch"):
+        for key in (f"{impl}_fwd_ms", f"{impl}_fwd_bwd_ms"):
+            assert all(float(conv[key]) > 0 for conv in convs), key
+            assert float(total[key]) == pytest.approx(
+                sum(int(conv["count"]) * float(conv[key]) for conv in convs), abs=1.0
+            )
+
+    # The FLOPs are the model's as train_step.py counts them, less the image resizes.
+    spec = importlib.util.spec_from_file_location("tsb", REPO / "benchmarks/train_step.py")
+    train_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_step)
+    config = train_step.base_config(str(REPO / "configs/figaro.py"), ["model.backbone=resnet18"])
+    model = models.build_model(config.model)
+    images = jnp.zeros((1, 64, 64, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    with layers.reference_formulations():
+        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    model_gflops = train_step.forward_flops(jaxpr.jaxpr) / 1e9
+    assert float(total["forward_gflops"]) == pytest.approx(model_gflops, rel=0.01)

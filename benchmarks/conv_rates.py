@@ -1,0 +1,188 @@
+"""Every convolution of the model, timed alone: JAX as ``Conv2d`` computes it here, XLA's
+plain convolution, and (with ``--torch``) PyTorch's ``conv2d``.
+
+    python benchmarks/conv_rates.py --backbone=resnet101 --size=227 --batch=4 --torch
+
+The model's ``Conv2d`` calls are recorded while tracing its forward pass and grouped by
+shape; each is then run alone, forward and forward with the gradients of its input and
+weights, float32. ``jax`` is the backend's own formulation (on CPU tap products, row-stacked
+1-D convolutions, Winograd, 2-D matrix products for 1x1), ``plain`` XLA's convolution
+(``layers.reference_formulations``). Prints one line per shape and a ``total`` line with each
+library's milliseconds and FLOP rate over all of them: a train step computes these and
+everything between them (BatchNorm, activations, optimizer), so the totals say how much of
+the step the convolutions take in each library (bare JAX install; torch only with ``--torch``).
+"""
+
+import argparse
+import collections
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import train_step  # benchmarks/train_step.py: the config helpers; puts the repo on sys.path
+
+from hairseg_jax import models
+from hairseg_jax.models import layers
+
+
+class ConvCall(NamedTuple):
+    """One ``Conv2d`` application: the module's settings and its input's shape."""
+
+    features: int
+    kernel_size: int
+    strides: int
+    dilation: int
+    groups: int
+    use_bias: bool
+    input_shape: tuple[int, ...]
+
+
+def model_convs(config) -> collections.Counter:
+    """``ConvCall`` -> how often the model's forward pass makes it."""
+    model = models.build_model(config.model)
+    size = config.data.image_size
+    images = jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    calls: collections.Counter = collections.Counter()
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, layers.Conv2d) and context.method_name == "__call__":
+            settings = (module.features, module.kernel_size, module.strides, module.dilation)
+            calls[ConvCall(*settings, module.groups, module.use_bias, args[0].shape)] += 1
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+    return calls
+
+
+def conv_flops(call: ConvCall) -> float:
+    """Forward FLOPs of ``call``, as ``train_step.py`` counts the model's."""
+    conv = layers.Conv2d(*call[:6])
+    x = jax.ShapeDtypeStruct(call.input_shape, jnp.float32)
+    params = jax.eval_shape(conv.init, jax.random.key(0), x)
+    with layers.reference_formulations():
+        jaxpr = jax.make_jaxpr(conv.apply)(params, x)
+    return train_step.forward_flops(jaxpr.jaxpr)
+
+
+def best_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls after one untimed call, in milliseconds."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def jax_ms(call: ConvCall, repeats: int) -> tuple[float, float]:
+    """Forward and forward-with-gradients milliseconds of ``call`` as ``Conv2d`` traces it
+    in the current formulation setting."""
+    conv = layers.Conv2d(*call[:6])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(call.input_shape, np.float32))
+    params = conv.init(jax.random.key(0), x)
+    forward = jax.jit(conv.apply)
+
+    @jax.jit
+    def both(params, x):
+        y, vjp = jax.vjp(conv.apply, params, x)
+        return y, vjp(jnp.ones_like(y))
+
+    return best_ms(lambda: forward(params, x), repeats), best_ms(lambda: both(params, x), repeats)
+
+
+def torch_ms(call: ConvCall, repeats: int) -> tuple[float, float]:
+    """PyTorch's forward and forward-with-gradients milliseconds of ``call`` (channels-last)."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, height, width, channels = call.input_shape
+    generator = torch.Generator().manual_seed(0)
+    shape = (call.features, channels // call.groups, call.kernel_size, call.kernel_size)
+    x = torch.randn(batch, channels, height, width, generator=generator)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(*shape, generator=generator).contiguous(memory_format=torch.channels_last)
+    b = torch.zeros(call.features) if call.use_bias else None
+    kwargs = dict(
+        stride=call.strides,
+        padding=call.dilation * (call.kernel_size // 2),
+        dilation=call.dilation,
+        groups=call.groups,
+    )
+
+    def forward():
+        with torch.no_grad():
+            return F.conv2d(x, w, b, **kwargs)
+
+    def both():
+        inputs = (x.detach().requires_grad_(), w.detach().requires_grad_())
+        y = F.conv2d(*inputs, b, **kwargs)
+        return y, torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+    return best_ms(forward, repeats), best_ms(both, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/figaro.py", help="base config file")
+    parser.add_argument("--backbone", default="resnet101")
+    parser.add_argument("--size", type=int, default=227)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--output_stride", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per shape (best)")
+    parser.add_argument("--torch", action="store_true", help="also time PyTorch's conv2d")
+    args = parser.parse_args()
+    config = train_step.case_config(
+        train_step.base_config(args.config, []),
+        args.backbone,
+        args.size,
+        args.batch,
+        "float32",
+        args.output_stride,
+    )
+    calls = model_convs(config)
+    print(
+        f"# conv_rates backbone={args.backbone} size={args.size} batch={args.batch} "
+        f"device={jax.devices()[0].device_kind} shapes={len(calls)} convs={sum(calls.values())}"
+    )
+    totals: collections.Counter = collections.Counter()
+    for call, count in calls.most_common():
+        gflops = conv_flops(call) / 1e9
+        times = {"jax": jax_ms(call, args.repeats)}
+        with layers.reference_formulations():
+            times["plain"] = jax_ms(call, args.repeats)
+        if args.torch:
+            times["torch"] = torch_ms(call, args.repeats)
+        line = (
+            f"conv input={'x'.join(map(str, call.input_shape))} features={call.features} "
+            f"kernel={call.kernel_size} stride={call.strides} dilation={call.dilation} "
+            f"groups={call.groups} count={count} gflops={gflops:.3f}"
+        )
+        totals["gflops"] += count * gflops
+        for impl, (fwd, both) in times.items():
+            line += f" {impl}_fwd_ms={fwd:.2f} {impl}_fwd_bwd_ms={both:.2f}"
+            totals[f"{impl}_fwd_ms"] += count * fwd
+            totals[f"{impl}_fwd_bwd_ms"] += count * both
+        print(line, flush=True)
+    line = f"total forward_gflops={totals['gflops']:.3f}"
+    for impl in times:
+        fwd, both = totals[f"{impl}_fwd_ms"], totals[f"{impl}_fwd_bwd_ms"]
+        line += (
+            f" {impl}_fwd_ms={fwd:.0f} {impl}_fwd_gflops_per_s={totals['gflops'] / fwd * 1e3:.0f}"
+            f" {impl}_fwd_bwd_ms={both:.0f}"
+            f" {impl}_fwd_bwd_gflops_per_s={3 * totals['gflops'] / both * 1e3:.0f}"
+        )
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
