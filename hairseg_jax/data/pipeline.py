@@ -3,6 +3,8 @@
 TensorFlow lives only on the host side: it is hidden from any GPU when this module is imported.
 """
 
+import atexit
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
@@ -14,6 +16,18 @@ from hairseg_jax.data import augment
 from hairseg_jax.data.examples import Examples
 
 tf.config.set_visible_devices([], "GPU")
+
+# Training streams not yet garbage-collected. One still open when Python shuts down can hang
+# it: tf.data's destructor waits for its map calls, whose ``numpy_function`` needs the GIL,
+# which other threads can no longer take once finalisation has begun.
+_open_streams: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """Closes the streams still open at exit, while their map calls can still finish."""
+    for stream in list(_open_streams):
+        stream.close()
 
 
 def _lookup(examples: Examples):
@@ -78,7 +92,9 @@ def train_batches(
     ds = ds.filter(lambda position, _: position % batch_size // local_size == process_index)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return iter(tfds.as_numpy(ds))
+    stream = iter(tfds.as_numpy(ds))
+    _open_streams.add(stream)
+    return stream
 
 
 def size_stages(data_config: ml_collections.ConfigDict, total_steps: int) -> list[tuple[int, int]]:

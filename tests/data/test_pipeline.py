@@ -2,12 +2,16 @@
 
 import functools
 import itertools
+import subprocess
+import sys
+import weakref
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import figaro
+from hairseg_jax.data import pipeline
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.data.pipeline import (
     size_stages,
@@ -15,6 +19,7 @@ from hairseg_jax.data.pipeline import (
     train_batches,
 )
 from hairseg_jax.data.synthetic import make_examples
+from tests.conftest import REPO
 
 SIZE = 32
 BATCH = 4
@@ -152,3 +157,46 @@ def test_batch_larger_than_dataset_raises(examples, augment_config):
 def test_batch_as_large_as_dataset(examples, augment_config):
     batch = next(train_batches(examples, 12, 16, augment_config, seed=0))
     assert batch["image"].shape == (12, 16, 16, 3)
+
+
+EXIT_WITH_AN_OPEN_STREAM = """
+from configs import synthetic
+from hairseg_jax.data.pipeline import train_batches
+from hairseg_jax.data.synthetic import make_examples
+
+batches = train_batches(make_examples(64, 400, seed=0), 8, 64, synthetic.get_config().augment, 0)
+next(batches)
+print("pulled", flush=True)
+"""
+
+
+def test_python_exits_with_a_training_stream_still_open():
+    """Exiting while a stream is prefetching returns (without the exit hook 5 of 8 runs hung)."""
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", EXIT_WITH_AN_OPEN_STREAM],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for run in runs:
+        try:
+            stdout, _ = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for other in runs:
+                other.kill()
+            pytest.fail("Python hung at exit with a training stream open.")
+        assert run.returncode == 0 and "pulled" in stdout
+
+
+def test_streams_still_open_are_closed_by_the_exit_hook(examples, augment_config, monkeypatch):
+    monkeypatch.setattr(pipeline, "_open_streams", weakref.WeakSet())  # only this test's stream
+    batches = train_batches(examples, BATCH, SIZE, augment_config, seed=0)
+    next(batches)
+    assert batches in pipeline._open_streams
+    pipeline._close_open_streams()
+    with pytest.raises(StopIteration):
+        next(batches)
