@@ -83,6 +83,16 @@ def forward_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
     return total
 
 
+def image_forward_flops(model: nn.Module, size: int) -> float:
+    """FLOPs of ``model``'s forward pass over one ``size`` x ``size`` image, traced in the plain
+    formulation (``layers.reference_formulations``), whichever formulation runs here."""
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    with layers.reference_formulations():
+        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    return forward_flops(jaxpr.jaxpr)
+
+
 def base_config(path: str, overrides: list[str]):
     """The ``get_config()`` of a config file with ``key=value`` overrides (``model.dropout=0``);
     values are Python literals, else strings."""
@@ -161,11 +171,7 @@ def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
     cost = cost[0] if isinstance(cost, list) else cost
     xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    variables = steps.inference_variables(state)
-    with layers.reference_formulations():  # model FLOPs, whichever formulation runs here
-        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
-    model_flops = (1.0 if predict else 3.0) * forward_flops(jaxpr.jaxpr)
+    model_flops = (1.0 if predict else 3.0) * image_forward_flops(model, size)
 
     def run(state):
         if predict:
