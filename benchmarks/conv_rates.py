@@ -15,6 +15,7 @@ the step the convolutions take in each library (bare JAX install; torch only wit
 
 import argparse
 import collections
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -42,30 +43,28 @@ class ConvCall(NamedTuple):
 
 
 def model_convs(config) -> collections.Counter:
-    """``ConvCall`` -> how often the model's forward pass makes it."""
+    """``ConvCall`` -> how often the model's forward pass makes it (recorded while ``init``
+    traces that pass over a batch)."""
     model = models.build_model(config.model)
     size = config.data.image_size
     images = jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
     calls: collections.Counter = collections.Counter()
 
     def record(next_fun, args, kwargs, context):
         module = context.module
         if isinstance(module, layers.Conv2d) and context.method_name == "__call__":
-            settings = (module.features, module.kernel_size, module.strides, module.dilation)
-            calls[ConvCall(*settings, module.groups, module.use_bias, args[0].shape)] += 1
+            settings = (getattr(module, field) for field in ConvCall._fields[:-1])
+            calls[ConvCall(*settings, args[0].shape)] += 1
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+        jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
     return calls
 
 
 def conv_flops(call: ConvCall) -> float:
     """Forward FLOPs of ``call``, as ``train_step.py`` counts the model's."""
-    conv = layers.Conv2d(*call[:6])
+    conv = layers.Conv2d(*call[:-1])
     x = jax.ShapeDtypeStruct(call.input_shape, jnp.float32)
     params = jax.eval_shape(conv.init, jax.random.key(0), x)
     with layers.reference_formulations():
@@ -87,7 +86,7 @@ def best_ms(fn: Callable[[], Any], repeats: int) -> float:
 def jax_ms(call: ConvCall, repeats: int) -> tuple[float, float]:
     """Forward and forward-with-gradients milliseconds of ``call`` as ``Conv2d`` traces it
     in the current formulation setting."""
-    conv = layers.Conv2d(*call[:6])
+    conv = layers.Conv2d(*call[:-1])
     x = jnp.asarray(np.random.default_rng(0).standard_normal(call.input_shape, np.float32))
     params = conv.init(jax.random.key(0), x)
     forward = jax.jit(conv.apply)
