@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from hairseg_jax import evaluate, models, sharding, steps
+from hairseg_jax import config_checks, evaluate, files, models, sharding, steps
+from hairseg_jax.weights.tensors import ConversionError
 
 POLYMORPHIC_SHAPE = "(b, h, w, 3)"
 
@@ -108,7 +109,7 @@ def export(
         "output": "probability: float32 (batch, height, width); hair where > threshold",
         "platforms": list(platforms),
     }
-    evaluate.write_json(out / "hairseg.json", record)
+    files.write_json(out / "hairseg.json", record)
     logging.info("Exported %s to %s: %s", weights, out, record)
     return record
 
@@ -118,7 +119,10 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
     path = workdir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass --config=... for this workdir.")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise config_checks.ConfigError(f"{path} is not readable JSON ({e}).") from e
     defaults = {"image_size": 0, "threshold": -1.0, "tta": "none"}  # workdirs of older versions
     saved["predict"] = defaults | saved.get("predict", {})
     return ml_collections.ConfigDict(saved)
@@ -130,8 +134,9 @@ def main(argv: Sequence[str]) -> None:
     workdir = Path(FLAGS.workdir)
     try:
         config = FLAGS.config or read_config(workdir)
+        config_checks.check_config(config)
         export(config, workdir, FLAGS.out, FLAGS.platforms)
-    except FileNotFoundError as e:
+    except (config_checks.ConfigError, ConversionError, FileNotFoundError) as e:
         sys.exit(f"FATAL {e}")
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import figaro
-from hairseg_jax import checkpoints, evaluate, export, models, sharding, steps
+from hairseg_jax import checkpoints, config_checks, evaluate, export, files, models, sharding, steps
 from hairseg_jax.data import whole_images
 from tests.conftest import REPO, random_variables
 
@@ -42,7 +42,7 @@ def workdir(tmp_path_factory) -> Path:
     checkpoints.save(best, STEP, variables, metrics={checkpoints.BEST_METRIC: 0.5})
     best.wait_until_finished()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    evaluate.write_json(workdir / evaluate.THRESHOLD_FILE, {"threshold": THRESHOLD, "step": STEP})
+    files.write_json(workdir / evaluate.THRESHOLD_FILE, {"threshold": THRESHOLD, "step": STEP})
     return workdir
 
 
@@ -105,3 +105,9 @@ def test_signature_and_record(exported):
     record = json.loads((exported / "hairseg.json").read_text())
     assert record["threshold"] == THRESHOLD and record["threshold_source"] == "tuned"
     assert (record["step"], record["image_size"], record["tta"]) == (STEP, SIZE, "flip")
+
+
+def test_unreadable_saved_config_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model": ')  # cut short by a full disk
+    with pytest.raises(config_checks.ConfigError, match="config.json is not readable JSON"):
+        export.read_config(tmp_path)

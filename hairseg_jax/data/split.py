@@ -8,16 +8,14 @@ Lists ``DIR/GT/images/*-org.jpg``, splits the frames so that every hair type is 
 same fractions, and writes the split as JSON in the original project's format.
 """
 
-import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
+from hairseg_jax import files
 from hairseg_jax.data.figaro1k import SPLITS
 
 HAIR_TYPES = ("straight", "wavy", "curly", "kinky", "braids", "dreadlocks", "short")
@@ -97,22 +95,14 @@ def split_to_json(split: dict[str, Sequence[str]]) -> dict[str, list[dict[str, s
 
 
 def _write_json(data: dict, out: Path, overwrite: bool) -> None:
-    """Writes `data` to a temporary file beside `out`, then renames it to `out`."""
+    """Writes `data` to `out` atomically, after checking where `out` is."""
     if out.is_dir():
         raise SystemExit(f"error: --out {out} is a directory.")
     if out.exists() and not overwrite:
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it.")
     if not out.parent.is_dir():
         raise SystemExit(f"error: output directory {out.parent} does not exist.")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    files.write_json(out, data)
 
 
 def _print_counts(split: dict[str, list[str]]) -> None:

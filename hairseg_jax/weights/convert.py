@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from hairseg_jax import files
 from hairseg_jax.models.deeplab import DeepLabV3Plus
 from hairseg_jax.models.resnet import BACKBONES
 from hairseg_jax.weights.tensors import (
@@ -238,16 +239,12 @@ def convert_file(
 
 
 def save_variables(variables: Variables, path: str | os.PathLike) -> None:
-    """Writes ``variables`` to a ``.msgpack`` file atomically (temporary file, then rename)."""
+    """Writes ``variables`` to a ``.msgpack`` file atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    files.write_atomically(
+        path, flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
+    )
 
 
 def load_variables(path: str | os.PathLike) -> Variables:

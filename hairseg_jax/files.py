@@ -1,0 +1,26 @@
+"""Files written whole or not at all (standard library only, importable from anywhere)."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path``, then renames it to ``path``: a
+    reader, or a crash, never sees a partial file."""
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes ``data`` as indented JSON, atomically (``write_atomically``)."""
+    write_atomically(path, json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,32 @@
+"""Atomic writes: the whole new file, or the old one and no leftovers."""
+
+import json
+import os
+
+import pytest
+
+from hairseg_jax import files
+
+
+def test_writes_text_bytes_and_json_leaving_no_temporary_file(tmp_path):
+    files.write_atomically(tmp_path / "a.txt", "text")
+    files.write_atomically(tmp_path / "b.bin", b"\x00\x01")
+    files.write_json(tmp_path / "c.json", {"dice": 0.5})
+    assert (tmp_path / "a.txt").read_text() == "text"
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert json.loads((tmp_path / "c.json").read_text()) == {"dice": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "c.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        files.write_atomically(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
