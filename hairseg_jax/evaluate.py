@@ -19,7 +19,16 @@ import optax
 from jax.sharding import Mesh
 from PIL import Image
 
-from hairseg_jax import checkpoints, metrics, models, pictures, sharding, steps
+from hairseg_jax import (
+    checkpoints,
+    config_checks,
+    files,
+    metrics,
+    models,
+    pictures,
+    sharding,
+    steps,
+)
 from hairseg_jax.data import sources, whole_images
 from hairseg_jax.data import split as figaro_split
 from hairseg_jax.data.examples import Examples
@@ -259,16 +268,6 @@ def per_hair_type(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
     return report
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Writes ``data`` as JSON to a temporary file beside ``path``, then renames it (atomic)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def read_tuned_threshold(workdir: Path, step: int) -> dict | None:
     """``workdir``'s ``threshold.json`` if it was tuned for the checkpoint of ``step``."""
     path = Path(workdir) / THRESHOLD_FILE
@@ -293,12 +292,15 @@ def read_tuned_threshold(workdir: Path, step: int) -> dict | None:
     return tuned
 
 
-def resolve_threshold(configured: float, workdir: Path, step: int) -> tuple[float, str]:
-    """The threshold to use and where it comes from: ``configured`` if in (0, 1) ("config"),
-    else the one tuned for ``step`` in ``workdir`` ("tuned"), else 0.5 ("default")."""
+def resolve_threshold(
+    configured: float, workdir: Path, step: int, tuned: dict[str, Any] | None = None
+) -> tuple[float, str]:
+    """The threshold to use and where it comes from: ``configured`` if positive ("config"),
+    else the one tuned for ``step`` (``tuned``, or read from ``workdir``) ("tuned"), else 0.5
+    ("default")."""
     if configured > 0:
         return float(configured), "config"
-    tuned = read_tuned_threshold(workdir, step)
+    tuned = tuned or read_tuned_threshold(workdir, step)
     if tuned is not None:
         return float(tuned["threshold"]), "tuned"
     return DEFAULT_THRESHOLD, "default"
@@ -331,7 +333,7 @@ def tune_threshold(run: Callable[..., Scores], examples: Examples, split: str) -
 
 def write_report(workdir: Path, split: str, summary: dict, rows: list[dict]) -> None:
     """Writes ``eval_<split>.json`` (summary) and ``eval_<split>.csv`` (per image)."""
-    write_json(workdir / f"eval_{split}.json", summary)
+    files.write_json(workdir / f"eval_{split}.json", summary)
     with open(workdir / f"eval_{split}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -378,9 +380,28 @@ def load_state(
         variables = _pretrained_variables(config, model, template)
     else:
         weights = f"step {step} of {manager.directory}"
-        variables = checkpoints.restore(manager, step, template)
+        try:
+            variables = checkpoints.restore(manager, step, template)
+        except ValueError as e:  # orbax: another tree structure or shape
+            raise config_checks.ConfigError(
+                f"The checkpoint at {weights} does not fit config.model"
+                + model_changes(config, workdir)
+                + f". Pass the model settings it was trained with ({workdir / 'config.json'})."
+            ) from e
     state = steps.inference_state(model, variables)
     return sharding.replicate(state, mesh), weights, int(step or 0)
+
+
+def model_changes(config: ml_collections.ConfigDict, workdir: Path) -> str:
+    """ " (trained with ...)": how ``config.model`` differs from ``workdir``'s config.json,
+    or "" if that file is missing, unreadable or shows no difference."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    changes = config_checks.config_changes(saved, config)
+    changed = [change for change in changes if change.startswith("model.")]
+    return f" (trained with {'; '.join(changed)})" if changed else ""
 
 
 def _pretrained_variables(
@@ -435,6 +456,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     if leader:
         workdir.mkdir(parents=True, exist_ok=True)
 
+    tuned = None
     if config.eval.tune_threshold:
         val = sources.load_examples(config, "val", config.eval.max_images)
         tuned = tune_threshold(run, val, "val") | {
@@ -444,7 +466,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
             "tta_sizes": list(tta_sizes),
         }
         if leader:
-            write_json(workdir / THRESHOLD_FILE, tuned)
+            files.write_json(workdir / THRESHOLD_FILE, tuned)
         logging.info(
             "Tuned threshold on val (%d images): %.2f, Dice %.4f (%.4f at 0.5); saved in %s.",
             tuned["num_images"],
@@ -453,7 +475,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
             tuned["dice_at_0.5"],
             workdir / THRESHOLD_FILE,
         )
-    threshold, source = resolve_threshold(config.eval.threshold, workdir, step)
+    # The tuned record as tuned, not read back: only process 0 writes it.
+    threshold, source = resolve_threshold(config.eval.threshold, workdir, step, tuned)
 
     split = config.eval.split
     examples = sources.load_examples(config, split, config.eval.max_images)

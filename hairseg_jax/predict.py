@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
-from hairseg_jax import evaluate, pictures, sharding, steps
+from hairseg_jax import config_checks, evaluate, pictures, sharding, steps
 from hairseg_jax.data import whole_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -157,7 +157,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     output = Path(pc.output)
     leader = jax.process_index() == 0
     if leader:
-        output.mkdir(parents=True, exist_ok=True)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file of that name, no permission, ...
+            raise config_checks.ConfigError(
+                f"predict.output={pc.output!r} cannot be made a folder ({e})."
+            ) from e
     mesh = sharding.data_mesh()
     state, weights, step = evaluate.load_state(config, workdir, mesh)
     threshold, source = evaluate.resolve_threshold(pc.threshold, workdir, step)

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from configs import synthetic
-from hairseg_jax import checkpoints, evaluate, models, sharding, steps
+from hairseg_jax import checkpoints, config_checks, evaluate, models, sharding, steps
 from hairseg_jax.weights import convert
 
 
@@ -47,6 +47,26 @@ def test_best_checkpoint_is_restored_into_shapes(tmp_path, trained_variables, mo
     assert step == 3 and weights == f"step 3 of {tmp_path.absolute() / 'best'}"
     assert_same(steps.inference_variables(state), trained_variables)
     assert state.params["aspp"]["conv1"]["kernel"].sharding == sharding.replicated(mesh)
+
+
+def test_checkpoint_of_another_model_names_the_settings_it_was_trained_with(
+    tmp_path, trained_variables
+):
+    best = checkpoints.best_manager(tmp_path)
+    checkpoints.save(best, 3, trained_variables, metrics={checkpoints.BEST_METRIC: 0.5})
+    best.wait_until_finished()
+    (tmp_path / "config.json").write_text(tiny_config().to_json())
+    config = tiny_config()
+    config.model.backbone = "resnet34"
+
+    with pytest.raises(config_checks.ConfigError) as error:
+        evaluate.load_state(config, tmp_path, sharding.data_mesh())
+
+    assert str(error.value) == (
+        f"The checkpoint at step 3 of {tmp_path.absolute() / 'best'} does not fit config.model "
+        "(trained with model.backbone: 'resnet18' -> 'resnet34'). Pass the model settings it "
+        f"was trained with ({tmp_path / 'config.json'})."
+    )
 
 
 def test_whole_pretrained_file_is_loaded_into_shapes(tmp_path, trained_variables, monkeypatch):

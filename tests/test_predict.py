@@ -11,7 +11,16 @@ import pytest
 from PIL import Image
 
 from configs import figaro
-from hairseg_jax import checkpoints, evaluate, models, predict, sharding, steps
+from hairseg_jax import (
+    checkpoints,
+    config_checks,
+    evaluate,
+    files,
+    models,
+    predict,
+    sharding,
+    steps,
+)
 from hairseg_jax.data.examples import Examples
 from tests.conftest import REPO, random_variables
 
@@ -136,7 +145,7 @@ def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, t
 
 def test_predict_uses_the_tuned_threshold_tta_and_matches_eval(workdir, inputs, tmp_path):
     """In process, on a glob: the masks are eval's predictions at the tuned threshold."""
-    evaluate.write_json(workdir / evaluate.THRESHOLD_FILE, {"threshold": 0.45, "step": STEP})
+    files.write_json(workdir / evaluate.THRESHOLD_FILE, {"threshold": 0.45, "step": STEP})
     config = tiny_config()
     config.predict.input = str(inputs / "Frame*.jpg")
     config.predict.output = str(tmp_path / "out")
@@ -165,6 +174,15 @@ def test_predict_uses_the_tuned_threshold_tta_and_matches_eval(workdir, inputs, 
         np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logits[..., 0])), atol=1e-6)
 
 
+def test_output_that_cannot_be_a_folder_is_named(workdir, inputs, tmp_path):
+    config = tiny_config()
+    config.predict.input = str(inputs)
+    config.predict.output = str(tmp_path / "taken")
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(config_checks.ConfigError, match="cannot be made a folder"):
+        predict.predict(config, workdir)
+
+
 def test_read_photo_applies_exif_orientation_alpha_and_16_bit(inputs):
     assert predict.read_photo(inputs / "large.jpg").shape == (4000, 3000, 3)
     alpha = predict.read_photo(inputs / "alpha.png")
@@ -186,9 +204,11 @@ def test_inputs_and_output_names(inputs, tmp_path):
 
 
 def test_threshold_json_of_another_step_is_ignored(tmp_path):
-    evaluate.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 0.3, "step": 7})
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 0.3, "step": 7})
     assert evaluate.resolve_threshold(-1, tmp_path, 7) == (0.3, "tuned")
     assert evaluate.resolve_threshold(-1, tmp_path, 8) == (0.5, "default")
     assert evaluate.resolve_threshold(0.6, tmp_path, 7) == (0.6, "config")
+    just_tuned = {"threshold": 0.4, "step": 8}  # as tuned by this process, not read back
+    assert evaluate.resolve_threshold(-1, tmp_path, 8, just_tuned) == (0.4, "tuned")
     assert json.loads((tmp_path / evaluate.THRESHOLD_FILE).read_text())["threshold"] == 0.3
     assert [p.name for p in tmp_path.iterdir()] == [evaluate.THRESHOLD_FILE]  # no temp left
