@@ -8,6 +8,7 @@ import ml_collections
 
 from hairseg_jax.data.figaro1k import MASK_SOURCES, SPLITS
 from hairseg_jax.models.deeplab import BACKBONE_NAMES
+from hairseg_jax.models.resnet import BACKBONES
 from hairseg_jax.steps import TTA_MODES
 
 MODES = ("train", "eval", "predict")
@@ -40,7 +41,15 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     need(config.mode in MODES, "mode", f"is not one of {MODES}")
     need(data.dataset in ("figaro1k", "synthetic"), "data.dataset", "is not figaro1k or synthetic")
     need(data.mask_source in MASK_SOURCES, "data.mask_source", f"is not one of {MASK_SOURCES}")
+    if data.dataset == "synthetic":
+        need("synthetic_size" in data, "data.dataset", "needs data.synthetic_size and _counts")
+    for field in ("max_train_images", "max_val_images"):
+        need(data[field] >= 0, f"data.{field}", "must not be negative (0: all)")
     need(data.image_size > 0, "data.image_size", "must be positive")
+    inp = config.input
+    need(len(inp.mean) == 3, "input.mean", "must hold 3 values (one per channel)")
+    need(len(inp.std) == 3 and min(inp.std) > 0, "input.std", "must hold 3 positive values")
+    need(inp.channel_order in ("RGB", "BGR"), "input.channel_order", "must be RGB or BGR")
     sizes, ends = data.progressive_sizes, [0.0, *data.progressive_until, 1.0]
     need(all(size > 0 for size in sizes), "data.progressive_sizes", "must be positive")
     need(
@@ -50,12 +59,21 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     )
     need(model.backbone in BACKBONE_NAMES, "model.backbone", f"is not one of {BACKBONE_NAMES}")
     need(model.output_stride in (8, 16, 32), "model.output_stride", "must be 8, 16 or 32")
+    if model.backbone in BACKBONES:
+        layer4_blocks = BACKBONES[model.backbone][0][3]
+        need(
+            len(model.multi_grid) >= layer4_blocks and min(model.multi_grid) > 0,
+            "model.multi_grid",
+            f"must hold a positive rate for each of layer4's {layer4_blocks} blocks",
+        )
     need(model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
     need(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)")
     need(optim.name in ("sgd", "adamw"), "optim.name", "must be sgd or adamw")
     need(optim.learning_rate > 0, "optim.learning_rate", "must be positive")
     need(optim.schedule in ("poly", "cosine", "constant"), "optim.schedule", "is unknown")
     need(optim.weight_decay >= 0, "optim.weight_decay", "must not be negative")
+    need(0 <= optim.momentum < 1, "optim.momentum", "must be in [0, 1)")
+    need(optim.poly_power > 0, "optim.poly_power", "must be positive")
     need(optim.head_lr_multiplier > 0, "optim.head_lr_multiplier", "must be positive")
     need(optim.warmup_steps >= 0, "optim.warmup_steps", "must not be negative")
     need(config.loss.dice_weight >= 0, "loss.dice_weight", "must not be negative")
@@ -70,6 +88,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     need(ev.split in SPLITS, "eval.split", f"is not one of {SPLITS}")
     need(ev.image_size > 0, "eval.image_size", "must be positive")
     need(ev.batch_size > 0, "eval.batch_size", "must be positive")
+    need(ev.max_images >= 0, "eval.max_images", "must not be negative (0: all)")
     threshold_rule = "must be in (0, 1), or -1 for the tuned one"
     need(0 < ev.threshold < 1 or ev.threshold == -1, "eval.threshold", threshold_rule)
     need(ev.tta in TTA_MODES, "eval.tta", f"is not one of {TTA_MODES}")

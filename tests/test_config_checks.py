@@ -47,6 +47,15 @@ def test_shipped_configs_pass(config):
         ("data.progressive_sizes", (0,), "data.progressive_sizes=(0,) must be positive"),
         ("augment.device_max_side", 0, "augment.device_max_side=0 must be positive"),
         ("data.progressive_until", (0.5,), "data.progressive_until=(0.5,) must hold one fraction"),
+        ("data.dataset", "synthetic", "data.dataset='synthetic' needs data.synthetic_size"),
+        ("data.max_train_images", -1, "data.max_train_images=-1 must not be negative (0: all)"),
+        ("eval.max_images", -8, "eval.max_images=-8 must not be negative (0: all)"),
+        ("input.channel_order", "bgr", "input.channel_order='bgr' must be RGB or BGR"),
+        ("input.std", (1.0, 0.0, 1.0), "input.std=(1.0, 0.0, 1.0) must hold 3 positive values"),
+        ("input.mean", (0.5,), "input.mean=(0.5,) must hold 3 values"),
+        ("model.multi_grid", (1, 2), "model.multi_grid=(1, 2) must hold a positive rate for each"),
+        ("optim.momentum", 1.0, "optim.momentum=1.0 must be in [0, 1)"),
+        ("optim.poly_power", 0.0, "optim.poly_power=0.0 must be positive"),
     ],
 )
 def test_each_bad_value_is_named(field, value, message):
