@@ -43,18 +43,26 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Whole images resized to ``image_size``, in order, the last batch padded with zeros.
 
-    Resizing runs on a thread per CPU core (NumPy's matrix products release the GIL), ahead of
-    the batch yielded.
+    Resizing runs on a thread per CPU core (NumPy's matrix products release the GIL), one
+    batch ahead of the batch yielded, so at most two batches of resized images are held.
 
     Yields:
       ``{"image": uint8 (B, S, S, 3), "index": int64 (B,)}`` where padding has index -1.
     """
     resize = lambda index: resize_image(examples.images[index], image_size)  # noqa: E731
+    count = len(examples)
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        resized = pool.map(resize, range(len(examples)))
-        for start in range(0, len(examples), batch_size):
+
+        def submit(start: int) -> list[concurrent.futures.Future]:
+            """Starts resizing the batch from ``start`` on."""
+            end = min(start + batch_size, count)
+            return [pool.submit(resize, index) for index in range(start, end)]
+
+        ahead = submit(0)
+        for start in range(0, count, batch_size):
+            resizing, ahead = ahead, submit(start + batch_size)
             images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
             indices = np.full(batch_size, -1, np.int64)
-            for row, index in enumerate(range(start, min(start + batch_size, len(examples)))):
-                images[row], indices[row] = next(resized), index
+            for row, future in enumerate(resizing):
+                images[row], indices[row] = future.result(), start + row
             yield {"image": images, "index": indices}
