@@ -6,11 +6,22 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory) -> Iterator[None]:
+    """One JAX compilation cache for this module's runs: only the first one compiles."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        yield
 
 
 def run_main(*args: str, figaro_dir: Path | None = None) -> subprocess.CompletedProcess:
