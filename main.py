@@ -6,7 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hairseg_jax import config_checks, evaluate, predict, sharding, train
+from hairseg_jax import config_checks, evaluate, predict, sharding, steps
 from hairseg_jax.data.figaro1k import DataError
 from hairseg_jax.weights.tensors import ConversionError
 
@@ -52,20 +52,21 @@ def main(argv: list[str]) -> None:
     except config_checks.ConfigError as e:
         sys.exit(f"FATAL {e}")
     sharding.initialize_distributed(config.distributed)
-    modes = {
-        "train": train.train_and_evaluate,
-        "eval": evaluate.evaluate,
-        "predict": predict.predict,
-    }
+    if config.mode == "train":
+        from hairseg_jax import train  # TensorFlow and clu: eval and predict run without them
+
+        run = train.train_and_evaluate
+    else:
+        run = {"eval": evaluate.evaluate, "predict": predict.predict}[config.mode]
     try:
-        result = modes[config.mode](config, FLAGS.workdir)
+        result = run(config, FLAGS.workdir)
     except (
         config_checks.ConfigError,
         ConversionError,
         DataError,
         FileNotFoundError,
         sharding.ShardingError,
-        train.NonFiniteError,
+        steps.NonFiniteError,
     ) as e:
         sys.exit(f"FATAL {e}")
     if config.mode == "predict" and result["failed"]:

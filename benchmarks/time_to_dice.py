@@ -51,17 +51,12 @@ def main(argv: list[str]) -> None:
     train = sources.load_examples(config, "train", config.data.max_train_images)
     test = sources.load_examples(config, config.eval.split, config.eval.max_images)
     packed = sharding.replicate(device_augment.pack(train, config.augment.device_max_side), mesh)
-    total_steps = config.train.num_steps or config.train.num_epochs * (len(train) // batch_size)
+    total_steps = steps.total_train_steps(config.train, len(train))
+    if not total_steps:
+        raise app.UsageError(f"Batch {batch_size} is larger than the {len(train)} train images.")
     read_s = time.perf_counter() - begin
 
-    schedule = steps.learning_rate_schedule(config.optim, total_steps)
-    state = steps.create_train_state(
-        jax.random.PRNGKey(config.seed),
-        models.build_model(config.model),
-        image_size,
-        steps.create_optimizer(config.optim, schedule),
-        ema=config.train.ema_decay > 0,
-    )
+    state, _ = steps.initial_train_state(config, models.build_model(config.model), total_steps)
     state = sharding.replicate(state, mesh)
     train_step, _ = steps.jit_steps(config, mesh)
     next_batch = jax.jit(
@@ -81,6 +76,7 @@ def main(argv: list[str]) -> None:
     )
 
     start = last_time = time.perf_counter()
+    last_done = 0
     nonfinite, stopped_at = 0, None
     for step in range(total_steps):
         state, step_metrics = train_step(state, batch)
@@ -91,13 +87,13 @@ def main(argv: list[str]) -> None:
         if done % FLAGS.log_every == 0 or done == total_steps:
             loss = float(step_metrics["loss"])  # waits for the step
             now = time.perf_counter()
-            rate = FLAGS.log_every * batch_size / (now - last_time)
+            rate = (done - last_done) * batch_size / (now - last_time)
             print(
                 f"step {done}/{total_steps} loss {loss:.4f} {rate:.0f} img/s "
                 f"train {now - start:.0f} s",
                 flush=True,
             )
-            last_time = now
+            last_time, last_done = now, done
             if FLAGS.budget_s and now - start > FLAGS.budget_s and done < total_steps:
                 stopped_at = done
                 break

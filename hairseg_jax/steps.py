@@ -17,6 +17,10 @@ from hairseg_jax import losses, sharding, threefry
 TTA_MODES = ("none", "flip")  # test-time augmentation: none, or the mean with the mirror image
 
 
+class NonFiniteError(RuntimeError):
+    """A train step had a non-finite loss, gradient or update (and skipping was not asked)."""
+
+
 class TrainState(train_state.TrainState):
     """Flax train state plus BatchNorm statistics, the dropout key and optional EMA params."""
 
@@ -106,6 +110,28 @@ def create_train_state(
         rng=dropout_rng,
         ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema else None,  # own buffers
     )
+
+
+def total_train_steps(train_config: ml_collections.ConfigDict, num_examples: int) -> int:
+    """``train_config.num_steps``, else ``num_epochs`` of whole batches of ``num_examples``."""
+    steps_per_epoch = num_examples // train_config.batch_size
+    return train_config.num_steps or train_config.num_epochs * steps_per_epoch
+
+
+def initial_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, total_steps: int
+) -> tuple[TrainState, optax.Schedule]:
+    """The state a run of ``total_steps`` starts from (``config.seed``, ``config.optim``'s
+    optimizer, an EMA if ``config.train.ema_decay``), and its learning-rate schedule."""
+    schedule = learning_rate_schedule(config.optim, total_steps)
+    state = create_train_state(
+        jax.random.PRNGKey(config.seed),
+        model,
+        config.data.image_size,
+        create_optimizer(config.optim, schedule),
+        ema=config.train.ema_decay > 0,
+    )
+    return state, schedule
 
 
 def variable_shapes(model: nn.Module, image_size: int) -> dict[str, Any]:

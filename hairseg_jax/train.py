@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 
-from hairseg_jax import checkpoints, config_checks, evaluate, models, sharding, steps
+from hairseg_jax import checkpoints, config_checks, evaluate, files, models, sharding, steps
 from hairseg_jax.data import device_augment, pipeline, sources
 from hairseg_jax.weights import convert
 
@@ -25,10 +26,6 @@ from hairseg_jax.weights import convert
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")  # over the steps whose "mask" is True
-
-
-class NonFiniteError(RuntimeError):
-    """A train step had a non-finite loss, gradient or update (and skipping was not asked)."""
 
 
 def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -57,10 +54,8 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Writes ``workdir/config.json`` atomically (a temporary file, then a rename)."""
-    temporary = workdir / f".config.json.{os.getpid()}.tmp"
-    temporary.write_text(config.to_json_best_effort(indent=2) + "\n")
-    temporary.replace(workdir / "config.json")
+    """Writes ``workdir/config.json`` atomically."""
+    files.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
 
 def load_pretrained(
@@ -85,8 +80,17 @@ def load_pretrained(
 
 
 @contextlib.contextmanager
-def stop_requests() -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT (preemption, Ctrl-C) while the block runs."""
+def stop_requests() -> Iterator[Callable[[int], bool]]:
+    """While the block runs, a function of the step: whether to checkpoint it and stop.
+
+    One process: after SIGTERM or SIGINT (preemption, Ctrl-C). Several processes: at the step
+    that JAX's preemption service names after a SIGTERM to any of them, the same on all (one
+    process stopping alone would leave the others waiting in the step's all-reduce); Ctrl-C
+    interrupts as usual there.
+    """
+    if jax.process_count() > 1:
+        yield multihost_utils.reached_preemption_sync_point
+        return
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -98,7 +102,7 @@ def stop_requests() -> Iterator[threading.Event]:
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield stop
+        yield lambda step: stop.is_set()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -116,9 +120,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     Raises:
       config_checks.ConfigError: ``workdir`` holds a config.json that differs in fields that
-        matter (before anything is read or written).
+        matter, or the batch is larger than the training set (before anything is written).
       sharding.ShardingError: the batch size does not divide by the number of devices.
-      NonFiniteError: a step had a non-finite loss, gradient or update, and
+      steps.NonFiniteError: a step had a non-finite loss, gradient or update, and
         ``config.train.skip_nonfinite`` is False; nothing after the step before it was saved.
     """
     workdir = Path(workdir)
@@ -128,13 +132,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     sharding.check_batch_size(batch_size, mesh, "config.train.batch_size")
     train_data = sources.load_examples(config, "train", config.data.max_train_images)
     val_data = sources.load_examples(config, "val", config.data.max_val_images)
+    steps_per_epoch = len(train_data) // batch_size
+    if not steps_per_epoch:
+        raise config_checks.ConfigError(
+            f"config.train.batch_size={batch_size} is larger than the {len(train_data)} "
+            "training images: lower it, or train on more images."
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         write_config(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-    steps_per_epoch = len(train_data) // batch_size
-    total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+    total_steps = steps.total_train_steps(config.train, len(train_data))
     eval_every = config.train.eval_every_steps or steps_per_epoch
     checkpoint_every = config.train.checkpoint_every_steps or eval_every
     logging.info(
@@ -144,29 +153,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         len(val_data),
         total_steps,
         batch_size,
-        total_steps / max(steps_per_epoch, 1),
+        total_steps / steps_per_epoch,
         mesh.size,
         jax.process_count(),
     )
 
-    model = models.build_model(config.model)
-    schedule = steps.learning_rate_schedule(config.optim, total_steps)
-    state = steps.create_train_state(
-        jax.random.PRNGKey(config.seed),
-        model,
-        config.data.image_size,
-        steps.create_optimizer(config.optim, schedule),
-        ema=config.train.ema_decay > 0,
+    state, schedule = steps.initial_train_state(
+        config, models.build_model(config.model), total_steps
     )
-    if config.model.get("pretrained"):
+    latest = checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
+    best = checkpoints.best_manager(workdir)
+    resume_step = latest.latest_step()
+    if resume_step is None and config.model.get("pretrained"):  # a resumed run has its weights
         state = load_pretrained(state, config.model)
     parameter_overview.log_parameter_overview(state.params)
     state = sharding.replicate(state, mesh)
-
-    latest = checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
-    best = checkpoints.best_manager(workdir)
-    if latest.latest_step() is not None:
-        state = checkpoints.restore(latest, latest.latest_step(), state)
+    if resume_step is not None:
+        state = checkpoints.restore(latest, resume_step, state)
         logging.info("Resumed from step %d of %s.", int(state.step), latest.directory)
     start_step = int(state.step)
 
@@ -212,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if not config.train.skip_nonfinite:
                 latest.wait_until_finished()
                 newest = latest.latest_step()
-                raise NonFiniteError(
+                raise steps.NonFiniteError(
                     f"Non-finite loss, gradient or update at step {bad_step}: stopped without "
                     "saving it or any later step (newest checkpoint: "
                     + ("none" if newest is None else f"step {newest}")
@@ -227,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             )
         unchecked.clear()
 
-    with metric_writers.ensure_flushes(writer), stop_requests() as stop:
+    with metric_writers.ensure_flushes(writer), stop_requests() as should_stop:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(batches)
@@ -240,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             train_metrics = update if train_metrics is None else train_metrics.merge(update)
             report_progress(step)
 
-            stopping = stop.is_set()
+            stopping = should_stop(step)
             log_now = step % config.train.log_every_steps == 0 or step == total_steps
             eval_now = step % eval_every == 0 or step == total_steps
             save_now = eval_now or step % checkpoint_every == 0 or stopping

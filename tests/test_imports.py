@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+from tests.conftest import REPO
+
 HOST_ONLY = ("tensorflow", "tensorflow_datasets", "clu", "orbax")
 PURE_JAX = (
     "hairseg_jax.models",
@@ -12,6 +14,24 @@ PURE_JAX = (
     "hairseg_jax.steps",
     "hairseg_jax.threefry",
 )
+DATA = (
+    "hairseg_jax.data.device_augment",
+    "hairseg_jax.data.pipeline",
+    "hairseg_jax.data.sources",
+    "hairseg_jax.data.split",
+    "hairseg_jax.data.whole_images",
+)
+
+
+def run_python(code: str) -> None:
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def imported_after(modules: tuple[str, ...]) -> str:
+    """Code that imports ``modules``, then sets ``loaded`` to the package modules loaded."""
+    imports = "".join(f"import {module}\n" for module in modules)
+    return f"import sys\n{imports}loaded = [m for m in sys.modules if 'hairseg_jax.' in m]\n"
 
 
 def test_model_and_step_modules_import_without_tensorflow_clu_or_orbax():
@@ -22,22 +42,36 @@ def test_model_and_step_modules_import_without_tensorflow_clu_or_orbax():
         "spec = importlib.util.spec_from_file_location('tsb', 'benchmarks/train_step.py')\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
     )
-    code = f"import sys\n{blocked}{imports}{benchmark}"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    run_python(f"import sys\n{blocked}{imports}{benchmark}")
+
+
+def test_model_and_step_modules_import_nothing_of_the_data_or_the_loop():
+    run_python(
+        imported_after(PURE_JAX)
+        + "bad = [m for m in loaded if m.startswith(('hairseg_jax.data', 'hairseg_jax.train',"
+        " 'hairseg_jax.evaluate', 'hairseg_jax.predict', 'hairseg_jax.checkpoints'))]\n"
+        "assert not bad, bad\n"
+    )
+
+
+def test_data_modules_import_neither_the_model_nor_the_loop():
+    run_python(
+        imported_after(DATA)
+        + "bad = [m for m in loaded if m.startswith(('hairseg_jax.models', 'hairseg_jax.train',"
+        " 'hairseg_jax.steps', 'hairseg_jax.evaluate'))]\n"
+        "assert not bad, bad\n"
+    )
 
 
 def test_evaluation_and_device_training_import_without_tensorflow_or_clu():
-    """Accelerator hosts without TensorFlow evaluate and run benchmarks/time_to_dice.py."""
+    """Accelerator hosts without TensorFlow evaluate and predict with ``main.py`` (which
+    imports the training loop only to train) and train with benchmarks/time_to_dice.py."""
     blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in HOST_ONLY[:3])
+    run_python(f"import sys\n{blocked}import main, hairseg_jax.evaluate, hairseg_jax.predict\n")
     imports = (
-        "import hairseg_jax.evaluate, hairseg_jax.predict\n"
         "import hairseg_jax.data.device_augment, hairseg_jax.data.sources\n"
         "import importlib.util\n"
         "spec = importlib.util.spec_from_file_location('ttd', 'benchmarks/time_to_dice.py')\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", f"import sys\n{blocked}{imports}"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
+    run_python(f"import sys\n{blocked}{imports}")

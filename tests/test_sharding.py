@@ -7,9 +7,12 @@ takes effect before JAX initialises.
 
 import os
 import pickle
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -258,11 +261,15 @@ def process_worker(process_id: int, port: int, out: str) -> None:
         Path(out).write_bytes(pickle.dumps(results))
 
 
-def test_two_processes_train_and_predict_like_one_device(tmp_path):
-    """Each process feeds its half of every global batch; the results are those of 1 device."""
+def free_port() -> int:
     with socket.socket() as free:
         free.bind(("localhost", 0))
-        port = free.getsockname()[1]
+        return free.getsockname()[1]
+
+
+def test_two_processes_train_and_predict_like_one_device(tmp_path):
+    """Each process feeds its half of every global batch; the results are those of 1 device."""
+    port = free_port()
     out = tmp_path / "results.pkl"
     workers = [
         subprocess.Popen(
@@ -289,6 +296,65 @@ def test_two_processes_train_and_predict_like_one_device(tmp_path):
         assert worker.returncode == 0, error[-3000:]
     expected = tiny_run(sharding.data_mesh(jax.devices()[:1]))
     assert_trees_close("2 processes", pickle.loads(out.read_bytes()), expected)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """A preemption notice to one host: both save the same step and exit 0; only process 0
+    writes the config and metrics."""
+    workdir, port = tmp_path / "w", free_port()
+    command = [
+        sys.executable,
+        "main.py",
+        "--config=configs/synthetic.py",
+        f"--workdir={workdir}",
+        "--config.data.synthetic_size=48",
+        "--config.data.synthetic_counts.train=32",
+        "--config.data.synthetic_counts.val=4",
+        "--config.data.image_size=32",
+        "--config.model.aspp_channels=8",
+        "--config.model.decoder_channels=8",
+        "--config.train.batch_size=4",
+        "--config.train.num_steps=1000",
+        "--config.train.eval_every_steps=1000",
+        "--config.train.log_every_steps=1",
+        "--config.distributed.enabled=True",
+        f"--config.distributed.coordinator_address=localhost:{port}",
+        "--config.distributed.num_processes=2",
+    ]
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    workers = []
+    for i, log in enumerate(logs):
+        with log.open("w") as stderr:
+            workers.append(
+                subprocess.Popen(
+                    [*command, f"--config.distributed.process_id={i}"],
+                    cwd=REPO,
+                    env=cpu_env(1),
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            )
+    try:
+        for _ in range(3000):  # until process 1 has trained a few steps, at most 5 minutes
+            if "[3] learning_rate" in logs[1].read_text() or workers[1].poll() is not None:
+                break
+            time.sleep(0.1)
+        workers[1].send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.wait(timeout=300)
+    finally:
+        for worker in workers:
+            worker.kill()
+    texts = [log.read_text() for log in logs]
+    for worker, text in zip(workers, texts, strict=True):
+        assert worker.returncode == 0, text[-3000:]
+    stops = [re.findall(r"Stopped at step (\d+);", text) for text in texts]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+    step = int(stops[0][0])
+    assert 3 <= step < 1000
+    assert os.listdir(workdir / "checkpoints") == [str(step)]
+    assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
+    assert (workdir / "config.json").is_file()
 
 
 # In-process, on this process's devices.

@@ -62,6 +62,17 @@ def test_jit_steps_preprocess_follows_channel_order():
     np.testing.assert_allclose(predict(state, images), (images[..., ::-1] - mean) / std, rtol=1e-5)
 
 
+# total_train_steps.
+
+
+def test_total_train_steps_counts_whole_batches_unless_num_steps_is_set():
+    train = ml_collections.ConfigDict({"num_steps": 0, "num_epochs": 3, "batch_size": 16})
+    assert steps.total_train_steps(train, 840) == 3 * 52  # 840 // 16 whole batches per epoch
+    assert steps.total_train_steps(train, 15) == 0  # no whole batch
+    train.num_steps = 7
+    assert steps.total_train_steps(train, 840) == 7
+
+
 # learning_rate_schedule.
 
 

@@ -45,6 +45,21 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path):
     )
     assert (tmp_path / "config.json").is_file()
 
+    # Resumed, a run does not read config.model.pretrained again (its weights are in the
+    # checkpoint): a file gone since does not stop it.
+    config = tiny_config()
+    config.model.pretrained = str(tmp_path / "gone.msgpack")
+    config.train.allow_config_change = True
+    assert train.train_and_evaluate(config, tmp_path) == {}  # at step 4 of 4: nothing to do
+
+
+def test_batch_larger_than_the_training_set_stops_before_any_work(tmp_path):
+    config = tiny_config()
+    config.train.batch_size = 16
+    with pytest.raises(config_checks.ConfigError, match="batch_size=16 is larger than the 8"):
+        train.train_and_evaluate(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
 
 def test_progressive_resizing_trains_each_stage_on_its_crop_size(tmp_path, monkeypatch):
     config = tiny_config()
@@ -184,7 +199,7 @@ def test_nonfinite_step_stops_naming_it_and_leaves_best_untouched(tmp_path, pixe
     config.train.num_steps = 6
     config.train.allow_config_change = True
 
-    with pytest.raises(train.NonFiniteError) as error:
+    with pytest.raises(steps.NonFiniteError) as error:
         train.train_and_evaluate(config, tmp_path)
 
     assert str(error.value).startswith(
