@@ -86,7 +86,7 @@ def stop_requests() -> Iterator[Callable[[int], bool]]:
     One process: after SIGTERM or SIGINT (preemption, Ctrl-C). Several processes: at the step
     that JAX's preemption service names after a SIGTERM to any of them, the same on all (one
     process stopping alone would leave the others waiting in the step's all-reduce); Ctrl-C
-    interrupts as usual there.
+    raises KeyboardInterrupt there, in that process only.
     """
     if jax.process_count() > 1:
         yield multihost_utils.reached_preemption_sync_point
