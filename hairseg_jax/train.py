@@ -255,7 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 writer.write_scalars(
                     step,
                     {f"train_{k}": v for k, v in train_metrics.compute().items()}
-                    | {"learning_rate": schedule(step - 1)}
+                    # The step's rate: the optimizer's count leaves out skipped steps.
+                    | {"learning_rate": schedule(step - 1 - skipped)}
                     | skip_count,
                 )
                 train_metrics = None

@@ -222,6 +222,8 @@ def test_skip_nonfinite_skips_the_bad_step_and_goes_on(tmp_path, pixel_net, monk
 
     assert "Step 3: non-finite loss, gradient or update; skipped (1 so far)." in caplog.text
     assert "train_skipped_steps=1" in caplog.text  # the count logged at step 4
+    rate = steps.learning_rate_schedule(config.optim, 4)(2)  # step 4 is the 3rd update
+    assert f"[4] learning_rate={float(rate)}," in caplog.text
     assert "train_loss=nan" not in caplog.text  # the mean loss leaves the bad step out
     assert np.isfinite(summary["loss"])
     assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
