@@ -548,8 +548,11 @@ normalize_batch.defvjp(_normalize_batch_forward, _normalize_batch_backward)
 
 class BatchNorm(nn.Module):
     """``nn.BatchNorm`` over the last axis (same variables: params ``scale`` and ``bias``,
-    batch_stats ``mean`` and ``var``; same values and running-average updates), training
-    through ``normalize_batch``.
+    batch_stats ``mean`` and ``var``; same outputs), training through ``normalize_batch``.
+
+    As in torch, the running variance averages the batch's unbiased variance (``n / (n - 1)``
+    times the biased one that normalises it, n = values per channel), where flax averages the
+    biased one: it matters where n is small, e.g. ASPP's image pooling (n = batch size).
 
     Attributes:
       train: normalise by the batch's statistics and update the running ones.
@@ -577,7 +580,9 @@ class BatchNorm(nn.Module):
         if not self.is_initializing():
             m = self.momentum
             running_mean.value = m * running_mean.value + (1 - m) * mean
-            running_var.value = m * running_var.value + (1 - m) * var
+            count = x.size // x.shape[-1]
+            unbiased = var * (count / max(count - 1, 1))
+            running_var.value = m * running_var.value + (1 - m) * unbiased
         return y.astype(self.dtype)
 
 

@@ -315,8 +315,8 @@ def test_max_pool_gradient_is_not_a_scatter_on_cpu():
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_batch_norm_matches_flax_in_values_updates_and_gradients(train, dtype):
-    """Same variables, outputs, running-average updates, and gradients for the input, scale
-    and bias, including those that flow through the updated statistics."""
+    """Same variables, outputs, running-average updates (but torch's unbiased variance), and
+    gradients for the input, scale and bias, including those through the updated statistics."""
     x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6)) * 2 + 1
     weights = jax.random.normal(jax.random.key(1), x.shape)
     ours = BatchNorm(train, dtype=dtype)
@@ -326,10 +326,15 @@ def test_batch_norm_matches_flax_in_values_updates_and_gradients(train, dtype):
     params = {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1.0, 1.0, 6)}
     stats = {"mean": jnp.linspace(-0.2, 0.3, 6), "var": jnp.linspace(0.5, 2.0, 6)}
 
+    count = x.size // x.shape[-1]
+
     def loss(module, params, x):
         variables = {"params": params, "batch_stats": stats}
         y, updates = module.apply(variables, x.astype(dtype), mutable=["batch_stats"])
         new = updates["batch_stats"]
+        if module is ref and train:  # flax averages the biased variance, torch the unbiased
+            biased_part = new["var"] - 0.9 * stats["var"]
+            new = new | {"var": 0.9 * stats["var"] + biased_part * count / (count - 1)}
         value = jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights)
         return value + jnp.sum(jnp.cos(new["mean"])) + jnp.sum(new["var"] ** 2), (y, new)
 
@@ -339,7 +344,7 @@ def test_batch_norm_matches_flax_in_values_updates_and_gradients(train, dtype):
     assert ours_y.dtype == ref_y.dtype == dtype
     np.testing.assert_array_equal(np.asarray(ours_y, np.float32), np.asarray(ref_y, np.float32))
     for a, b in zip(jax.tree.leaves(ours_stats), jax.tree.leaves(ref_stats), strict=True):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
     # bfloat16: the input gradient is rounded to bfloat16 by both, in a different order.
     tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
     for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(ref_grads), strict=True):
@@ -348,3 +353,22 @@ def test_batch_norm_matches_flax_in_values_updates_and_gradients(train, dtype):
         np.testing.assert_allclose(
             np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tolerance * scale
         )
+
+
+def test_batch_norm_running_statistics_update_as_torch_does():
+    """The running mean and (unbiased) variance after two training batches, as torch's
+    BatchNorm2d with its defaults keeps them; a 1x1 map (ASPP's image pooling) included."""
+    import torch
+
+    for shape in [(4, 5, 3, 6), (3, 1, 1, 6)]:
+        layer = BatchNorm(True)
+        variables = layer.init(jax.random.key(0), jnp.zeros(shape))
+        reference = torch.nn.BatchNorm2d(shape[-1])
+        for seed in (1, 2):
+            x = np.array(jax.random.normal(jax.random.key(seed), shape) * 3 + 1)
+            _, updates = layer.apply(variables, x, mutable=["batch_stats"])
+            variables = variables | updates
+            reference(torch.from_numpy(x).permute(0, 3, 1, 2))
+        stats = variables["batch_stats"]
+        np.testing.assert_allclose(stats["mean"], reference.running_mean.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(stats["var"], reference.running_var.numpy(), rtol=1e-5)
