@@ -135,7 +135,7 @@ class JaxCase(NamedTuple):
 
 def bias_only_batch_norm(next_fun, args, kwargs, context):
     """A flax method interceptor that computes each BatchNorm as its bias add alone."""
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+    if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
         x = args[0]
         return x + context.module.get_variable("params", "bias").astype(x.dtype)
     return next_fun(*args, **kwargs)

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from hairseg_jax import models
@@ -30,6 +34,40 @@ def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600
     )
+
+
+def load_train_step():
+    """benchmarks/train_step.py as a module."""
+    spec = importlib.util.spec_from_file_location("tsb", REPO / "benchmarks/train_step.py")
+    train_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_step)
+    return train_step
+
+
+def test_fold_bn_computes_every_batch_norm_as_its_bias_add():
+    """``--fold_bn``'s interceptor: the model with any running statistics gives what it gives
+    with statistics that make each BatchNorm a bias add (mean 0, variance 1 - epsilon)."""
+    train_step = load_train_step()
+    config = train_step.base_config(str(REPO / "configs/figaro.py"), ["model.backbone=resnet18"])
+    config.model.update(aspp_channels=8, decoder_channels=8)
+    model = models.build_model(config.model)
+    images = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+    variables = model.init(jax.random.key(1), images, train=False)
+    drawn = jax.tree.map(
+        lambda leaf: jax.random.uniform(jax.random.key(2), leaf.shape, minval=0.5, maxval=2.0),
+        variables["batch_stats"],
+    )
+    identity = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.full_like(leaf, 1 - 1e-5 if path[-1].key == "var" else 0.0),
+        variables["batch_stats"],
+    )
+    apply = lambda stats: model.apply(  # noqa: E731
+        {"params": variables["params"], "batch_stats": stats}, images, train=False
+    )
+    with flax.linen.intercept_methods(train_step.bias_only_batch_norm):
+        folded = apply(drawn)
+    np.testing.assert_allclose(folded, apply(identity), rtol=1e-4, atol=1e-4)
+    assert np.abs(folded - apply(drawn)).max() > 1e-2
 
 
 def test_shrink_then_time_to_dice_without_tensorflow(figaro_dir, tmp_path):
@@ -105,9 +143,7 @@ def test_conv_rates_times_every_convolution_in_both_libraries():
             )
 
     # The FLOPs are the model's as train_step.py counts them, less the image resizes.
-    spec = importlib.util.spec_from_file_location("tsb", REPO / "benchmarks/train_step.py")
-    train_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_step)
+    train_step = load_train_step()
     config = train_step.base_config(str(REPO / "configs/figaro.py"), ["model.backbone=resnet18"])
     model_gflops = train_step.image_forward_flops(models.build_model(config.model), 64) / 1e9
     assert float(total["forward_gflops"]) == pytest.approx(model_gflops, rel=0.01)
