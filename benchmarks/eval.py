@@ -5,9 +5,10 @@
 Runs the functions ``hairseg_jax.evaluate.evaluate`` runs, in its order, without writing the
 reports: building the state (``state_s``: the model, the template and the restore of the
 workdir's best checkpoint, or of ``config.model.pretrained``), reading the split at original
-resolution (``read_s``), and predicting and scoring it (``predict_score_s``, which includes the
-compile of the predict step). Without a checkpoint or pretrained weights it evaluates randomly
-initialised weights (``weights=random``; that state is built by ``steps.create_train_state``).
+resolution (``read_s``), and predicting and scoring it (``predict_score_s``, with
+``config.eval``'s TTA and the threshold eval would use; it includes the predict step's
+compile). Without a checkpoint or pretrained weights it evaluates randomly initialised
+weights (``weights=random``; that state is built by ``steps.create_train_state``).
 ``--warm_pass`` adds ``predict_score_warm_s``, a second pass with the predict step compiled.
 """
 
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> None:
         state, _, step = evaluate.load_state(config, Path(FLAGS.workdir), mesh)
         weights = f"step_{step}" if step else "pretrained"
     except FileNotFoundError:
-        state, weights = random_state(config, mesh), "random"
+        state, weights, step = random_state(config, mesh), "random", 0
     jax.block_until_ready(state)
     state_s = time.perf_counter() - start
 
@@ -61,19 +62,17 @@ def main(argv: list[str]) -> None:
     examples = sources.load_examples(config, config.eval.split, config.eval.max_images)
     read_s = time.perf_counter() - start
 
-    _, predict_fn = steps.jit_steps(config, mesh)
+    run = evaluate.scorer(config, state, mesh)
+    threshold, _ = evaluate.resolve_threshold(
+        config.eval.threshold,
+        Path(FLAGS.workdir),
+        step,
+        evaluate.predictor_settings(config, "eval"),
+    )
 
     def predict_and_score() -> tuple[dict, float]:
         start = time.perf_counter()
-        summary = evaluate.score_examples(
-            predict_fn,
-            state,
-            examples,
-            config.eval.image_size,
-            config.eval.batch_size,
-            config.eval.threshold,
-            mesh,
-        ).summary
+        summary = run(examples, threshold=threshold).summary
         return summary, time.perf_counter() - start
 
     summary, predict_s = predict_and_score()

@@ -101,17 +101,8 @@ def main(argv: list[str]) -> None:
     train_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    tta = config.eval.tta
-    predict = steps.jit_predict(config, mesh, tta, with_plain=tta != "none")
-    scores = evaluate.score_examples(
-        predict,
-        state,
-        test,
-        config.eval.image_size,
-        config.eval.batch_size,
-        evaluate.effective_threshold(config.eval.threshold),
-        mesh,
-        tta_sizes=config.eval.tta_sizes,
+    scores = evaluate.scorer(config, state, mesh)(
+        test, threshold=evaluate.effective_threshold(config.eval.threshold)
     )
     eval_s = time.perf_counter() - start
     for row in scores.rows:

@@ -268,8 +268,19 @@ def per_hair_type(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
     return report
 
 
-def read_tuned_threshold(workdir: Path, step: int) -> dict | None:
-    """``workdir``'s ``threshold.json`` if it was tuned for the checkpoint of ``step``."""
+def predictor_settings(config: ml_collections.ConfigDict, mode: str) -> dict[str, Any]:
+    """How ``mode`` ("eval" or "predict") predicts: TTA, extra TTA sizes and input size."""
+    if mode == "eval":
+        tta, tta_sizes, image_size = config.eval.tta, config.eval.tta_sizes, config.eval.image_size
+    else:
+        tta, tta_sizes = config.predict.tta, ()
+        image_size = config.predict.image_size or config.eval.image_size
+    return {"tta": tta, "tta_sizes": list(tta_sizes), "image_size": image_size}
+
+
+def read_tuned_threshold(workdir: Path, step: int, settings: dict[str, Any]) -> dict | None:
+    """``workdir``'s ``threshold.json`` if it was tuned for the checkpoint of ``step`` with the
+    predictor ``settings`` (``predictor_settings``; those the file records)."""
     path = Path(workdir) / THRESHOLD_FILE
     if not path.is_file():
         return None
@@ -289,28 +300,65 @@ def read_tuned_threshold(workdir: Path, step: int) -> dict | None:
             step,
         )
         return None
+    tuned_with = {key: tuned[key] for key in settings if key in tuned}
+    used_with = {key: settings[key] for key in tuned_with}
+    if tuned_with != used_with:
+        logging.warning(
+            "Ignoring %s: threshold %s tuned with %s, but predicting with %s; rerun eval with "
+            "--config.eval.tune_threshold=True and these settings.",
+            path,
+            threshold,
+            tuned_with,
+            used_with,
+        )
+        return None
     return tuned
 
 
 def resolve_threshold(
-    configured: float, workdir: Path, step: int, tuned: dict[str, Any] | None = None
+    configured: float,
+    workdir: Path,
+    step: int,
+    settings: dict[str, Any],
+    tuned: dict[str, Any] | None = None,
 ) -> tuple[float, str]:
     """The threshold to use and where it comes from: ``configured`` if positive ("config"),
-    else the one tuned for ``step`` (``tuned``, or read from ``workdir``) ("tuned"), else 0.5
-    ("default")."""
+    else the one tuned for ``step`` and the predictor ``settings`` (``tuned``, or read from
+    ``workdir``) ("tuned"), else 0.5 ("default")."""
     if configured > 0:
         return float(configured), "config"
-    tuned = tuned or read_tuned_threshold(workdir, step)
+    tuned = tuned or read_tuned_threshold(workdir, step, settings)
     if tuned is not None:
         return float(tuned["threshold"]), "tuned"
     return DEFAULT_THRESHOLD, "default"
+
+
+def scorer(
+    config: ml_collections.ConfigDict, state: steps.TrainState, mesh: Mesh
+) -> Callable[..., Scores]:
+    """``score_examples`` with ``config.eval``'s predict step (its TTA, and the plain logits
+    beside them if it has any), sizes and batch bound: call it with the examples (and
+    ``threshold``, ``sweep``, ``num_worst``)."""
+    tta, tta_sizes = config.eval.tta, tuple(config.eval.tta_sizes)
+    predict_fn = steps.jit_predict(
+        config, mesh, tta=tta, with_plain=tta != "none" or bool(tta_sizes)
+    )
+    return functools.partial(
+        score_examples,
+        predict_fn,
+        state,
+        image_size=config.eval.image_size,
+        batch_size=config.eval.batch_size,
+        mesh=mesh,
+        tta_sizes=tta_sizes,
+    )
 
 
 def tune_threshold(run: Callable[..., Scores], examples: Examples, split: str) -> dict[str, Any]:
     """The threshold of ``SWEEP_THRESHOLDS`` with the highest mean Dice on ``examples``.
 
     Args:
-      run: ``score_examples`` with its predict step, state and sizes bound.
+      run: ``score_examples`` with its predict step, state and sizes bound (``scorer``).
       examples: the examples to tune on, normally the validation split.
       split: their name, for the record.
 
@@ -439,19 +487,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     workdir = Path(workdir)
     mesh = sharding.data_mesh()
     state, weights, step = load_state(config, workdir, mesh)
-    tta, tta_sizes = config.eval.tta, tuple(config.eval.tta_sizes)
-    predict_fn = steps.jit_predict(
-        config, mesh, tta=tta, with_plain=tta != "none" or bool(tta_sizes)
-    )
-    run = functools.partial(
-        score_examples,
-        predict_fn,
-        state,
-        image_size=config.eval.image_size,
-        batch_size=config.eval.batch_size,
-        mesh=mesh,
-        tta_sizes=tta_sizes,
-    )
+    settings = predictor_settings(config, "eval")
+    run = scorer(config, state, mesh)
     leader = jax.process_index() == 0
     if leader:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -459,12 +496,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     tuned = None
     if config.eval.tune_threshold:
         val = sources.load_examples(config, "val", config.eval.max_images)
-        tuned = tune_threshold(run, val, "val") | {
-            "step": step,
-            "weights": weights,
-            "tta": tta,
-            "tta_sizes": list(tta_sizes),
-        }
+        tuned = tune_threshold(run, val, "val") | {"step": step, "weights": weights} | settings
         if leader:
             files.write_json(workdir / THRESHOLD_FILE, tuned)
         logging.info(
@@ -476,7 +508,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
             workdir / THRESHOLD_FILE,
         )
     # The tuned record as tuned, not read back: only process 0 writes it.
-    threshold, source = resolve_threshold(config.eval.threshold, workdir, step, tuned)
+    threshold, source = resolve_threshold(config.eval.threshold, workdir, step, settings, tuned)
 
     split = config.eval.split
     examples = sources.load_examples(config, split, config.eval.max_images)
@@ -492,9 +524,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         step=step,
         threshold=threshold,
         threshold_source=source,
-        tta=tta,
-        tta_sizes=list(tta_sizes),
-        image_size=config.eval.image_size,
+        **settings,
         per_hair_type=per_hair_type(rows),
         worst=[
             {k: rows[index][k] for k in ("name", "hair_type", "dice", "iou")}
@@ -514,8 +544,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         summary["num_images"],
         threshold,
         source,
-        tta,
-        (config.eval.image_size, *tta_sizes),
+        settings["tta"],
+        (settings["image_size"], *settings["tta_sizes"]),
         summary["dice"],
         summary["pooled_dice"],
         summary["iou"],

@@ -73,7 +73,9 @@ def export(
     state, weights, step = evaluate.load_state(
         config, workdir, sharding.data_mesh(jax.devices()[:1])
     )
-    threshold, source = evaluate.resolve_threshold(config.predict.threshold, workdir, step)
+    threshold, source = evaluate.resolve_threshold(
+        config.predict.threshold, workdir, step, evaluate.predictor_settings(config, "predict")
+    )
     variables = jax.device_get(steps.inference_variables(state))
 
     converted = jax2tf.convert(

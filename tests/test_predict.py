@@ -203,12 +203,20 @@ def test_inputs_and_output_names(inputs, tmp_path):
     assert names == ["x_jpg", "x_png", "x_jpg_2", "y"]
 
 
-def test_threshold_json_of_another_step_is_ignored(tmp_path):
+def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path):
+    plain = evaluate.predictor_settings(tiny_config(), "predict")
+    record = {"threshold": 0.3, "step": 7} | plain
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, record)
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain) == (0.3, "tuned")
+    assert evaluate.resolve_threshold(-1, tmp_path, 8, plain) == (0.5, "default")
+    assert evaluate.resolve_threshold(0.6, tmp_path, 7, plain) == (0.6, "config")
+    flipped = plain | {"tta": "flip"}  # tuned without TTA, predicting with it
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, flipped) == (0.5, "default")
+    larger = plain | {"image_size": plain["image_size"] + 32}
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, larger) == (0.5, "default")
     files.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 0.3, "step": 7})
-    assert evaluate.resolve_threshold(-1, tmp_path, 7) == (0.3, "tuned")
-    assert evaluate.resolve_threshold(-1, tmp_path, 8) == (0.5, "default")
-    assert evaluate.resolve_threshold(0.6, tmp_path, 7) == (0.6, "config")
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, flipped) == (0.3, "tuned")  # unrecorded
     just_tuned = {"threshold": 0.4, "step": 8}  # as tuned by this process, not read back
-    assert evaluate.resolve_threshold(-1, tmp_path, 8, just_tuned) == (0.4, "tuned")
+    assert evaluate.resolve_threshold(-1, tmp_path, 8, plain, just_tuned) == (0.4, "tuned")
     assert json.loads((tmp_path / evaluate.THRESHOLD_FILE).read_text())["threshold"] == 0.3
     assert [p.name for p in tmp_path.iterdir()] == [evaluate.THRESHOLD_FILE]  # no temp left
