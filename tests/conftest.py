@@ -1,9 +1,13 @@
 """Shared test fixtures."""
 
+import atexit
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from jax.tree_util import tree_map_with_path
@@ -11,6 +15,15 @@ from jax.tree_util import tree_map_with_path
 from hairseg_jax import steps
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One persistent JAX compilation cache per test process and the subprocesses it starts (they
+# inherit the variable): a test that compiles a step some test compiled before, as each
+# train_and_evaluate and main.py run does, loads it instead. A cache named in the environment
+# is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hairseg_jax_tests_jit_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")
