@@ -441,8 +441,8 @@ def load_state(
 
 
 def model_changes(config: ml_collections.ConfigDict, workdir: Path) -> str:
-    """ " (trained with ...)": how ``config.model`` differs from ``workdir``'s config.json,
-    or "" if that file is missing, unreadable or shows no difference."""
+    """How ``config.model`` differs from ``workdir``'s config.json, as the phrase
+    ``" (trained with <changes>)"``; empty if that file is missing, unreadable or the same."""
     try:
         saved = json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError):
