@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -137,6 +139,21 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat |= _flatten(value, f"{prefix}.{key}" if prefix else key)
     return flat
+
+
+def saved_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The config training saved in ``workdir/config.json``, parsed; None if there is none.
+
+    Raises:
+      ConfigError: the file is not readable JSON.
+    """
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}).") from e
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:

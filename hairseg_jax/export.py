@@ -14,7 +14,6 @@ resized back. ``hairseg.json`` beside it records the threshold (tuned if the wor
 for this checkpoint, else 0.5), the sizes and the step.
 """
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -118,13 +117,11 @@ def export(
 
 def read_config(workdir: Path) -> ml_collections.ConfigDict:
     """The config training saved in ``workdir/config.json``."""
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass --config=... for this workdir.")
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as e:
-        raise config_checks.ConfigError(f"{path} is not readable JSON ({e}).") from e
+    saved = config_checks.saved_config(workdir)
+    if saved is None:
+        raise FileNotFoundError(
+            f"{workdir / 'config.json'} does not exist; pass --config=... for this workdir."
+        )
     defaults = {"image_size": 0, "threshold": -1.0, "tta": "none"}  # workdirs of older versions
     saved["predict"] = defaults | saved.get("predict", {})
     return ml_collections.ConfigDict(saved)

@@ -2,7 +2,6 @@
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -32,13 +31,10 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None
     """Raises ConfigError if ``workdir/config.json`` differs from ``config`` in fields that
     matter (see ``config_checks.config_changes``), unless ``config.train.allow_config_change``.
     """
-    saved_path = workdir / "config.json"
-    if not saved_path.is_file():
+    saved = config_checks.saved_config(workdir)
+    if saved is None:
         return
-    try:
-        saved = json.loads(saved_path.read_text())
-    except ValueError as e:
-        raise config_checks.ConfigError(f"{saved_path} is not readable JSON ({e}).") from e
+    saved_path = workdir / "config.json"
     changes = config_checks.config_changes(saved, config)
     if not changes:
         return
