@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from hairseg_jax import config_checks, evaluate, pictures, sharding, steps
-from hairseg_jax.data import whole_images
+from hairseg_jax.data import figaro1k, whole_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LOG_EVERY_SECONDS = 10.0
@@ -80,16 +80,11 @@ def read_photo(path: str | os.PathLike) -> np.ndarray:
     with Image.open(path) as image:
         image.load()  # decode now, so truncated files fail here
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            values = np.asarray(image).astype(np.int64)
-            image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
-        elif image.mode == "F":
-            image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
         if "A" in image.getbands() or "transparency" in image.info:
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, rgba)
-        return np.asarray(image.convert("RGB"))
+        return figaro1k.to_rgb(image)
 
 
 @dataclasses.dataclass

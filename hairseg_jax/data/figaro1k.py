@@ -71,12 +71,22 @@ def mask_candidates(data_dir: Path, annotation: str, mask_source: str) -> list[P
     raise DataError(f"Unknown mask source {mask_source!r}; expected one of {MASK_SOURCES}.")
 
 
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image as uint8 RGB (H, W, 3): grey, palette and CMYK images are converted,
+    16-bit images keep their top 8 bits, an alpha channel is dropped."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    return np.asarray(image.convert("RGB"))
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decodes an image file to uint8 RGB (grey, RGBA, CMYK and 16-bit are converted)."""
+    """Decodes an image file to uint8 RGB (``to_rgb``), its pixels as stored: the frame of
+    its mask (no EXIF rotation, alpha dropped)."""
     with Image.open(path) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            image = Image.fromarray((np.asarray(image, np.uint32) >> 8).astype(np.uint8))
-        return np.asarray(image.convert("RGB"))
+        return to_rgb(image)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
