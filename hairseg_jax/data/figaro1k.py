@@ -95,6 +95,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     if path.suffix == ".npy":
         mask = np.load(path)
         if mask.ndim == 3:
+            if not (mask == mask[..., :1]).all():
+                raise DataError(f"Mask {path} has channels that differ; expected one 0/255 mask.")
             mask = mask[..., 0]
         if mask.ndim != 2 or not np.isin(mask, (0, 1, 255)).all():
             raise DataError(f"Mask {path} is not a binary (H, W[, 3]) array of 0/255.")

@@ -202,6 +202,14 @@ def test_npy_mask_with_other_values(folder, value):
         read_entry(folder, entry("Frame00003"), "npy")
 
 
+def test_npy_mask_whose_channels_differ(folder):
+    mask = as_npy(random_mask())
+    mask[0, 0, 1] = 255 - mask[0, 0, 0]  # channel 0 alone would pass
+    write_frame(folder, "Frame00003", random_image(), np_labels=mask)
+    with pytest.raises(DataError, match="Frame00003.npy has channels that differ"):
+        read_entry(folder, entry("Frame00003"), "npy")
+
+
 def test_npy_mask_of_wrong_rank(folder):
     write_frame(folder, "Frame00003", random_image(), np_labels=np.zeros((12, 16, 3, 1), np.uint8))
     with pytest.raises(DataError, match="Frame00003.npy"):
