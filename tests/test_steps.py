@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs import figaro
-from hairseg_jax import losses, steps
+from hairseg_jax import steps
 from hairseg_jax.models import DeepLabV3Plus
 
 
@@ -271,9 +271,13 @@ def test_predict_step_returns_float32_logits(trained):
     assert np.isfinite(logits).all()
 
 
-def test_predict_loss_is_finite(trained):
-    loss = losses.sigmoid_bce(jnp.asarray(trained["logits"]), trained["batch"]["mask"])
-    assert np.isfinite(float(loss))
+def test_predict_step_is_the_model_in_inference_mode(trained):
+    """The running BatchNorm statistics, no dropout: the trained model applied directly."""
+    state = trained["state"]
+    images = steps.preprocess_fn(figaro.get_config())(trained["batch"]["image"])
+    apply = jax.jit(lambda variables: state.apply_fn(variables, images, train=False))
+    expected = apply(steps.inference_variables(state))
+    np.testing.assert_allclose(trained["logits"], expected, rtol=1e-5, atol=1e-5)
 
 
 class _TinyNet(nn.Module):
