@@ -88,6 +88,7 @@ def test_threshold_is_tuned_on_val_and_saved_for_the_checkpoint(trained, report,
     tuned = json.loads((trained / evaluate.THRESHOLD_FILE).read_text())
     assert tuned["step"] == model["step"] == checkpoints.best_manager(trained).best_step()
     assert tuned["split"] == "val" and tuned["num_images"] == 8 and tuned["tta"] == "flip"
+    assert tuned["tta_sizes"] == [] and tuned["image_size"] == report["image_size"]
     assert tuned["threshold"] in evaluate.SWEEP_THRESHOLDS
     assert tuned["dice"] == max(tuned["sweep"].values()) >= tuned["dice_at_0.5"]
     assert tuned["dice_at_0.5"] == tuned["sweep"]["0.50"]
