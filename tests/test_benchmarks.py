@@ -155,3 +155,45 @@ def test_conv_rates_times_every_convolution_in_both_libraries():
     config = train_step.base_config(str(REPO / "configs/figaro.py"), ["model.backbone=resnet18"])
     model_gflops = train_step.image_forward_flops(models.build_model(config.model), 64) / 1e9
     assert float(total["forward_gflops"]) == pytest.approx(model_gflops, rel=0.01)
+
+
+def fields(line: str) -> dict[str, str]:
+    """``key=value`` pairs of a benchmark's output line."""
+    return dict(part.split("=", 1) for part in line.split() if "=" in part)
+
+
+def test_eval_benchmark_scores_the_split_as_eval_does_without_tensorflow(figaro_dir, tmp_path):
+    result = run_script(
+        "benchmarks/eval.py",
+        [
+            "--config=configs/figaro.py:smoke",
+            f"--config.data.data_dir={figaro_dir}",
+            f"--workdir={tmp_path}",  # no checkpoint: random weights
+            "--config.eval.image_size=64",
+            "--config.eval.tta=flip",
+        ],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("eval ")]
+    assert len(lines) == 1, result.stdout
+    line = fields(lines[0])
+    assert (line["split"], line["images"], line["weights"]) == ("test", "8", "random")
+    assert float(line["predict_score_s"]) > 0 and 0 <= float(line["dice"]) <= 1
+
+
+def test_input_pipeline_benchmark_times_augmented_batches(figaro_dir):
+    command = [
+        sys.executable,
+        "benchmarks/input_pipeline.py",
+        "--config=configs/figaro.py:smoke",
+        f"--config.data.data_dir={figaro_dir}",
+        "--sizes=48,64",
+        "--warmup=1",
+        "--num_batches=3",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [fields(line) for line in result.stdout.splitlines() if line.startswith("input_")]
+    assert lines[0]["images"] == "16"  # the smoke run's training images, read once
+    assert [line["image_size"] for line in lines[1:]] == ["48", "64"]
+    assert all(float(line["images_per_s"]) > 0 for line in lines[1:])
