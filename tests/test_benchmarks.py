@@ -1,5 +1,5 @@
-"""End-to-end runs of the benchmark scripts that carry Figaro1k to, and train on, an
-accelerator host without TensorFlow (real data, small model)."""
+"""End-to-end runs of the benchmark scripts on real data with small models; those meant for
+accelerator hosts run as there, without TensorFlow or clu."""
 
 import importlib.util
 import json
