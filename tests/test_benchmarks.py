@@ -197,3 +197,33 @@ def test_input_pipeline_benchmark_times_augmented_batches(figaro_dir):
     assert lines[0]["images"] == "16"  # the smoke run's training images, read once
     assert [line["image_size"] for line in lines[1:]] == ["48", "64"]
     assert all(float(line["images_per_s"]) > 0 for line in lines[1:])
+
+
+def test_dilated_conv_formulations_agree_without_tensorflow():
+    result = run_script(
+        "benchmarks/dilated_conv.py", ["--repeats=1", "--case", "1,9,4,4,2", "--case", "2,9,4,3,6"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [fields(line) for line in result.stdout.splitlines() if line.startswith("dilated_")]
+    assert [(line["rate"], line["impl"]) for line in lines] == [
+        (rate, impl) for rate in "26" for impl in ("dilated", "space_to_batch", "tap_products")
+    ]
+    assert all(float(line["max_abs_diff"]) < 1e-5 for line in lines)
+    assert {line["real_fraction"] for line in lines} == {"0.73", "0.31"}
+
+
+def test_profile_step_sums_the_step_by_kind_without_tensorflow():
+    result = run_script(
+        "benchmarks/profile_step.py",
+        ["--backbone=resnet18", "--size=32", "--batch=2", "--steps=1", "--top=3"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("op ") for line in lines) == 3
+    kinds = {
+        line.split()[1]: float(line.split()[-1].rstrip("%"))
+        for line in lines
+        if line.startswith("kind ")
+    }
+    assert kinds["conv"] > 0 and kinds["conv_grad"] > 0 and kinds["elementwise"] > 0
+    assert abs(sum(kinds.values()) - 100) < 0.5
