@@ -16,10 +16,10 @@ from hairseg_jax import steps
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One persistent JAX compilation cache per test process and the subprocesses it starts (they
-# inherit the variable): a test that compiles a step some test compiled before, as each
-# train_and_evaluate and main.py run does, loads it instead. A cache named in the environment
-# is used as it is.
+# One persistent JAX compilation cache for the test session: the first process to import this
+# file makes it, the processes it starts (xdist workers, main.py runs) inherit the variable. A
+# test that compiles a step some test compiled before, as each train_and_evaluate and main.py
+# run does, loads it instead. A cache named in the environment is used as it is.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hairseg_jax_tests_jit_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
