@@ -444,12 +444,10 @@ def model_changes(config: ml_collections.ConfigDict, workdir: Path) -> str:
     """How ``config.model`` differs from ``workdir``'s config.json, as the phrase
     ``" (trained with <changes>)"``; empty if that file is missing, unreadable or the same."""
     try:
-        saved = config_checks.saved_config(workdir)
+        saved = config_checks.saved_config(workdir) or {}
     except config_checks.ConfigError:
-        return ""
-    if saved is None:
-        return ""
-    changes = config_checks.config_changes(saved, config)
+        saved = {}
+    changes = config_checks.config_changes(saved, config)  # none against {}
     changed = [change for change in changes if change.startswith("model.")]
     return f" (trained with {'; '.join(changed)})" if changed else ""
 
