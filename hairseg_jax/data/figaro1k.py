@@ -137,6 +137,17 @@ def read_example(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndar
     return image, mask
 
 
+def spread(entries: list, limit: int | None) -> list:
+    """``limit`` entries spread evenly over ``entries`` (all for 0, ``None`` or too many).
+
+    Figaro1k's split files list frames in order, and its hair types are ranges of frames, so a
+    prefix would hold one type only; every (len/limit)-th entry holds them all.
+    """
+    if not limit or limit >= len(entries):
+        return entries
+    return [entries[i * len(entries) // limit] for i in range(limit)]
+
+
 def _first_errors(errors: list[str], total: int, what: str) -> str:
     """One line summing up ``errors`` (the first three in full)."""
     shown = " | ".join(errors[:3]) + (f" | ... {len(errors) - 3} more" if len(errors) > 3 else "")
@@ -152,7 +163,7 @@ def read_split(
     num_threads: int = 8,
     skip_unreadable: bool = False,
 ) -> Examples:
-    """Decodes the first ``limit`` examples (all for ``None``) of a split into memory.
+    """Decodes ``limit`` examples (all for ``None``) spread over a split into memory.
 
     Missing files are reported together before anything is decoded. Files that cannot be
     decoded or do not fit their image fail the read, or are logged and left out with
@@ -165,7 +176,7 @@ def read_split(
             "Figaro1k folder (see data/README.md)."
         )
     split_path = resolve_split_file(data_dir, split_file)
-    entries = read_split_entries(split_path, split)[:limit]
+    entries = spread(read_split_entries(split_path, split), limit)
     paths, missing = [], []
     for entry in entries:
         try:

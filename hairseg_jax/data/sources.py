@@ -7,7 +7,7 @@ from hairseg_jax.data.examples import Examples
 
 
 def load_examples(config: ml_collections.ConfigDict, split: str, limit: int = 0) -> Examples:
-    """The first ``limit`` examples (0: all) of ``split`` of ``config.data``'s dataset."""
+    """``limit`` examples (0: all) spread over of ``split`` of ``config.data``'s dataset."""
     data = config.data
     if data.dataset == "synthetic":
         count = limit or data.synthetic_counts[split]

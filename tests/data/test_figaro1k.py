@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hairseg_jax.data.figaro1k import DataError, locate, read_example, read_image, read_split
+from hairseg_jax.data.figaro1k import (
+    DataError,
+    locate,
+    read_example,
+    read_image,
+    read_split,
+    spread,
+)
+from hairseg_jax.data.split import HAIR_TYPES, hair_type
 
 # The frames of the real Figaro1k that also have an original-format .npy mask.
 NPY_FRAMES = [f"Frame{i:05d}" for i in range(1, 1051, 50)]
@@ -52,18 +60,31 @@ def test_pbm_and_npy_masks_agree_on_real_frames(figaro_dir, tmp_path):
 
 
 def test_read_split_limit_on_real_data(figaro_dir):
-    """``limit`` reads the first examples of the real split file as RGB images and masks."""
-    examples = read_split(figaro_dir, "train", limit=5, num_threads=2)
-    assert len(examples) == 5
-    entries = json.loads((figaro_dir / "train_val_test.json").read_text())["train"][:5]
-    assert examples.names == [e["image"].removesuffix("-org.jpg") for e in entries]
+    """``limit`` reads examples spread over the real split file as RGB images and masks."""
+    examples = read_split(figaro_dir, "train", limit=16, num_threads=2)
+    assert len(examples) == 16
+    entries = json.loads((figaro_dir / "train_val_test.json").read_text())["train"]
+    expected = [entries[i * len(entries) // 16]["image"] for i in range(16)]
+    assert examples.names == [name.removesuffix("-org.jpg") for name in expected]
     assert examples.names[0] == "Frame00001"
+    assert set(map(hair_type, examples.names)) == set(HAIR_TYPES)  # a prefix: straight hair only
     for name, image, mask in zip(examples.names, examples.images, examples.masks, strict=True):
         assert name.startswith("Frame") and len(name) == len("Frame00001")
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
         assert set(np.unique(mask)) == {0, 1}
         assert 0.02 < mask.mean() < 0.98, f"{name} mask is nearly all one value"
+
+
+@pytest.mark.parametrize("limit", [None, 0, 1, 3, 7, 10, 11])
+def test_spread_picks_evenly_spaced_entries_in_order(limit):
+    entries = list(range(10))
+    picked = spread(entries, limit)
+    if limit in (None, 0, 10, 11):
+        assert picked == entries
+    else:
+        assert len(picked) == len(set(picked)) == limit and picked == sorted(picked)
+        assert picked[0] == 0 and max(np.diff([*picked, 10])) - min(np.diff([*picked, 10])) <= 1
 
 
 # Generated folders.
