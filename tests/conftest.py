@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -26,6 +28,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
+def missing(message: str) -> NoReturn:
+    """Fails the test in CI (``CI`` set to true, yes or 1), else skips it with ``message``."""
+    if os.environ.get("CI", "").lower() in ("true", "yes", "1"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def figaro_dir() -> Path:
     """The real Figaro1k root: $FIGARO1K_DIR, else data/Figaro1k, else ../shared/Figaro1k."""
@@ -35,13 +44,20 @@ def figaro_dir() -> Path:
     else:
         candidates = [REPO / "data" / "Figaro1k", REPO.parent / "shared" / "Figaro1k"]
     for path in candidates:
-        if path.is_dir():
+        if (path / "train_val_test.json").is_file():
             return path
     tried = " or ".join(str(p) for p in candidates)
-    message = f"Figaro1k not found at {tried}; set FIGARO1K_DIR or link data/Figaro1k"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(f"no Figaro1k (train_val_test.json) at {tried}; set FIGARO1K_DIR or link data/Figaro1k")
+
+
+@pytest.fixture(scope="session")
+def torch() -> ModuleType:
+    """The torch module (the ``torch`` extra); a test that needs it fails in CI without it."""
+    try:
+        import torch
+    except ImportError:
+        missing("torch is not installed: pip install -e '.[torch]'")
+    return torch
 
 
 def random_variables(model, image_size: int, seed: int = 0) -> dict:

@@ -119,7 +119,7 @@ def test_shrink_then_time_to_dice_without_tensorflow(figaro_dir, tmp_path):
     assert f"test_dice={summary['dice']:.4f}" in trained.stdout
 
 
-def test_train_step_alternates_jax_and_torch_without_tensorflow():
+def test_train_step_alternates_jax_and_torch_without_tensorflow(torch):
     args = ["--config=configs/figaro_cpu.py", "--backbones=resnet18", "--sizes=64"]
     args += ["--batches=2", "--steps=1", "--warmup=0", "--torch", "--rounds=2"]
     result = run_script("benchmarks/train_step.py", args)
@@ -133,7 +133,7 @@ def test_train_step_alternates_jax_and_torch_without_tensorflow():
     assert float(fields["jax_over_torch"]) == pytest.approx(torch_s / jax_s, abs=0.01)
 
 
-def test_conv_rates_times_every_convolution_in_both_libraries():
+def test_conv_rates_times_every_convolution_in_both_libraries(torch):
     args = ["--backbone=resnet18", "--size=64", "--batch=1", "--repeats=1", "--torch"]
     result = run_script("benchmarks/conv_rates.py", args)
     assert result.returncode == 0, result.stderr[-2000:]

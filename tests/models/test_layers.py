@@ -355,11 +355,9 @@ def test_batch_norm_matches_flax_in_values_updates_and_gradients(train, dtype):
         )
 
 
-def test_batch_norm_running_statistics_update_as_torch_does():
+def test_batch_norm_running_statistics_update_as_torch_does(torch):
     """The running mean and (unbiased) variance after two training batches, as torch's
     BatchNorm2d with its defaults keeps them; a 1x1 map (ASPP's image pooling) included."""
-    import torch
-
     for shape in [(4, 5, 3, 6), (3, 1, 1, 6)]:
         layer = BatchNorm(True)
         variables = layer.init(jax.random.key(0), jnp.zeros(shape))

@@ -1,24 +1,10 @@
-"""Fixtures of the weight conversion tests: torch (required in CI), the reference, a report."""
+"""Fixtures of the weight conversion tests: the PyTorch reference, a parity report."""
 
-import os
 from types import ModuleType
 
 import pytest
 
 PARITY_ERRORS = pytest.StashKey[dict[str, tuple[float, float]]]()
-
-
-@pytest.fixture(scope="session")
-def torch() -> ModuleType:
-    """The torch module; skips with the reason when it is missing, except in CI (fails)."""
-    try:
-        import torch
-    except ImportError:
-        message = "torch is not installed: pip install -e '.[torch]'"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return torch
 
 
 @pytest.fixture(scope="session")
