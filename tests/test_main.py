@@ -84,6 +84,8 @@ def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
         ("--config.optim.learning_rate=-1", "optim.learning_rate=-1.0 must be positive"),
         ("--config.model.backbone=resnet13", "model.backbone='resnet13' is not one of"),
         ("--config.data.data_dir=/no/such/dir", "Data directory /no/such/dir does not exist"),
+        ("--nope=1", "FATAL Flags parsing error: Unknown command line flag 'nope'"),
+        ("stray", "Unexpected arguments: stray"),
     ],
 )
 def test_bad_input_gives_one_clear_line(override, message, tmp_path):
@@ -93,6 +95,12 @@ def test_bad_input_gives_one_clear_line(override, message, tmp_path):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
+
+
+def test_missing_workdir_gives_one_clear_line():
+    result = run_main()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Flag --workdir must have a value other than None" in result.stderr
 
 
 def test_eval_without_checkpoint_fails_clearly(tmp_path):
@@ -128,4 +136,6 @@ def test_sigterm_checkpoints_and_exits_cleanly(figaro_dir, tmp_path):
     saved = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
     assert len(saved) == 1 and 4 <= saved[0] < 20
     resumed = run_main(*args, figaro_dir=figaro_dir)
-    assert f"Resumed from step {saved[0]}" in resumed.stderr, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from step {saved[0]}" in resumed.stderr
+    assert "20" in os.listdir(workdir / "checkpoints")
