@@ -34,15 +34,21 @@ def tiny_config():
 
 
 def test_train_and_evaluate_on_synthetic_data(tmp_path):
-    summary = train.train_and_evaluate(tiny_config(), tmp_path)
-    assert summary["num_images"] == 4
+    config = tiny_config()
+    config.train.checkpoint_every_steps, config.train.keep_checkpoints = 1, 3
+    summary = train.train_and_evaluate(config, tmp_path)
+    assert summary["num_images"] == 4  # the last validation's summary, of step 4
     assert 0.0 <= summary["dice"] <= 1.0
-    assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 3, 4]  # the newest 3 of 4
     best = checkpoints.best_manager(tmp_path)
     assert best.best_step() in (2, 4)
     assert checkpoints.best_score(best) == max(
         best.metrics(s)[checkpoints.BEST_METRIC] for s in best.all_steps()
     )
+    if best.best_step() == 4:
+        assert summary["dice"] == checkpoints.best_score(best)
+    else:
+        assert summary["dice"] <= checkpoints.best_score(best)
     assert (tmp_path / "config.json").is_file()
 
     # Resumed, a run does not read config.model.pretrained again (its weights are in the
