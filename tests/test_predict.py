@@ -17,6 +17,7 @@ from hairseg_jax import (
     evaluate,
     files,
     models,
+    pictures,
     predict,
     sharding,
     steps,
@@ -25,6 +26,7 @@ from hairseg_jax.data.examples import Examples
 from tests.conftest import REPO, random_variables
 
 SIZE = 64
+PREDICT_SIZE = 48  # predict.image_size, when not eval's
 STEP = 5
 OVERRIDES = {
     "model.aspp_channels": 8,
@@ -139,18 +141,22 @@ def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, t
             assert overlay.size == size and overlay.mode == "RGB", name
         with Image.open(out / f"{name}_prob.png") as prob:
             assert prob.size == size, name
+            is_hair = np.asarray(Image.open(out / f"{name}_mask.png")) > 0
+            np.testing.assert_array_equal(np.asarray(prob) >= 128, is_hair, err_msg=name)
     written = {p.name.rsplit("_", 1)[0] for p in out.iterdir()}
     assert written == set(EXPECTED_SIZES)  # nothing for the corrupt, empty or text files
 
 
 def test_predict_uses_the_tuned_threshold_tta_and_matches_eval(workdir, inputs, tmp_path):
-    """In process, on a glob: the masks are eval's predictions at the tuned threshold."""
+    """In process, on a glob, at its own size, in two batches (the last one short): the masks
+    are eval's predictions at the tuned threshold, the overlays tint them."""
     files.write_json(workdir / evaluate.THRESHOLD_FILE, {"threshold": 0.45, "step": STEP})
     config = tiny_config()
     config.predict.input = str(inputs / "Frame*.jpg")
     config.predict.output = str(tmp_path / "out")
     config.predict.tta = "flip"
     config.predict.save_prob = "npy"
+    config.predict.image_size, config.predict.batch_size = PREDICT_SIZE, 2
     try:
         summary = predict.predict(config, workdir)
     finally:
@@ -165,13 +171,18 @@ def test_predict_uses_the_tuned_threshold_tta_and_matches_eval(workdir, inputs, 
     state, _, _ = evaluate.load_state(config, workdir, mesh)
     predict_fn = steps.jit_predict(config, mesh, tta="flip")
     for index, logits in evaluate.full_resolution_logits(
-        predict_fn, state, examples, SIZE, 4, mesh
+        predict_fn, state, examples, PREDICT_SIZE, 2, mesh
     ):
         name = FRAMES[index].removesuffix(".jpg")
         mask = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png")) > 0
         np.testing.assert_array_equal(mask, logits[..., 0] > evaluate.logit(0.45))
+        assert 0.01 < mask.mean() < 0.99, name  # a mask to tint, not a blank one
         prob = np.load(tmp_path / "out" / f"{name}_prob.npy")
         np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logits[..., 0])), atol=1e-6)
+        overlay = np.asarray(Image.open(tmp_path / "out" / f"{name}_overlay.jpg"), np.float32)
+        tinted = pictures.tint(photos[index], mask)
+        assert np.abs(overlay - tinted).mean() < 3  # JPEG quality 90
+        assert np.abs(overlay - photos[index])[mask].mean() > 20  # tinted where hair
 
 
 def test_output_that_cannot_be_a_folder_is_named(workdir, inputs, tmp_path):

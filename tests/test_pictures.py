@@ -1,0 +1,25 @@
+"""Pictures of predictions: the hair tint and the boxes of TensorBoard panels."""
+
+import numpy as np
+
+from hairseg_jax import pictures
+
+
+def test_tint_blends_the_mask_towards_the_colour_and_leaves_the_rest():
+    image = np.array([[[0, 0, 0], [200, 100, 50]], [[10, 20, 30], [255, 255, 255]]], np.uint8)
+    mask = np.array([[True, False], [False, True]])
+    out = pictures.tint(image, mask, colour=(100, 0, 200), alpha=0.25)
+    np.testing.assert_array_equal(out[~mask], image[~mask])
+    np.testing.assert_array_equal(out[mask], [[25, 0, 50], [216, 191, 241]])  # 0.75 x + 0.25 c
+    assert out.dtype == np.uint8 and image[0, 0].tolist() == [0, 0, 0]  # not in place
+
+
+def test_fit_keeps_the_aspect_ratio_centred_on_grey():
+    mask = np.ones((20, 40), np.uint8)
+    box = pictures.fit(mask, 10)  # 40x20 -> 10x5, rows 2-6 of 10
+    assert box.shape == (10, 10, 3) and box.dtype == np.uint8
+    assert (box[2:7] == 255).all()
+    assert (box[:2] == pictures.BACKGROUND).all() and (box[7:] == pictures.BACKGROUND).all()
+    panel = pictures.panel(np.zeros((20, 40, 3), np.uint8), mask, 1 - mask, 10)
+    assert panel.shape == (10, 30, 3)
+    assert (panel[2:7, :10] == 0).all() and (panel[2:7, 20:] == 0).all()
