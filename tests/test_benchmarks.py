@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hairseg_jax import models
+from configs import figaro
+from hairseg_jax import checkpoints, evaluate, files, models
 from hairseg_jax.models import layers
-from tests.conftest import REPO
+from tests.conftest import REPO, random_variables
 
 # Run as on a host without TensorFlow or clu: importing them fails.
 BARE = (
@@ -163,12 +164,22 @@ def fields(line: str) -> dict[str, str]:
 
 
 def test_eval_benchmark_scores_the_split_as_eval_does_without_tensorflow(figaro_dir, tmp_path):
+    """Random weights in a best checkpoint, flip TTA and a tuned threshold: the benchmark's
+    Dice is the one eval reports."""
+    config = figaro.get_config("smoke")
+    config.data.data_dir, config.eval.image_size, config.eval.tta = str(figaro_dir), 64, "flip"
+    best = checkpoints.best_manager(tmp_path)
+    variables = random_variables(models.build_model(config.model), 64)
+    checkpoints.save(best, 3, variables, metrics={checkpoints.BEST_METRIC: 0.5})
+    best.wait_until_finished()
+    settings = evaluate.predictor_settings(config, "eval")
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 0.3, "step": 3, **settings})
     result = run_script(
         "benchmarks/eval.py",
         [
             "--config=configs/figaro.py:smoke",
             f"--config.data.data_dir={figaro_dir}",
-            f"--workdir={tmp_path}",  # no checkpoint: random weights
+            f"--workdir={tmp_path}",
             "--config.eval.image_size=64",
             "--config.eval.tta=flip",
         ],
@@ -177,8 +188,11 @@ def test_eval_benchmark_scores_the_split_as_eval_does_without_tensorflow(figaro_
     lines = [line for line in result.stdout.splitlines() if line.startswith("eval ")]
     assert len(lines) == 1, result.stdout
     line = fields(lines[0])
-    assert (line["split"], line["images"], line["weights"]) == ("test", "8", "random")
-    assert float(line["predict_score_s"]) > 0 and 0 <= float(line["dice"]) <= 1
+    assert (line["split"], line["images"], line["weights"]) == ("test", "8", "step_3")
+    assert float(line["predict_score_s"]) > 0
+    report = evaluate.evaluate(config, tmp_path)
+    assert report["threshold"] == 0.3 and abs(report["dice"] - report["dice_at_0.5"]) > 1e-3
+    assert float(line["dice"]) == pytest.approx(report["dice"], abs=5e-5)
 
 
 def test_input_pipeline_benchmark_times_augmented_batches(figaro_dir):
