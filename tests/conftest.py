@@ -4,6 +4,8 @@ import atexit
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +28,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hairseg_jax_tests_jit_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def run_python(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` in the repo on the CPU (plus ``env``), capturing its output."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    command = [sys.executable, *args]
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def missing(message: str) -> NoReturn:

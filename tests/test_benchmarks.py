@@ -4,7 +4,6 @@ accelerator hosts run as there, without TensorFlow or clu."""
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import flax.linen
@@ -16,7 +15,7 @@ import pytest
 from configs import figaro
 from hairseg_jax import checkpoints, evaluate, files, models
 from hairseg_jax.models import layers
-from tests.conftest import REPO, random_variables
+from tests.conftest import REPO, random_variables, run_python
 
 # Run as on a host without TensorFlow or clu: importing them fails.
 BARE = (
@@ -33,9 +32,7 @@ def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
         f"{BARE}sys.argv = {[script, *args]!r}\nsys.path.insert(0, {folder!r})\n"
         f"runpy.run_path({script!r}, run_name='__main__')\n"
     )
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600
-    )
+    return run_python("-c", code)
 
 
 def load_train_step():
@@ -196,16 +193,14 @@ def test_eval_benchmark_scores_the_split_as_eval_does_without_tensorflow(figaro_
 
 
 def test_input_pipeline_benchmark_times_augmented_batches(figaro_dir):
-    command = [
-        sys.executable,
+    result = run_python(
         "benchmarks/input_pipeline.py",
         "--config=configs/figaro.py:smoke",
         f"--config.data.data_dir={figaro_dir}",
         "--sizes=48,64",
         "--warmup=1",
         "--num_batches=3",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [fields(line) for line in result.stdout.splitlines() if line.startswith("input_")]
     assert lines[0]["images"] == "16"  # the smoke run's training images, read once

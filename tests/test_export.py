@@ -1,9 +1,6 @@
 """Export: the SavedModel, loaded by plain TensorFlow, gives the JAX model's probabilities."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -15,7 +12,7 @@ from PIL import Image
 from configs import figaro
 from hairseg_jax import checkpoints, config_checks, evaluate, export, files, models, sharding, steps
 from hairseg_jax.data import whole_images
-from tests.conftest import REPO, random_variables
+from tests.conftest import random_variables, run_python
 
 SIZE = 64
 STEP = 4
@@ -50,9 +47,7 @@ def workdir(tmp_path_factory) -> Path:
 def exported(workdir, tmp_path_factory) -> Path:
     """``python -m hairseg_jax.export`` run on the workdir (its config.json)."""
     out = tmp_path_factory.mktemp("exported") / "model"
-    command = [sys.executable, "-m", "hairseg_jax.export", f"--workdir={workdir}", f"--out={out}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_python("-m", "hairseg_jax.export", f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

@@ -1,9 +1,6 @@
 """The import arrows: model and step code must run on a bare JAX install."""
 
-import subprocess
-import sys
-
-from tests.conftest import REPO
+from tests.conftest import run_python
 
 HOST_ONLY = ("tensorflow", "tensorflow_datasets", "clu", "orbax")
 PURE_JAX = (
@@ -23,8 +20,9 @@ DATA = (
 )
 
 
-def run_python(code: str) -> None:
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+def succeeds(code: str) -> None:
+    """Runs ``code`` in a fresh Python and asserts it succeeds."""
+    result = run_python("-c", code)
     assert result.returncode == 0, result.stderr
 
 
@@ -42,11 +40,11 @@ def test_model_and_step_modules_import_without_tensorflow_clu_or_orbax():
         "spec = importlib.util.spec_from_file_location('tsb', 'benchmarks/train_step.py')\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
     )
-    run_python(f"import sys\n{blocked}{imports}{benchmark}")
+    succeeds(f"import sys\n{blocked}{imports}{benchmark}")
 
 
 def test_model_and_step_modules_import_nothing_of_the_data_or_the_loop():
-    run_python(
+    succeeds(
         imported_after(PURE_JAX)
         + "bad = [m for m in loaded if m.startswith(('hairseg_jax.data', 'hairseg_jax.train',"
         " 'hairseg_jax.evaluate', 'hairseg_jax.predict', 'hairseg_jax.checkpoints'))]\n"
@@ -55,7 +53,7 @@ def test_model_and_step_modules_import_nothing_of_the_data_or_the_loop():
 
 
 def test_data_modules_import_neither_the_model_nor_the_loop():
-    run_python(
+    succeeds(
         imported_after(DATA)
         + "bad = [m for m in loaded if m.startswith(('hairseg_jax.models', 'hairseg_jax.train',"
         " 'hairseg_jax.steps', 'hairseg_jax.evaluate'))]\n"
@@ -67,11 +65,11 @@ def test_evaluation_and_device_training_import_without_tensorflow_or_clu():
     """Accelerator hosts without TensorFlow evaluate and predict with ``main.py`` (which
     imports the training loop only to train) and train with benchmarks/time_to_dice.py."""
     blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in HOST_ONLY[:3])
-    run_python(f"import sys\n{blocked}import main, hairseg_jax.evaluate, hairseg_jax.predict\n")
+    succeeds(f"import sys\n{blocked}import main, hairseg_jax.evaluate, hairseg_jax.predict\n")
     imports = (
         "import hairseg_jax.data.device_augment, hairseg_jax.data.sources\n"
         "import importlib.util\n"
         "spec = importlib.util.spec_from_file_location('ttd', 'benchmarks/time_to_dice.py')\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
     )
-    run_python(f"import sys\n{blocked}{imports}")
+    succeeds(f"import sys\n{blocked}{imports}")

@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 
 from hairseg_jax.data import figaro1k
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 
 
 def run_main(*args: str, figaro_dir: Path | None = None) -> subprocess.CompletedProcess:
     """Runs ``main.py`` with the smoke config in a subprocess and returns its result."""
     data = [f"--config.data.data_dir={figaro_dir}"] if figaro_dir else []
-    command = [sys.executable, "main.py", "--config=configs/figaro.py:smoke", *data, *args]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_python("main.py", "--config=configs/figaro.py:smoke", *data, *args)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,7 @@
 """Predict mode: masks and overlays for a folder of mixed, odd and broken images."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from hairseg_jax import (
     steps,
 )
 from hairseg_jax.data.examples import Examples
-from tests.conftest import REPO, random_variables
+from tests.conftest import random_variables, run_python
 
 SIZE = 64
 PREDICT_SIZE = 48  # predict.image_size, when not eval's
@@ -99,17 +97,14 @@ EXPECTED_SIZES = {  # output name -> (width, height) of the mask
 
 def run_predict(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     overrides = [f"--config.{field}={value}" for field, value in OVERRIDES.items()]
-    command = [
-        sys.executable,
+    return run_python(
         "main.py",
         "--config=configs/figaro.py:smoke",
         f"--workdir={workdir}",
         "--config.mode=predict",
         *overrides,
         *args,
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    )
 
 
 def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, tmp_path):

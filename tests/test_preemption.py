@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ import pytest
 from configs import figaro
 from hairseg_jax import models, steps
 from hairseg_jax.weights import convert
-from tests.conftest import REPO
+from tests.conftest import run_python
 
 # 8 steps of batch 2 over 8 images (2 epochs), evaluation (2 batches) at 4 and 8, train
 # states also at 2 and 6, an EMA and dropout: everything a resumed run must restore.
@@ -54,15 +53,12 @@ KILLS = [
 
 def run(workdir: Path, *args: str, fault: str = "", cache: Path) -> subprocess.CompletedProcess:
     env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": str(cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         "HAIRSEG_FAULT": fault,
     }
-    command = [sys.executable, "tests/faulty_main.py", *TINY, f"--workdir={workdir}", *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_python("tests/faulty_main.py", *TINY, f"--workdir={workdir}", *args, env=env)
 
 
 @pytest.fixture(scope="module")

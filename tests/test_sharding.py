@@ -25,7 +25,7 @@ from configs import figaro, synthetic
 from hairseg_jax import evaluate, models, sharding, steps
 from hairseg_jax.data import device_augment, pipeline
 from hairseg_jax.data.synthetic import make_examples
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 
 DEVICES = 8
 SIZE = 32
@@ -112,14 +112,7 @@ def train_and_predict_on_meshes(out: str) -> None:
 def on_meshes(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "results.pkl"
     code = f"from tests import test_sharding as t; t.train_and_predict_on_meshes({str(out)!r})"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env={**cpu_env(), "JAX_ENABLE_X64": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python("-c", code, env={**cpu_env(), "JAX_ENABLE_X64": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return pickle.loads(out.read_bytes())
 
@@ -192,16 +185,8 @@ def test_batch_size_must_divide_by_the_devices(on_meshes):
 
 def test_main_stops_with_one_line_on_an_indivisible_batch(tmp_path):
     workdir = tmp_path / "w"
-    command = [
-        sys.executable,
-        "main.py",
-        "--config=configs/synthetic.py",
-        f"--workdir={workdir}",
-        "--config.train.batch_size=6",
-    ]
-    result = subprocess.run(
-        command, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600
-    )
+    args = ["--config=configs/synthetic.py", f"--workdir={workdir}", "--config.train.batch_size=6"]
+    result = run_python("main.py", *args, env=cpu_env())
     assert result.returncode != 0
     assert (
         "FATAL config.train.batch_size=6 does not divide by the 8 devices; use a multiple of 8."

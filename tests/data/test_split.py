@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,8 @@ from hairseg_jax.data.split import (
     split_to_json,
     stratified_split,
 )
+from tests.conftest import run_python
 
-REPO = Path(__file__).resolve().parents[2]
 SYNTHETIC_FRAMES = [f"Frame{i:05d}-org.jpg" for i in range(1, 1051)]
 
 
@@ -119,13 +118,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hairseg_jax.data.split", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_python("-m", "hairseg_jax.data.split", *args, timeout=60)
 
 
 def test_cli_writes_split(data_dir: Path, tmp_path: Path):

@@ -3,7 +3,6 @@ original project's checkpoints with its preprocessing, and the errors of wrong f
 
 import functools
 import logging
-import os
 import subprocess
 import sys
 import urllib.error
@@ -20,7 +19,7 @@ from ml_collections import config_flags
 from hairseg_jax import models, steps, train
 from hairseg_jax.weights import convert
 from hairseg_jax.weights.tensors import ConversionError, load_state_dict
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 from tests.test_train import tiny_config
 
 
@@ -71,9 +70,7 @@ def model_config(backbone: str, **fields) -> ml_collections.ConfigDict:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "hairseg_jax.weights.convert", *args]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_python("-m", "hairseg_jax.weights.convert", *args, timeout=300)
 
 
 def test_cli_converts_a_torchvision_file(resnet18_file, tmp_path):
