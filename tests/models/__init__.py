@@ -7,6 +7,12 @@ import jax.numpy as jnp
 from hairseg_jax.models.layers import Conv2d
 
 
+def abstract_init(model: nn.Module, height: int, width: int, dtype=jnp.float32):
+    """The (output, variables) shapes of ``model.init`` on one RGB image (no compile)."""
+    x = jax.ShapeDtypeStruct((1, height, width, 3), dtype)
+    return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
+
+
 def conv_dilations(model: nn.Module, size: int) -> list[int]:
     """The ``dilation`` of every ``Conv2d`` that ``model.init`` calls on a ``size``-pixel image,
     in call order (abstractly traced; read from the modules, whichever way each computes)."""

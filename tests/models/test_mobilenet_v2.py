@@ -11,16 +11,11 @@ import pytest
 
 from hairseg_jax.models import DeepLabV3Plus
 from hairseg_jax.models.mobilenet_v2 import MobileNetV2, block_plan, mobilenet_v2
+from tests.models import abstract_init
 
 # torchvision's mobilenet_v2 has 3,504,872 parameters; features.18 (320 * 1280 conv + BN)
 # has 412,160 and the classifier (1280 * 1000 + 1000) 1,281,000.
 FEATURES_0_TO_17_PARAMS = 3_504_872 - 412_160 - 1_281_000
-
-
-def abstract_init(model, height: int, width: int, dtype=jnp.float32):
-    """Returns the (output, variables) shapes of ``model.init`` on one RGB image."""
-    x = jax.ShapeDtypeStruct((1, height, width, 3), dtype)
-    return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
 
 
 def torch_conv_size(size: int, stride: int) -> int:

@@ -12,16 +12,10 @@ import numpy as np
 import pytest
 
 from hairseg_jax.models.resnet import BACKBONES, ResNet, resnet
-from tests.models import conv_dilations
+from tests.models import abstract_init, conv_dilations
 
 # Strides of layer1..layer4 per output stride, as in DeepLabV3.
 LAYER_STRIDES = {8: (1, 2, 1, 1), 16: (1, 2, 2, 1), 32: (1, 2, 2, 2)}
-
-
-def abstract_init(model: ResNet, height: int, width: int):
-    """Returns the (features, variables) shapes of ``model.init`` on one RGB image."""
-    x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
-    return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
 
 
 def torch_conv_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:

@@ -20,6 +20,7 @@ from hairseg_jax.models.mobilenet_v2 import MobileNetV2
 from hairseg_jax.weights.convert import convert_original_deeplab
 from hairseg_jax.weights.mobilenet_v2_port import UNUSED_PREFIXES, convert_mobilenet_v2
 from hairseg_jax.weights.tensors import ConversionError, StateDict, check_matches, load_state_dict
+from tests.weights import nhwc
 
 TOLERANCE = 1e-4
 SHAPES = [(227, 227), (300, 200)]
@@ -59,11 +60,6 @@ def images(torch: ModuleType, height: int, width: int, seed: int = 0, batch: int
     """Random NCHW float64 images."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, height, width, generator=generator, dtype=torch.float64)
-
-
-def nhwc(tensor) -> np.ndarray:
-    """An NCHW torch tensor as an NHWC array."""
-    return tensor.permute(0, 2, 3, 1).numpy()
 
 
 def max_error(got: jax.Array, expected: np.ndarray) -> float:

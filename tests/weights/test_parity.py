@@ -16,15 +16,12 @@ import pytest
 from hairseg_jax.models.deeplab import DeepLabV3Plus
 from hairseg_jax.models.resnet import resnet
 from hairseg_jax.weights import convert
+from tests.weights import nhwc
 
 TOLERANCE = 1e-4
 FEATURE_SIZE = (300, 200)  # height, width: backbone features
 LOGIT_SIZE = (227, 227)  # the whole model
 CASES = list(itertools.product(("resnet18", "resnet50", "resnet101"), (16, 8)))
-
-
-def nhwc(x) -> np.ndarray:
-    return x.detach().numpy().transpose(0, 2, 3, 1)
 
 
 def apply(model, variables, images: np.ndarray):
