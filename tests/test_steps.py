@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs import figaro
-from hairseg_jax import steps
+from hairseg_jax import losses, steps
 from hairseg_jax.models import DeepLabV3Plus
 
 
@@ -177,16 +177,26 @@ def test_sgd_weight_decay_adds_decay_times_param():
     np.testing.assert_allclose(updates["aspp"]["w"], -1.0 * (0.5 + 0.01 * 2.0), rtol=1e-6)
 
 
-def test_sgd_momentum_accumulates():
-    config = optim_config(momentum=0.9, weight_decay=0.0, head_lr_multiplier=1.0)
+@pytest.mark.parametrize(
+    "nesterov, expected",
+    [
+        # trace_t = g + 0.9 trace_(t-1), update = -lr * trace_t: 1, then 1 + 0.9.
+        (False, (1.0, 1.9)),
+        # Nesterov (optax.trace): update = -lr * (g + 0.9 trace_t): 1 + 0.9, then 1 + 0.9 * 1.9.
+        (True, (1.9, 2.71)),
+    ],
+)
+def test_sgd_momentum_accumulates(nesterov, expected):
+    config = optim_config(momentum=0.9, nesterov=nesterov, weight_decay=0.0, head_lr_multiplier=1.0)
     params = tiny_params()
     grads = jax.tree.map(jnp.ones_like, params)
     tx = steps.create_optimizer(config, optax.constant_schedule(0.1))
     state = tx.init(params)
     first, state = tx.update(grads, state, params)
     second, _ = tx.update(grads, state, params)
-    np.testing.assert_allclose(first["backbone"]["w"], -0.1, rtol=1e-6)
-    np.testing.assert_allclose(second["backbone"]["w"], -0.1 * 1.9, rtol=1e-6)
+    for group in ("backbone", "aspp"):
+        np.testing.assert_allclose(first[group]["w"], -0.1 * expected[0], rtol=1e-6)
+        np.testing.assert_allclose(second[group]["w"], -0.1 * expected[1], rtol=1e-6)
 
 
 def test_adamw_step():
@@ -320,6 +330,37 @@ def test_ema_follows_ramped_decay_and_is_used_for_prediction():
         plain_predict(state.replace(params=variables["params"], ema_params=None), batch["image"]),
         rtol=1e-6,
     )
+
+
+def test_dice_weight_adds_that_many_soft_dice_losses_to_the_train_loss():
+    """config.loss.dice_weight reaches the jitted train step: the loss grows by exactly
+    dice_weight times the soft Dice of the train-mode logits (no dropout in the tiny net)."""
+    optim = optim_config(learning_rate=0.1, schedule="constant")
+    tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (2, 4, 4, 3), np.uint8),
+        "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
+    }
+    config = figaro.get_config()
+    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx)
+    seen = {}
+    for weight in (0.0, 0.5):
+        config.loss.dice_weight = weight
+        train, _ = steps.jit_steps(config)
+        _, metrics = train(jax.tree.map(jnp.copy, state), batch)  # the step donates its state
+        seen[weight] = float(metrics["loss"])
+
+    @jax.jit  # faster than the eager ops
+    def bce_and_dice(variables, batch):
+        images = steps.preprocess_fn(config)(batch["image"])
+        logits, _ = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
+        return losses.sigmoid_bce(logits, batch["mask"]), losses.soft_dice(logits, batch["mask"])
+
+    bce, dice = map(float, bce_and_dice(steps.inference_variables(state), batch))
+    assert dice > 0.1  # a Dice term large enough to see
+    np.testing.assert_allclose(seen[0.0], bce, rtol=1e-5)
+    np.testing.assert_allclose(seen[0.5] - seen[0.0], 0.5 * dice, rtol=1e-4)
 
 
 def test_without_ema_the_state_keeps_none():
