@@ -1,10 +1,14 @@
 """Config value checks: the shipped configs pass, each impossible value is named."""
 
+import ast
+import inspect
 import json
+import textwrap
 
 import pytest
 
 from configs import figaro, figaro_cpu, synthetic
+from hairseg_jax import config_checks
 from hairseg_jax.config_checks import ConfigError, check_config, config_changes, problems
 
 
@@ -24,47 +28,182 @@ def test_shipped_configs_pass(config):
     check_config(config)
 
 
-@pytest.mark.parametrize(
-    "field, value, message",
-    [
-        ("optim.learning_rate", 0.0, "optim.learning_rate=0.0 must be positive"),
-        ("optim.learning_rate", -0.1, "optim.learning_rate=-0.1 must be positive"),
-        ("train.num_steps", -5, "train.num_steps=-5 must not be negative"),
-        ("train.num_epochs", 0, "train.num_epochs=0 must be positive"),
-        ("train.batch_size", 0, "train.batch_size=0 must be positive"),
-        ("model.backbone", "resnet13", "model.backbone='resnet13' is not one of"),
-        ("model.output_stride", 4, "model.output_stride=4 must be 8, 16 or 32"),
-        ("eval.threshold", 1.0, "eval.threshold=1.0 must be in (0, 1)"),
-        ("eval.split", "validation", "eval.split='validation' is not one of"),
-        ("augment.scale", (0.5, 0.2), "augment.scale=(0.5, 0.2) must be 0 < low <= high <= 1"),
-        ("train.ema_decay", 1.0, "train.ema_decay=1.0 must be in [0, 1)"),
-        ("eval.threshold", -0.5, "eval.threshold=-0.5 must be in (0, 1), or -1 for the tuned"),
-        ("eval.tta", "vflip", "eval.tta='vflip' is not one of ('none', 'flip')"),
-        ("predict.tta", "rot", "predict.tta='rot' is not one of ('none', 'flip')"),
-        ("predict.save_prob", "jpg", "predict.save_prob='jpg' is not one of"),
-        ("predict.batch_size", 0, "predict.batch_size=0 must be positive"),
-        ("eval.tta_sizes", (96, -1), "eval.tta_sizes=(96, -1) must be positive"),
-        ("data.progressive_sizes", (0,), "data.progressive_sizes=(0,) must be positive"),
-        ("augment.device_max_side", 0, "augment.device_max_side=0 must be positive"),
-        ("data.progressive_until", (0.5,), "data.progressive_until=(0.5,) must hold one fraction"),
-        ("data.dataset", "synthetic", "data.dataset='synthetic' needs data.synthetic_size"),
-        ("data.max_train_images", -1, "data.max_train_images=-1 must not be negative (0: all)"),
-        ("eval.max_images", -8, "eval.max_images=-8 must not be negative (0: all)"),
-        ("input.channel_order", "bgr", "input.channel_order='bgr' must be RGB or BGR"),
-        ("input.std", (1.0, 0.0, 1.0), "input.std=(1.0, 0.0, 1.0) must hold 3 positive values"),
-        ("input.mean", (0.5,), "input.mean=(0.5,) must hold 3 values"),
-        ("model.multi_grid", (1, 2), "model.multi_grid=(1, 2) must hold a positive rate for each"),
-        ("optim.momentum", 1.0, "optim.momentum=1.0 must be in [0, 1)"),
-        ("optim.poly_power", 0.0, "optim.poly_power=0.0 must be positive"),
-    ],
-)
+# One impossible value per rule of problems(): (field set, value, the problem it gives). Every
+# rule's field and text must appear here (test_every_rule_has_a_bad_value_case).
+BAD_VALUES = [
+    ("mode", "test", "mode='test' is not one of ('train', 'eval', 'predict')"),
+    ("data.dataset", "celeba", "data.dataset='celeba' is not figaro1k or synthetic"),
+    (
+        "data.dataset",
+        "synthetic",
+        "data.dataset='synthetic' needs data.synthetic_size and _counts",
+    ),
+    (
+        "data.mask_source",
+        "png",
+        "data.mask_source='png' is not one of ('auto', 'pbm', 'npy')",
+    ),
+    ("data.max_train_images", -1, "data.max_train_images=-1 must not be negative (0: all)"),
+    ("data.max_val_images", -2, "data.max_val_images=-2 must not be negative (0: all)"),
+    ("data.image_size", 0, "data.image_size=0 must be positive"),
+    ("input.mean", (0.5,), "input.mean=(0.5,) must hold 3 values (one per channel)"),
+    ("input.std", (1.0, 0.0, 1.0), "input.std=(1.0, 0.0, 1.0) must hold 3 positive values"),
+    ("input.std", (1.0, 1.0), "input.std=(1.0, 1.0) must hold 3 positive values"),
+    ("input.channel_order", "bgr", "input.channel_order='bgr' must be RGB or BGR"),
+    ("data.progressive_sizes", (0,), "data.progressive_sizes=(0,) must be positive"),
+    (
+        "data.progressive_until",
+        (0.5,),
+        "data.progressive_until=(0.5,) must hold one fraction in (0, 1) per progressive size, "
+        "increasing",
+    ),
+    (
+        "model.backbone",
+        "resnet13",
+        "model.backbone='resnet13' is not one of ('resnet18', 'resnet34', 'resnet50', "
+        "'resnet101', 'resnet152', 'mobilenet_v2')",
+    ),
+    ("model.output_stride", 4, "model.output_stride=4 must be 8, 16 or 32"),
+    (
+        "model.multi_grid",
+        (1, 2),
+        "model.multi_grid=(1, 2) must hold a positive rate for each of layer4's 3 blocks",
+    ),
+    (
+        "model.multi_grid",
+        (1, 0, 4),
+        "model.multi_grid=(1, 0, 4) must hold a positive rate for each of layer4's 3 blocks",
+    ),
+    ("model.dtype", "float16", "model.dtype='float16' must be float32 or bfloat16"),
+    ("model.dropout", 1.0, "model.dropout=1.0 must be in [0, 1)"),
+    ("model.dropout", -0.1, "model.dropout=-0.1 must be in [0, 1)"),
+    ("optim.name", "lamb", "optim.name='lamb' must be sgd or adamw"),
+    ("optim.learning_rate", 0.0, "optim.learning_rate=0.0 must be positive"),
+    ("optim.learning_rate", -0.1, "optim.learning_rate=-0.1 must be positive"),
+    ("optim.schedule", "step", "optim.schedule='step' is unknown"),
+    ("optim.weight_decay", -0.0001, "optim.weight_decay=-0.0001 must not be negative"),
+    ("optim.momentum", 1.0, "optim.momentum=1.0 must be in [0, 1)"),
+    ("optim.momentum", -0.5, "optim.momentum=-0.5 must be in [0, 1)"),
+    ("optim.poly_power", 0.0, "optim.poly_power=0.0 must be positive"),
+    ("optim.head_lr_multiplier", 0.0, "optim.head_lr_multiplier=0.0 must be positive"),
+    ("optim.warmup_steps", -1, "optim.warmup_steps=-1 must not be negative"),
+    ("loss.dice_weight", -0.5, "loss.dice_weight=-0.5 must not be negative"),
+    ("train.batch_size", 0, "train.batch_size=0 must be positive"),
+    ("train.num_steps", -5, "train.num_steps=-5 must not be negative"),
+    ("train.num_epochs", 0, "train.num_epochs=0 must be positive"),
+    ("train.log_every_steps", 0, "train.log_every_steps=0 must be positive"),
+    ("train.eval_every_steps", -1, "train.eval_every_steps=-1 must not be negative"),
+    (
+        "train.checkpoint_every_steps",
+        -10,
+        "train.checkpoint_every_steps=-10 must not be negative",
+    ),
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints=0 must be positive"),
+    ("train.ema_decay", 1.0, "train.ema_decay=1.0 must be in [0, 1)"),
+    ("eval.split", "validation", "eval.split='validation' is not one of ('train', 'val', 'test')"),
+    ("eval.image_size", 0, "eval.image_size=0 must be positive"),
+    ("eval.batch_size", 0, "eval.batch_size=0 must be positive"),
+    ("eval.max_images", -8, "eval.max_images=-8 must not be negative (0: all)"),
+    ("eval.threshold", 1.0, "eval.threshold=1.0 must be in (0, 1), or -1 for the tuned one"),
+    ("eval.threshold", -0.5, "eval.threshold=-0.5 must be in (0, 1), or -1 for the tuned one"),
+    ("eval.tta", "vflip", "eval.tta='vflip' is not one of ('none', 'flip')"),
+    ("eval.tta_sizes", (96, -1), "eval.tta_sizes=(96, -1) must be positive"),
+    ("eval.preview_images", -1, "eval.preview_images=-1 must not be negative"),
+    (
+        "predict.threshold",
+        0.0,
+        "predict.threshold=0.0 must be in (0, 1), or -1 for the tuned one",
+    ),
+    ("predict.tta", "rot", "predict.tta='rot' is not one of ('none', 'flip')"),
+    ("predict.image_size", -1, "predict.image_size=-1 must not be negative"),
+    ("predict.batch_size", 0, "predict.batch_size=0 must be positive"),
+    ("predict.save_prob", "jpg", "predict.save_prob='jpg' is not one of ('', 'png', 'npy')"),
+    # predict.input and predict.output are only needed in predict mode.
+    ("mode", "predict", "predict.input='' must name an image, a folder or a glob pattern"),
+    ("mode", "predict", "predict.output='' must name the output folder"),
+    ("augment.scale", (0.5, 0.2), "augment.scale=(0.5, 0.2) must be 0 < low <= high <= 1"),
+    ("augment.scale", (0.5, 1.5), "augment.scale=(0.5, 1.5) must be 0 < low <= high <= 1"),
+    ("augment.ratio", (0.0, 1.0), "augment.ratio=(0.0, 1.0) must be 0 < low <= high"),
+    ("augment.ratio", (1.5, 0.75), "augment.ratio=(1.5, 0.75) must be 0 < low <= high"),
+    ("augment.rotation", -1.0, "augment.rotation=-1.0 must not be negative"),
+    ("augment.brightness", -0.1, "augment.brightness=-0.1 must not be negative"),
+    ("augment.contrast", -0.2, "augment.contrast=-0.2 must not be negative"),
+    ("augment.saturation", -0.3, "augment.saturation=-0.3 must not be negative"),
+    ("augment.hue", 0.6, "augment.hue=0.6 must be in [0, 0.5]"),
+    ("augment.hue", -0.01, "augment.hue=-0.01 must be in [0, 0.5]"),
+    ("augment.device_max_side", 0, "augment.device_max_side=0 must be positive"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_VALUES)
 def test_each_bad_value_is_named(field, value, message):
     config = figaro.get_config()
-    section, name = field.split(".")
-    config[section][name] = value
+    *sections, name = field.split(".")
+    parent = config
+    for section in sections:
+        parent = parent[section]
+    parent[name] = value
+    assert message in problems(config)
     with pytest.raises(ConfigError, match="Bad config") as error:
         check_config(config)
     assert message in str(error.value)
+
+
+def rules() -> list[tuple[str, str]]:
+    """(field, rule text) of every ``need(ok, field, rule)`` in ``problems``, read from the
+    source: a field made in a loop (``f"augment.{name}"``) gives one per loop value, a rule
+    with a value in it (``f"is not one of {MODES}"``) its fixed text."""
+    source = inspect.getsource(config_checks.problems)
+    tree = ast.parse(textwrap.dedent(source))
+    named = {  # rule texts held in a variable (threshold_rule)
+        node.targets[0].id: node.value.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Constant)
+    }
+    loops = {  # loop variable -> the constant values it takes
+        node.target.id: [element.value for element in node.iter.elts]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.For) and isinstance(node.iter, ast.Tuple)
+    }
+
+    def texts(node: ast.expr) -> list[str]:
+        if isinstance(node, ast.Constant):
+            return [node.value]
+        if isinstance(node, ast.Name):
+            return [named[node.id]]
+        assert isinstance(node, ast.JoinedStr), ast.dump(node)
+        loop = [v.value.id for v in node.values if isinstance(v, ast.FormattedValue)]
+        fixed = lambda v: v.value if isinstance(v, ast.Constant) else "{}"  # noqa: E731
+        pattern = "".join(fixed(v) for v in node.values)
+        if len(loop) == 1 and loop[0] in loops:
+            return [pattern.format(value) for value in loops[loop[0]]]
+        return [pattern.split("{}")[0].strip()]  # the text before the first value
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "need":
+            assert len(node.args) == 3, ast.dump(node)
+            for field in texts(node.args[1]):
+                found += [(field, rule) for rule in texts(node.args[2])]
+    return found
+
+
+def test_every_rule_has_a_bad_value_case():
+    """A new rule in problems() fails here until BAD_VALUES gets a case for it."""
+    found = rules()
+    assert len(found) >= 55  # the parse found the rules (57 when written)
+    assert ("augment.hue", "must be in [0, 0.5]") in found
+    assert ("data.max_val_images", "must not be negative (0: all)") in found
+    assert ("eval.split", "is not one of") in found
+    messages = [message for _, _, message in BAD_VALUES]
+    untested = [
+        f"{field} {rule}"
+        for field, rule in found
+        if not any(m.startswith(f"{field}=") and f" {rule}" in m for m in messages)
+    ]
+    assert not untested, f"rules of problems() with no case in BAD_VALUES: {untested}"
 
 
 @pytest.mark.parametrize("until", [(0.7, 0.4), (0.5, 1.0), (0.0, 0.5), (0.5,)])
