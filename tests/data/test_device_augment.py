@@ -77,15 +77,25 @@ def test_sample_affine_of_a_whole_crop_is_a_plain_resize(augment_config):
     np.testing.assert_allclose(affine, [[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
 
 
-def test_sample_affine_flips_about_half_of_the_draws(augment_config):
+@pytest.mark.parametrize(
+    "hflip, vflip", [(True, False), (False, False), (False, True), (True, True)]
+)
+def test_sample_affine_flips_about_half_of_the_draws_of_each_flag_on(hflip, vflip, augment_config):
+    """A flip negates its axis' scale (rotations of 15 degrees at most keep the cosine
+    positive): about half of the draws with its flag on, none with it off."""
+    augment_config.hflip, augment_config.vflip = hflip, vflip
     draws = [
         device_augment.sample_affine(
             jax.random.key(k), jnp.array(40), jnp.array(40), 16, augment_config
         )
         for k in range(40)
     ]
-    mirrored = sum(float(d[0, 0]) < 0 for d in draws)
-    assert 8 <= mirrored <= 32
+    for axis, on in ((0, hflip), (1, vflip)):
+        mirrored = sum(float(d[axis, axis]) < 0 for d in draws)
+        if on:
+            assert 8 <= mirrored <= 32, (axis, mirrored)
+        else:
+            assert mirrored == 0, (axis, mirrored)
 
 
 def test_colour_jitter_off_is_the_identity_and_stays_in_range(augment_config):
@@ -138,7 +148,7 @@ def test_every_example_once_per_epoch_in_a_new_order(augment_config):
     ]
     for order in epochs:
         assert sorted(order) == list(range(8))
-    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+    assert len({tuple(order) for order in epochs}) == 3, epochs  # three different orders
 
 
 def test_labels_stay_on_the_pixels_they_describe(augment_config):
