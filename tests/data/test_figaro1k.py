@@ -16,27 +16,15 @@ from hairseg_jax.data.figaro1k import (
     spread,
 )
 from hairseg_jax.data.split import HAIR_TYPES, hair_type
+from tests.data.conftest import as_npy, entry, random_image, random_mask, write_frame, write_split
 
 # The frames of the real Figaro1k that also have an original-format .npy mask.
 NPY_FRAMES = [f"Frame{i:05d}" for i in range(1, 1051, 50)]
 
 
-def entry(name: str) -> dict[str, str]:
-    """The split-file entry of a frame, as in the original train_val_test.json."""
-    return {"annotation": f"{name}.npy", "image": f"{name}-org.jpg"}
-
-
 def read_entry(root: Path, item: dict[str, str], mask_source: str):
     """Locates and decodes one split entry."""
     return read_example(*locate(root, item, mask_source))
-
-
-def write_split(path: Path, names: list[str], split: str = "test") -> Path:
-    """Writes a split file that lists ``names`` under ``split``; returns its path."""
-    splits = {s: [] for s in ("train", "val", "test")}
-    splits[split] = [entry(n) for n in names]
-    path.write_text(json.dumps(splits))
-    return path
 
 
 # Real data.
@@ -90,56 +78,15 @@ def test_spread_picks_evenly_spaced_entries_in_order(limit):
 # Generated folders.
 
 
-def random_image(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
-
-
-def random_mask(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).random((height, width)) < 0.4).astype(np.uint8)
-
-
-def write_frame(
-    root: Path,
-    name: str,
-    image: np.ndarray | None = None,
-    pbm: np.ndarray | None = None,
-    np_labels: np.ndarray | None = None,
-    labels_npy: np.ndarray | None = None,
-) -> None:
-    """Writes a frame's JPEG and whichever of its PBM / .npy masks are given."""
-    for sub in ("images", "labels", "np_labels"):
-        (root / "GT" / sub).mkdir(parents=True, exist_ok=True)
-    if image is not None:
-        Image.fromarray(image).save(root / "GT" / "images" / f"{name}-org.jpg")
-    if pbm is not None:
-        Image.fromarray(pbm.astype(bool)).save(root / "GT" / "labels" / f"{name}-gt.pbm")
-    if np_labels is not None:
-        np.save(root / "GT" / "np_labels" / f"{name}.npy", np_labels)
-    if labels_npy is not None:
-        np.save(root / "GT" / "labels" / f"{name}.npy", labels_npy)
-
-
-def as_npy(mask: np.ndarray) -> np.ndarray:
-    """A 0/1 mask in the original .npy format: uint8 (H, W, 3) of 0/255."""
-    return np.repeat(mask[..., None] * 255, 3, axis=2).astype(np.uint8)
-
-
-@pytest.fixture
-def folder(tmp_path) -> Path:
-    """A two-frame folder with JPEGs, PBM masks and a split file naming both under train."""
-    root = tmp_path / "Figaro1k"
-    for i, name in enumerate(["Frame00001", "Frame00002"]):
-        write_frame(root, name, random_image(seed=i), pbm=random_mask(seed=i))
-    write_split(root / "train_val_test.json", ["Frame00001", "Frame00002"], split="train")
-    return root
-
-
 def test_generated_folder_reads(folder):
-    """The generated folder reads back its masks exactly and its images close to the JPEGs."""
+    """The generated folder reads back its masks exactly and its images as PIL decodes the
+    JPEGs written from them."""
     examples = read_split(folder, "train", num_threads=1)
     assert examples.names == ["Frame00001", "Frame00002"]
     for i, (image, mask) in enumerate(zip(examples.images, examples.masks, strict=True)):
         assert image.dtype == np.uint8 and image.shape == (12, 16, 3)
+        with Image.open(folder / "GT" / "images" / f"Frame0000{i + 1}-org.jpg") as jpeg:
+            np.testing.assert_array_equal(image, np.asarray(jpeg.convert("RGB")))
         np.testing.assert_array_equal(mask, random_mask(seed=i))
 
 
