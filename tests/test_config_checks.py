@@ -175,8 +175,7 @@ def rules() -> list[tuple[str, str]]:
             return [named[node.id]]
         assert isinstance(node, ast.JoinedStr), ast.dump(node)
         loop = [v.value.id for v in node.values if isinstance(v, ast.FormattedValue)]
-        fixed = lambda v: v.value if isinstance(v, ast.Constant) else "{}"  # noqa: E731
-        pattern = "".join(fixed(v) for v in node.values)
+        pattern = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
         if len(loop) == 1 and loop[0] in loops:
             return [pattern.format(value) for value in loops[loop[0]]]
         return [pattern.split("{}")[0].strip()]  # the text before the first value
