@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -71,6 +72,19 @@ def torch() -> ModuleType:
     except ImportError:
         missing("torch is not installed: pip install -e '.[torch]'")
     return torch
+
+
+class TinyNet(nn.Module):
+    """3x3 conv, BatchNorm, ReLU, dropout (if ``dropout``), 1x1 conv: every collection and
+    key a train step uses, compiled in a moment; for tests of the loop, not of the model."""
+
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Conv(1, (1, 1))(x)
 
 
 def random_variables(model, image_size: int, seed: int = 0) -> dict:

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -25,7 +24,7 @@ from configs import figaro, synthetic
 from hairseg_jax import evaluate, models, sharding, steps
 from hairseg_jax.data import device_augment, pipeline
 from hairseg_jax.data.synthetic import make_examples
-from tests.conftest import REPO, run_python
+from tests.conftest import REPO, TinyNet, run_python
 
 DEVICES = 8
 SIZE = 32
@@ -199,21 +198,12 @@ def test_main_stops_with_one_line_on_an_indivisible_batch(tmp_path):
 # Two processes of 2 CPU devices each, joined by jax.distributed.
 
 
-class _TinyNet(nn.Module):
-    """Conv, BatchNorm, ReLU, conv: compiles in a moment."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
-        return nn.Conv(1, (1, 1))(x)
-
-
 def tiny_run(mesh: jax.sharding.Mesh) -> dict:
     """Two train steps on this process's slices of the pipeline's batches, then predictions
     of 8 whole images; the results as NumPy arrays."""
     config = figaro.get_config()
     examples = make_examples(16, size=24, seed=2)
-    state = steps.create_train_state(jax.random.PRNGKey(0), _TinyNet(), 16, optax.sgd(0.1))
+    state = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 16, optax.sgd(0.1))
     state = sharding.replicate(state, mesh)
     train, predict = steps.jit_steps(config, mesh)
     batches = pipeline.train_batches(
@@ -284,7 +274,7 @@ def test_two_processes_train_and_predict_like_one_device(tmp_path):
 
 
 def preempted_worker(process_id: int, port: int, workdir: str) -> None:
-    """Subprocess body: one of 2 processes training ``_TinyNet`` with ``train_and_evaluate``
+    """Subprocess body: one of 2 processes training ``TinyNet`` with ``train_and_evaluate``
     (the loop a preemption notice must stop) until told to stop."""
     from absl import logging
 
@@ -303,7 +293,7 @@ def preempted_worker(process_id: int, port: int, workdir: str) -> None:
         process_id=process_id,
     )
     sharding.initialize_distributed(config.distributed)
-    models.build_model = lambda model_config: _TinyNet()  # the loop is under test, not the model
+    models.build_model = lambda model_config: TinyNet()  # the loop is under test, not the model
     train.train_and_evaluate(config, workdir)
 
 

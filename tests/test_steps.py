@@ -2,7 +2,6 @@
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +12,7 @@ import pytest
 from configs import figaro
 from hairseg_jax import losses, steps
 from hairseg_jax.models import DeepLabV3Plus
+from tests.conftest import TinyNet
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -290,22 +290,13 @@ def test_predict_step_is_the_model_in_inference_mode(trained):
     np.testing.assert_allclose(trained["logits"], expected, rtol=1e-5, atol=1e-5)
 
 
-class _TinyNet(nn.Module):
-    """A 1x1 conv and BatchNorm: the smallest model with every collection the step touches."""
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = nn.Conv(1, (1, 1))(x)
-        return nn.BatchNorm(use_running_average=not train)(x)
-
-
 def test_ema_follows_ramped_decay_and_is_used_for_prediction():
     config = figaro.get_config()
     config.train.ema_decay = 0.5
     config.loss.dice_weight = 0.5
     optim = optim_config(learning_rate=0.1, schedule="constant")
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
-    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx, ema=True)
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, tx, ema=True)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 256, (2, 4, 4, 3), np.uint8),
@@ -343,7 +334,7 @@ def test_dice_weight_adds_that_many_soft_dice_losses_to_the_train_loss():
         "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
     }
     config = figaro.get_config()
-    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx)
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, tx)
     seen = {}
     for weight in (0.0, 0.5):
         config.loss.dice_weight = weight
@@ -366,24 +357,24 @@ def test_dice_weight_adds_that_many_soft_dice_losses_to_the_train_loss():
 def test_without_ema_the_state_keeps_none():
     optim = optim_config(learning_rate=0.1, schedule="constant")
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
-    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx)
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, tx)
     assert state.ema_params is None
     assert steps.inference_variables(state)["params"] is state.params
 
 
 def test_variable_shapes_are_the_initialised_variables_without_values():
-    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, optax.identity())
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, optax.identity())
     variables = steps.inference_variables(state)
-    shapes = steps.variable_shapes(_TinyNet(), 4)
+    shapes = steps.variable_shapes(TinyNet(), 4)
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(shapes))
     describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
     assert describe(shapes) == describe(variables)
 
 
 def test_inference_state_predicts_like_the_train_state():
-    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, optax.sgd(0.1))
-    state = state.replace(batch_stats={"BatchNorm_0": {"mean": jnp.ones(1), "var": jnp.ones(1)}})
-    inference = steps.inference_state(_TinyNet(), steps.inference_variables(state))
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, optax.sgd(0.1))
+    state = state.replace(batch_stats={"BatchNorm_0": {"mean": jnp.ones(4), "var": jnp.ones(4)}})
+    inference = steps.inference_state(TinyNet(), steps.inference_variables(state))
     images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), np.uint8)
     _, predict = steps.jit_steps(figaro.get_config())
     np.testing.assert_array_equal(predict(inference, images), predict(state, images))
@@ -408,7 +399,7 @@ def test_all_finite_finds_one_bad_element(bad, expected):
 def test_a_nonfinite_step_changes_nothing_but_the_step_count():
     optim = optim_config(learning_rate=0.1, schedule="constant")  # SGD with momentum
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
-    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, tx, ema=True)
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, tx, ema=True)
     train = jax.jit(
         lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0, ema_decay=0.5)
     )
@@ -437,7 +428,7 @@ def test_a_nonfinite_step_changes_nothing_but_the_step_count():
 
 
 def test_an_overflowing_update_is_refused_like_a_nonfinite_loss():
-    state = steps.create_train_state(jax.random.key(0), _TinyNet(), 4, optax.sgd(float("inf")))
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, optax.sgd(float("inf")))
     before = jax.tree.map(np.array, state.params)
     batch = {
         "image": np.full((2, 4, 4, 3), 100, np.uint8),

@@ -4,7 +4,6 @@ import json
 import logging
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ from configs import synthetic
 from hairseg_jax import checkpoints, config_checks, evaluate, models, steps, train
 from hairseg_jax.data import device_augment, pipeline, sources
 from hairseg_jax.weights import convert
+from tests.conftest import TinyNet
 
 
 def tiny_config():
@@ -132,19 +132,9 @@ def test_eval_without_training_uses_config_model_pretrained(tmp_path):
 # Non-finite steps and config changes: the loop's logic, on a model that compiles in a second.
 
 
-class _PixelNet(nn.Module):
-    """3x3 conv, BatchNorm, dropout, 1x1 conv: every collection and key the train step uses."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
-        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
-        return nn.Conv(1, (1, 1))(x)
-
-
 @pytest.fixture
 def pixel_net(monkeypatch):
-    monkeypatch.setattr(train.models, "build_model", lambda model_config: _PixelNet())
+    monkeypatch.setattr(train.models, "build_model", lambda model_config: TinyNet(dropout=0.5))
 
 
 def nan_image_at(monkeypatch, bad_step: int) -> None:
