@@ -163,7 +163,7 @@ def read_split(
     num_threads: int = 8,
     skip_unreadable: bool = False,
 ) -> Examples:
-    """Decodes ``limit`` examples (all for ``None``) spread over a split into memory.
+    """Decodes ``limit`` examples (all for 0 or ``None``) spread over a split into memory.
 
     Missing files are reported together before anything is decoded. Files that cannot be
     decoded or do not fit their image fail the read, or are logged and left out with

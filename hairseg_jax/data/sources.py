@@ -7,7 +7,7 @@ from hairseg_jax.data.examples import Examples
 
 
 def load_examples(config: ml_collections.ConfigDict, split: str, limit: int = 0) -> Examples:
-    """``limit`` examples (0: all) spread over of ``split`` of ``config.data``'s dataset."""
+    """``limit`` examples (0: all) spread over ``split`` of ``config.data``'s dataset."""
     data = config.data
     if data.dataset == "synthetic":
         count = limit or data.synthetic_counts[split]
@@ -19,7 +19,7 @@ def load_examples(config: ml_collections.ConfigDict, split: str, limit: int = 0)
             split,
             split_file=data.split_file,
             mask_source=data.mask_source,
-            limit=limit or None,
+            limit=limit,
             skip_unreadable=data.skip_unreadable,
         )
     raise ValueError(f"Unknown dataset {data.dataset!r}; use figaro1k or synthetic.")
