@@ -1,16 +1,19 @@
 """Every convolution of the model, timed alone: JAX as ``Conv2d`` computes it here, XLA's
-plain convolution, and (with ``--torch``) PyTorch's ``conv2d``.
+plain convolution, and (with ``--torch``) PyTorch's ``conv2d`` on the CPU.
 
     python benchmarks/conv_rates.py --backbone=resnet101 --size=227 --batch=4 --torch
+    python benchmarks/conv_rates.py --backbone=resnet101 --size=512 --batch=16 --dtype=bfloat16
 
 The model's ``Conv2d`` calls are recorded while tracing its forward pass and grouped by
 shape; each is then run alone, forward and forward with the gradients of its input and
-weights, float32. ``jax`` is the backend's own formulation (on CPU tap products, row-stacked
-1-D convolutions, Winograd, 2-D matrix products for 1x1), ``plain`` XLA's convolution
+weights, in ``--dtype`` (parameters float32, as in the model). ``jax`` is the backend's own
+formulation (on CPU tap products, row-stacked 1-D convolutions, Winograd, 2-D matrix products
+for 1x1; on GPUs space-to-batch), ``plain`` XLA's convolution
 (``layers.reference_formulations``). Prints one line per shape and a ``total`` line with each
-library's milliseconds and FLOP rate over all of them: a train step computes these and
-everything between them (BatchNorm, activations, optimizer), so the totals say how much of
-the step the convolutions take in each library (bare JAX install; torch only with ``--torch``).
+library's milliseconds and FLOP rate over all of them (and, on a device of known peak, the
+share of its dense bf16 peak): a train step computes these and everything between them
+(BatchNorm, activations, optimizer), so the totals say how much of the step the convolutions
+take in each library (bare JAX install; torch only with ``--torch``).
 """
 
 import argparse
@@ -83,11 +86,12 @@ def best_ms(fn: Callable[[], Any], repeats: int) -> float:
     return 1e3 * min(times)
 
 
-def jax_ms(call: ConvCall, repeats: int) -> tuple[float, float]:
-    """Forward and forward-with-gradients milliseconds of ``call`` as ``Conv2d`` traces it
-    in the current formulation setting."""
-    conv = layers.Conv2d(*call[:-1])
-    x = jnp.asarray(np.random.default_rng(0).standard_normal(call.input_shape, np.float32))
+def jax_ms(call: ConvCall, repeats: int, dtype: str) -> tuple[float, float]:
+    """Forward and forward-with-gradients milliseconds of ``call`` in ``dtype`` as ``Conv2d``
+    traces it in the current formulation setting."""
+    conv = layers.Conv2d(*call[:-1], dtype=dtype)
+    x = np.random.default_rng(0).standard_normal(call.input_shape, np.float32)
+    x = jnp.asarray(x, dtype)
     params = conv.init(jax.random.key(0), x)
     forward = jax.jit(conv.apply)
 
@@ -99,18 +103,21 @@ def jax_ms(call: ConvCall, repeats: int) -> tuple[float, float]:
     return best_ms(lambda: forward(params, x), repeats), best_ms(lambda: both(params, x), repeats)
 
 
-def torch_ms(call: ConvCall, repeats: int) -> tuple[float, float]:
-    """PyTorch's forward and forward-with-gradients milliseconds of ``call`` (channels-last)."""
+def torch_ms(call: ConvCall, repeats: int, dtype: str) -> tuple[float, float]:
+    """PyTorch's forward and forward-with-gradients milliseconds of ``call`` in ``dtype``
+    (channels-last, on the CPU)."""
     import torch
     import torch.nn.functional as F
 
     batch, height, width, channels = call.input_shape
     generator = torch.Generator().manual_seed(0)
     shape = (call.features, channels // call.groups, call.kernel_size, call.kernel_size)
-    x = torch.randn(batch, channels, height, width, generator=generator)
+    torch_dtype = getattr(torch, dtype)
+    x = torch.randn(batch, channels, height, width, generator=generator).to(torch_dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(*shape, generator=generator).contiguous(memory_format=torch.channels_last)
-    b = torch.zeros(call.features) if call.use_bias else None
+    w = torch.randn(*shape, generator=generator).to(torch_dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.zeros(call.features, dtype=torch_dtype) if call.use_bias else None
     kwargs = dict(
         stride=call.strides,
         padding=call.dilation * (call.kernel_size // 2),
@@ -137,6 +144,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=227)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--output_stride", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per shape (best)")
     parser.add_argument("--torch", action="store_true", help="also time PyTorch's conv2d")
     args = parser.parse_args()
@@ -145,22 +153,23 @@ def main() -> None:
         args.backbone,
         args.size,
         args.batch,
-        "float32",
+        args.dtype,
         args.output_stride,
     )
     calls = model_convs(config)
+    device = jax.devices()[0].device_kind
     print(
         f"# conv_rates backbone={args.backbone} size={args.size} batch={args.batch} "
-        f"device={jax.devices()[0].device_kind} shapes={len(calls)} convs={sum(calls.values())}"
+        f"dtype={args.dtype} device={device} shapes={len(calls)} convs={sum(calls.values())}"
     )
     totals: collections.Counter = collections.Counter()
     for call, count in calls.most_common():
         gflops = conv_flops(call) / 1e9
-        times = {"jax": jax_ms(call, args.repeats)}
+        times = {"jax": jax_ms(call, args.repeats, args.dtype)}
         with layers.reference_formulations():
-            times["plain"] = jax_ms(call, args.repeats)
+            times["plain"] = jax_ms(call, args.repeats, args.dtype)
         if args.torch:
-            times["torch"] = torch_ms(call, args.repeats)
+            times["torch"] = torch_ms(call, args.repeats, args.dtype)
         line = (
             f"conv input={'x'.join(map(str, call.input_shape))} features={call.features} "
             f"kernel={call.kernel_size} stride={call.strides} dilation={call.dilation} "
@@ -180,6 +189,8 @@ def main() -> None:
             f" {impl}_fwd_bwd_ms={both:.0f}"
             f" {impl}_fwd_bwd_gflops_per_s={3 * totals['gflops'] / both * 1e3:.0f}"
         )
+        if peak := train_step.bf16_peak(device):
+            line += f" {impl}_fwd_bwd_of_bf16_peak={3 * totals['gflops'] * 1e12 / both / peak:.3f}"
     print(line)
 
 

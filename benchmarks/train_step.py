@@ -57,9 +57,9 @@ from hairseg_jax.models import layers  # noqa: E402
 BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
 
 
-def bf16_peak(device: jax.Device) -> float | None:
-    """The device's dense bf16 peak in FLOP/s, or None where unknown (e.g. CPUs)."""
-    return next((v for k, v in BF16_PEAK.items() if k in device.device_kind), None)
+def bf16_peak(device_kind: str) -> float | None:
+    """A device kind's dense bf16 peak in FLOP/s, or None where unknown (e.g. CPUs)."""
+    return next((v for k, v in BF16_PEAK.items() if k in device_kind), None)
 
 
 def forward_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
@@ -303,7 +303,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = jax.devices()[0]
-    peak = bf16_peak(device)
+    peak = bf16_peak(device.device_kind)
     print(
         f"# devices={jax.device_count()}x{device.device_kind} jax={jax.__version__} "
         f"python={platform.python_version()} cpu_cores={os.cpu_count()}",

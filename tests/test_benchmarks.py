@@ -138,6 +138,7 @@ def test_conv_rates_times_every_convolution_in_both_libraries(torch):
     lines = result.stdout.splitlines()
     fields = [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in lines]
     header, convs, total = fields[0], fields[1:-1], fields[-1]
+    assert header["dtype"] == "float32"
     assert len(convs) == int(header["shapes"])
     assert sum(int(conv["count"]) for conv in convs) == int(header["convs"])
     assert {conv["kernel"] for conv in convs} == {"1", "3", "7"}
@@ -236,3 +237,53 @@ def test_profile_step_sums_the_step_by_kind_without_tensorflow():
     }
     assert kinds["conv"] > 0 and kinds["conv_grad"] > 0 and kinds["elementwise"] > 0
     assert abs(sum(kinds.values()) - 100) < 0.5
+
+
+def test_roofline_counts_every_batch_norm_and_bounds_the_mfu(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("roofline", REPO / "benchmarks/roofline.py")
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    train_step = load_train_step()
+    base = train_step.base_config(str(REPO / "configs/figaro.py"), [])
+    config = train_step.case_config(base, "resnet18", 64, 2, "bfloat16", 16)
+    norms, values = roofline.batch_norm_values(config)
+
+    # The same maps counted another way: the inputs of every normalize_batch in the jaxpr.
+    model = models.build_model(config.model)
+    images = jnp.zeros((2, 64, 64, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    jaxpr = jax.make_jaxpr(
+        lambda v: model.apply(
+            v, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}
+        )
+    )(variables)
+    calls = [
+        e for e in jaxpr.jaxpr.eqns if "_normalize_batch_backward" in str(e.params.get("bwd", ""))
+    ]
+    assert norms == len(calls) == len(jax.tree.leaves(variables["batch_stats"])) // 2
+    assert values == sum(e.invars[0].aval.size for e in calls)
+
+    args = ["--backbones=resnet18", "--sizes=64", "--batches=2,4", "--devices=H100,H200"]
+    args.append("--conv_efficiency=0.5")
+    result = run_script("benchmarks/roofline.py", args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [fields(line) for line in result.stdout.splitlines() if line.startswith("roofline ")]
+    cases = [(batch, device) for batch in ("2", "4") for device in ("H100", "H200")]
+    assert [(row["batch"], row["device"]) for row in rows] == cases
+    assert float(rows[0]["bn_gvalues_per_step"]) == pytest.approx(values / 1e9, rel=1e-3)
+    assert float(rows[0]["bn_gbytes_per_step"]) == pytest.approx(8 * 2 * values / 1e9, rel=0.01)
+    flops = 3 * train_step.image_forward_flops(model, 64) * 2
+    assert float(rows[0]["model_tflop_per_step"]) == pytest.approx(flops / 1e12, rel=1e-3)
+    for row in rows:
+        compute, memory = float(row["compute_ms"]), float(row["memory_ms"])
+        ceiling = compute / (compute / 0.5 + memory)
+        assert float(row["mfu_ceiling"]) == pytest.approx(ceiling, abs=0.002)
+    # H200: the same peak, more bandwidth, a higher ceiling; twice the batch, twice the bytes.
+    assert float(rows[1]["mfu_ceiling"]) > float(rows[0]["mfu_ceiling"])
+    assert float(rows[2]["bn_gvalues_per_step"]) == pytest.approx(
+        2 * float(rows[0]["bn_gvalues_per_step"]), rel=0.01
+    )
+
+    unknown = run_script("benchmarks/roofline.py", ["--devices=TPU"])
+    assert unknown.returncode == 2 and "unknown device 'TPU'" in unknown.stderr

@@ -1,0 +1,129 @@
+"""The best MFU a train step can reach while BatchNorm runs outside the convolutions' kernels.
+
+    python benchmarks/roofline.py --backbones=resnet101 --sizes=512 --batches=32 \
+        --dtypes=bfloat16 --devices=H100,H200
+
+Nothing is run: the model is traced on the CPU (``jax.eval_shape``), so the figures are the
+same on every machine. Two lower bounds on a train step's time:
+- ``compute_ms``: the model FLOPs (``train_step.py``'s count: 3x the forward convolutions and
+  matrix products) at the device's dense bf16 peak, or at ``--conv_efficiency`` of it;
+- ``memory_ms``: the HBM traffic of the model's BatchNorms in training at the device's memory
+  bandwidth. XLA calls cuDNN and cuBLAS for the convolutions and fuses nothing into them, so
+  each BatchNorm over a map of E values moves at least ``--bn_passes`` x E values in the
+  dtype of the map: forward, one read for the statistics, one read and one write to
+  normalise (ReLU and residual adds fused in); backward, two reads (the output gradient and
+  the input) for the sums of ``dy`` and ``dy * x_hat``, then two reads and one write for the
+  input gradient: 8 passes.
+The two kinds of kernels run one after the other on the GPU's stream, so
+``mfu_ceiling = compute_ms / (compute_ms / conv_efficiency + memory_ms)`` bounds the MFU of any
+step of this model whose BatchNorm is not fused into its convolutions. Runs on a bare JAX
+install (JAX, flax, numpy and the package's model code).
+"""
+
+import argparse
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import train_step  # benchmarks/train_step.py: the config helpers; puts the repo on sys.path
+
+from hairseg_jax import models
+from hairseg_jax.models import layers
+
+# HBM bandwidth in bytes/s by device kind (substring match, first wins), from the vendor's
+# data sheets: H100 SXM 3.35 TB/s, H100 PCIe 2.0 TB/s, H200 4.8 TB/s, A100 80 GB SXM 2.0 TB/s.
+BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def bandwidth(device_kind: str) -> float | None:
+    """The HBM bandwidth of a device kind in bytes/s, or None where unknown."""
+    return next((v for k, v in BANDWIDTH.items() if k in device_kind), None)
+
+
+def batch_norm_values(config) -> tuple[int, int]:
+    """How many BatchNorms one train-mode forward pass of ``config``'s model applies and the
+    number of values of all their inputs together, over one ``config.train`` batch."""
+    model = models.build_model(config.model)
+    size = config.data.image_size
+    images = jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    sizes = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
+            sizes.append(args[0].size)
+        return next_fun(*args, **kwargs)
+
+    def train_forward(variables, x):
+        rngs = {"dropout": jax.random.key(0)}
+        return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs=rngs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(train_forward, variables, images)
+    return len(sizes), int(np.sum(sizes, dtype=np.int64))
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line flags: the grid, the devices and the assumptions."""
+    csv = lambda cast: lambda s: [cast(v) for v in s.split(",")]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/figaro.py", help="base config file")
+    parser.add_argument("--backbones", type=csv(str), default=["resnet101"])
+    parser.add_argument("--sizes", type=csv(int), default=[512])
+    parser.add_argument("--batches", type=csv(int), default=[32])
+    parser.add_argument("--dtypes", type=csv(str), default=["bfloat16"])
+    parser.add_argument("--output_stride", type=int, default=16)
+    parser.add_argument(
+        "--devices", type=csv(str), default=["H100"], help=f"names among {sorted(BANDWIDTH)}"
+    )
+    parser.add_argument(
+        "--bn_passes", type=float, default=8.0, help="map-sized transfers per BatchNorm"
+    )
+    parser.add_argument(
+        "--conv_efficiency",
+        type=float,
+        default=1.0,
+        help="fraction of the bf16 peak that the convolutions and matrix products run at",
+    )
+    args = parser.parse_args()
+    for name in args.devices:
+        if not train_step.bf16_peak(name) or not bandwidth(name):
+            parser.error(f"unknown device {name!r}; known: {', '.join(BANDWIDTH)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    base = train_step.base_config(args.config, [])
+    print(
+        f"# roofline bn_passes={args.bn_passes:g} conv_efficiency={args.conv_efficiency:g} "
+        f"jax={jax.__version__}",
+        flush=True,
+    )
+    for backbone, size, batch, dtype in itertools.product(
+        args.backbones, args.sizes, args.batches, args.dtypes
+    ):
+        config = train_step.case_config(base, backbone, size, batch, dtype, args.output_stride)
+        model = models.build_model(config.model)
+        step_flops = 3.0 * train_step.image_forward_flops(model, size) * batch
+        norms, values = batch_norm_values(config)
+        step_bytes = args.bn_passes * values * jnp.dtype(config.model.dtype).itemsize
+        for name in args.devices:
+            compute_ms = 1e3 * step_flops / train_step.bf16_peak(name)
+            memory_ms = 1e3 * step_bytes / bandwidth(name)
+            ceiling = compute_ms / (compute_ms / args.conv_efficiency + memory_ms)
+            print(
+                f"roofline backbone={backbone} size={size} batch={batch} dtype={dtype} "
+                f"device={name} model_tflop_per_step={step_flops / 1e12:.4g} "
+                f"compute_ms={compute_ms:.3g} batch_norms={norms} "
+                f"bn_gvalues_per_step={values / 1e9:.4g} "
+                f"bn_gbytes_per_step={step_bytes / 1e9:.3g} memory_ms={memory_ms:.3g} "
+                f"mfu_ceiling={ceiling:.3f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
