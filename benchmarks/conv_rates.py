@@ -189,8 +189,9 @@ def main() -> None:
             f" {impl}_fwd_bwd_ms={both:.0f}"
             f" {impl}_fwd_bwd_gflops_per_s={3 * totals['gflops'] / both * 1e3:.0f}"
         )
-        if peak := train_step.bf16_peak(device):
-            line += f" {impl}_fwd_bwd_of_bf16_peak={3 * totals['gflops'] * 1e12 / both / peak:.3f}"
+        if spec := train_step.accelerator(device):
+            of_peak = 3 * totals["gflops"] * 1e12 / both / spec.bf16_peak
+            line += f" {impl}_fwd_bwd_of_bf16_peak={of_peak:.3f}"
     print(line)
 
 

@@ -32,15 +32,6 @@ import train_step  # benchmarks/train_step.py: the config helpers; puts the repo
 from hairseg_jax import models
 from hairseg_jax.models import layers
 
-# HBM bandwidth in bytes/s by device kind (substring match, first wins), from the vendor's
-# data sheets: H100 SXM 3.35 TB/s, H100 PCIe 2.0 TB/s, H200 4.8 TB/s, A100 80 GB SXM 2.0 TB/s.
-BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
-
-
-def bandwidth(device_kind: str) -> float | None:
-    """The HBM bandwidth of a device kind in bytes/s, or None where unknown."""
-    return next((v for k, v in BANDWIDTH.items() if k in device_kind), None)
-
 
 def batch_norm_values(config) -> tuple[int, int]:
     """How many BatchNorms one train-mode forward pass of ``config``'s model applies and the
@@ -76,7 +67,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtypes", type=csv(str), default=["bfloat16"])
     parser.add_argument("--output_stride", type=int, default=16)
     parser.add_argument(
-        "--devices", type=csv(str), default=["H100"], help=f"names among {sorted(BANDWIDTH)}"
+        "--devices",
+        type=csv(str),
+        default=["H100"],
+        help=f"names among {sorted(train_step.ACCELERATORS)}",
     )
     parser.add_argument(
         "--bn_passes", type=float, default=8.0, help="map-sized transfers per BatchNorm"
@@ -89,8 +83,8 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     for name in args.devices:
-        if not train_step.bf16_peak(name) or not bandwidth(name):
-            parser.error(f"unknown device {name!r}; known: {', '.join(BANDWIDTH)}")
+        if not train_step.accelerator(name):
+            parser.error(f"unknown device {name!r}; known: {', '.join(train_step.ACCELERATORS)}")
     return args
 
 
@@ -111,8 +105,9 @@ def main() -> None:
         norms, values = batch_norm_values(config)
         step_bytes = args.bn_passes * values * jnp.dtype(config.model.dtype).itemsize
         for name in args.devices:
-            compute_ms = 1e3 * step_flops / train_step.bf16_peak(name)
-            memory_ms = 1e3 * step_bytes / bandwidth(name)
+            spec = train_step.accelerator(name)
+            compute_ms = 1e3 * step_flops / spec.bf16_peak
+            memory_ms = 1e3 * step_bytes / spec.bandwidth
             ceiling = compute_ms / (compute_ms / args.conv_efficiency + memory_ms)
             print(
                 f"roofline backbone={backbone} size={size} batch={batch} dtype={dtype} "

@@ -53,13 +53,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hairseg_jax import models, sharding, steps  # noqa: E402
 from hairseg_jax.models import layers  # noqa: E402
 
-# Dense bf16 peak FLOP/s by device kind (substring match, first wins).
-BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
+
+class Accelerator(NamedTuple):
+    """A device kind's dense bf16 peak in FLOP/s and HBM bandwidth in bytes/s."""
+
+    bf16_peak: float
+    bandwidth: float
 
 
-def bf16_peak(device_kind: str) -> float | None:
-    """A device kind's dense bf16 peak in FLOP/s, or None where unknown (e.g. CPUs)."""
-    return next((v for k, v in BF16_PEAK.items() if k in device_kind), None)
+# From the vendors' data sheets (H100 SXM 3.35 TB/s, H100 PCIe 2.0, H200 4.8, A100 80 GB 2.0),
+# by device kind: substring match, first wins.
+ACCELERATORS = {
+    "H200": Accelerator(989e12, 4.8e12),
+    "H100 PCIe": Accelerator(756e12, 2.0e12),
+    "H100": Accelerator(989e12, 3.35e12),
+    "A100": Accelerator(312e12, 2.0e12),
+}
+
+
+def accelerator(device_kind: str) -> Accelerator | None:
+    """The figures of a device kind, or None where unknown (e.g. CPUs)."""
+    return next((v for k, v in ACCELERATORS.items() if k in device_kind), None)
 
 
 def forward_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
@@ -303,7 +317,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = jax.devices()[0]
-    peak = bf16_peak(device.device_kind)
+    peak = spec.bf16_peak if (spec := accelerator(device.device_kind)) else None
     print(
         f"# devices={jax.device_count()}x{device.device_kind} jax={jax.__version__} "
         f"python={platform.python_version()} cpu_cores={os.cpu_count()}",
