@@ -439,3 +439,12 @@ def test_an_overflowing_update_is_refused_like_a_nonfinite_loss():
     )
     assert np.isfinite(metrics["loss"]) and metrics["nonfinite"]
     jax.tree.map(np.testing.assert_array_equal, state.params, before)
+
+
+def test_initial_weights_are_those_of_the_plain_threefry_key():
+    """create_train_state draws under the unrolled key: the weights model.init gives."""
+    key = jax.random.PRNGKey(3)
+    state = steps.create_train_state(key, TinyNet(), 8, optax.identity())
+    expected = TinyNet().init(jax.random.split(key)[0], jnp.zeros((1, 8, 8, 3)))
+    jax.tree.map(np.testing.assert_array_equal, state.params, expected["params"])
+    assert float(jnp.abs(state.params["Conv_0"]["kernel"]).sum()) > 0
