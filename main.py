@@ -6,10 +6,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hairseg_jax import config_checks, evaluate, predict, sharding, steps
-from hairseg_jax.data.figaro1k import DataError
-from hairseg_jax.weights.tensors import ConversionError
-
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, reports.")
 config_flags.DEFINE_config_file(
@@ -44,6 +40,11 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    # Imported after the flags: a mistyped flag or override is answered without loading JAX.
+    from hairseg_jax import config_checks, evaluate, predict, sharding, steps
+    from hairseg_jax.data.figaro1k import DataError
+    from hairseg_jax.weights.tensors import ConversionError
+
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = FLAGS.config
     logging.info("Config:\n%s", config)
