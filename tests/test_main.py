@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orbax.checkpoint as ocp
 import pytest
 
 from hairseg_jax.data import figaro1k
@@ -108,7 +109,7 @@ def test_eval_without_checkpoint_fails_clearly(tmp_path):
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(figaro_dir, tmp_path):
-    """A preempted run (SIGTERM mid-training) saves its step, exits 0, and resumes from it."""
+    """A preempted run (SIGTERM mid-training) saves its step and exits 0."""
     workdir = tmp_path / "preempted"
     args = [  # the smoke run's step (a compile cache hit), with no evaluation or save before 20
         f"--workdir={workdir}",
@@ -133,7 +134,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(figaro_dir, tmp_path):
     assert "SIGTERM received" in log and "Stopped at step" in log
     saved = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
     assert len(saved) == 1 and 4 <= saved[0] < 20
-    resumed = run_main(*args, figaro_dir=figaro_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed from step {saved[0]}" in resumed.stderr
-    assert "20" in os.listdir(workdir / "checkpoints")
+    assert f"Stopped at step {saved[0]}; the same command resumes from it." in log
+    # A complete train state of that step (resuming from one: the restart test above).
+    state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(saved[0]) / "default")
+    assert int(state["step"]) == saved[0]
+    assert {"params", "opt_state", "batch_stats"} <= state.keys()
