@@ -9,7 +9,7 @@ PARITY_ERRORS = pytest.StashKey[dict[str, tuple[float, float]]]()
 
 @pytest.fixture(scope="session")
 def parity_errors(request: pytest.FixtureRequest) -> dict[str, tuple[float, float]]:
-    """Collects ``{"resnet50 OS8 layer3 300x200": (max abs error, max abs value)}``; printed
+    """Collects ``{"resnet50 OS8 layer3 227x171": (max abs error, max abs value)}``; printed
     at the end of the run."""
     return request.config.stash.setdefault(PARITY_ERRORS, {})
 

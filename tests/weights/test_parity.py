@@ -13,20 +13,30 @@ import numpy as np
 import pytest
 
 from hairseg_jax.models.deeplab import DeepLabV3Plus
-from hairseg_jax.models.resnet import resnet
 from hairseg_jax.weights import convert
 from tests.weights import nhwc
 
 TOLERANCE = 1e-4
-FEATURE_SIZE = (300, 200)  # height, width: backbone features
-LOGIT_SIZE = (227, 227)  # the whole model
+IMAGE_SIZE = (227, 171)  # height, width: odd, not square
 # Each residual block (basic, bottleneck) at both output strides, and ResNet-101's 23-block
 # layer3 (ResNet-50 and -101 differ only in the number of blocks of layer3).
 CASES = [("resnet18", 16), ("resnet18", 8), ("resnet50", 8), ("resnet101", 16)]
 
 
-def apply(model, variables, images: np.ndarray):
-    return jax.jit(functools.partial(model.apply, train=False))(variables, jnp.asarray(images))
+def logits_and_features(model, variables, images: np.ndarray) -> tuple[jax.Array, dict]:
+    """The model's logits and its backbone's features, from one compiled forward pass."""
+
+    def forward(variables, images):
+        logits, captured = model.apply(
+            variables,
+            images,
+            train=False,
+            capture_intermediates=lambda module, method: module.name == "backbone",
+            mutable=["intermediates"],
+        )
+        return logits, captured["intermediates"]["backbone"]["__call__"][0]
+
+    return jax.jit(forward)(variables, jnp.asarray(images))
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{b}-os{s}" for b, s in CASES])
@@ -38,11 +48,10 @@ def errors(request, torch, reference, tmp_path_factory, parity_errors) -> dict[s
     model = reference.torch_deeplab(backbone, output_stride, num_classes=2)
     reference.randomize_batch_norm_stats(model, generator)
     model.eval()
-    feature_images = torch.randn(1, 3, *FEATURE_SIZE, generator=generator)
-    logit_images = torch.randn(1, 3, *LOGIT_SIZE, generator=generator)
+    images = torch.randn(1, 3, *IMAGE_SIZE, generator=generator)
     with torch.no_grad():
-        torch_features = model.backbone(feature_images)
-        two_class = model(logit_images)
+        torch_features = model.backbone(images)
+        two_class = model(images)
     torch_logits = nhwc(two_class[:, 1:] - two_class[:, :1])
 
     directory = tmp_path_factory.mktemp(f"{backbone}_os{output_stride}")
@@ -52,9 +61,6 @@ def errors(request, torch, reference, tmp_path_factory, parity_errors) -> dict[s
     torch.save({**model.backbone.state_dict(), **classifier}, backbone_file)  # torchvision's
     torch.save({"epoch": 1, "state_dict": model.state_dict()}, model_file)  # the original's
 
-    variables, whole = convert.convert_file(backbone_file, backbone)
-    assert not whole
-    features = apply(resnet(backbone, output_stride=output_stride), variables, nhwc(feature_images))
     flax_model = DeepLabV3Plus(backbone=backbone, output_stride=output_stride)
     template = jax.eval_shape(
         functools.partial(flax_model.init, train=False),
@@ -63,14 +69,25 @@ def errors(request, torch, reference, tmp_path_factory, parity_errors) -> dict[s
     )
     model_config = ml_collections.ConfigDict({"backbone": backbone, "align_corners": False})
     variables = convert.load_pretrained(str(model_file), dict(template), model_config)
-    logits = np.asarray(apply(flax_model, variables, nhwc(logit_images)))
+    # The torchvision file gives the same backbone as the whole model's file, so the
+    # features below are those of both conversions.
+    backbone_variables, whole = convert.convert_file(backbone_file, backbone)
+    assert not whole
+    for collection in ("params", "batch_stats"):
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            backbone_variables[collection],
+            jax.device_get(variables[collection]["backbone"]),
+        )
+    logits, features = logits_and_features(flax_model, variables, nhwc(images))
+    logits = np.asarray(logits)
 
     pairs = {name: (features[name], nhwc(value)) for name, value in torch_features.items()}
     pairs["logits"] = (logits, torch_logits)
+    size = "x".join(map(str, IMAGE_SIZE))
     result = {}
     for name, (got, want) in pairs.items():
         result[name] = float(np.abs(np.asarray(got) - want).max())
-        size = "x".join(map(str, LOGIT_SIZE if name == "logits" else FEATURE_SIZE))
         parity_errors[f"{backbone} OS{output_stride} {name} {size}"] = (
             result[name],
             float(np.abs(want).max()),
