@@ -31,23 +31,24 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
-# The test files that take longest (seconds of work in a 2-worker run on a 2-core CPU, measured
-# with --durations=0), longest first. They run first, and the rest in collection order, so that
-# with `--dist loadfile --no-loadscope-reorder` the two workers end together instead of one
-# running a long file alone at the end (xdist's own reorder, by test count, started
-# test_preemption.py's 3 tests last).
+# The test files that take longest, longest first (140-190 s of work each down to about 50 s
+# in a 2-worker run on a 2-core CPU, `--durations=0`, 2026-12-03). They start first and the
+# rest follow in collection order, so that with `--dist loadfile --no-loadscope-reorder` the
+# two workers end together (xdist's own reorder, by test count, left test_preemption.py's
+# three tests, four minutes, running alone at the end).
 LONGEST_FIRST = (
-    "test_main.py",
     "test_benchmarks.py",
     "test_preemption.py",
-    "models/test_layers.py",
-    "test_eval_report.py",
-    "weights/test_parity.py",
+    "test_main.py",
     "test_sharding.py",
-    "test_mixed_precision.py",
+    "test_eval_report.py",
     "test_train.py",
+    "test_mixed_precision.py",
+    "models/test_layers.py",
+    "weights/test_parity.py",
     "test_steps.py",
     "test_export.py",
+    "data/test_pipeline.py",
 )
 
 
