@@ -37,16 +37,16 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 # two workers end together (xdist's own reorder, by test count, left test_preemption.py's
 # three tests, four minutes, running alone at the end).
 LONGEST_FIRST = (
-    "test_benchmarks.py",
     "test_preemption.py",
+    "test_benchmarks.py",
     "test_main.py",
     "test_sharding.py",
+    "models/test_layers.py",
+    "test_mixed_precision.py",
     "test_eval_report.py",
     "test_train.py",
-    "test_mixed_precision.py",
-    "models/test_layers.py",
-    "weights/test_parity.py",
     "test_steps.py",
+    "weights/test_parity.py",
     "test_export.py",
     "data/test_pipeline.py",
 )

@@ -4,7 +4,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hairseg_jax import threefry
 from hairseg_jax.models.layers import Conv2d
+
+
+def key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)`` drawing the same numbers in one fused pass
+    (``threefry.unrolled_key``): on CPU, the eager draw of each new shape compiles in about
+    0.2 s instead of 1.5 s."""
+    return threefry.unrolled_key(jax.random.key(seed))
 
 
 def abstract_init(model: nn.Module, height: int, width: int, dtype=jnp.float32):

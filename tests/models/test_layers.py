@@ -10,11 +10,12 @@ import pytest
 
 from hairseg_jax.models import layers
 from hairseg_jax.models.layers import BatchNorm, Conv2d, max_pool, residual_relu
+from tests.models import key
 
 
 def jaxpr_equations(layer: nn.Module, x: jax.Array) -> list:
     """The operations ``layer`` applies to ``x`` (traced, nothing compiled)."""
-    params = jax.eval_shape(layer.init, jax.random.key(0), x)
+    params = jax.eval_shape(layer.init, key(0), x)
     return jax.make_jaxpr(layer.apply)(params, x).eqns
 
 
@@ -44,7 +45,7 @@ def test_conv2d_matches_flax_conv(
 ):
     """On CPU, and traced as for a GPU (the backend's name patched) but evaluated here."""
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    x = jax.random.normal(jax.random.key(0), (2, size, size + 3, 4))
+    x = jax.random.normal(key(0), (2, size, size + 3, 4))
     pad = dilation * (kernel_size // 2)
     reference = nn.Conv(
         4,
@@ -58,17 +59,15 @@ def test_conv2d_matches_flax_conv(
         bias_init=nn.initializers.normal(1.0),
     )
     layer = Conv2d(4, kernel_size, strides, dilation, groups, use_bias=True)
-    params = reference.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, layer.init(jax.random.key(1), x)) == jax.tree.map(
-        jnp.shape, params
-    )
+    params = reference.init(key(1), x)
+    assert jax.tree.map(jnp.shape, layer.init(key(1), x)) == jax.tree.map(jnp.shape, params)
 
     def loss(module, params, x):
         return jnp.sum(jnp.sin(module.apply(params, x)))
 
     np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x), atol=1e-4)
-    grads = jax.grad(loss, argnums=(1, 2))(layer, params, x)
-    expected = jax.grad(loss, argnums=(1, 2))(reference, params, x)
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)  # one compile, not one per op
+    grads, expected = grad(layer, params, x), grad(reference, params, x)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
@@ -76,7 +75,7 @@ def test_conv2d_matches_flax_conv(
 def test_conv2d_computes_in_bfloat16_with_float32_params():
     x = jnp.ones((1, 5, 5, 3))
     layer = Conv2d(2, 3, dtype=jnp.bfloat16, use_bias=True)
-    params = layer.init(jax.random.key(0), x)
+    params = layer.init(key(0), x)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     assert layer.apply(params, x).dtype == jnp.bfloat16
 
@@ -145,8 +144,8 @@ def test_reference_formulations_trace_xla_convolutions_on_cpu(features, channels
     ],
 )
 def test_space_to_batch_conv_matches_the_dilated_conv(shape, kernel_shape, dilation):
-    x = jax.random.normal(jax.random.key(0), shape)
-    kernel = jax.random.normal(jax.random.key(1), (*kernel_shape, shape[-1], 5))
+    x = jax.random.normal(key(0), shape)
+    kernel = jax.random.normal(key(1), (*kernel_shape, shape[-1], 5))
     pads = [(dilation * (k // 2), dilation * (k // 2)) for k in kernel_shape]
     expected = jax.lax.conv_general_dilated(
         x,
@@ -181,12 +180,12 @@ def test_gpus_keep_the_convolution_when_only_the_centre_tap_is_left(monkeypatch)
 @pytest.mark.parametrize("kernel_size", [3, 5])
 def test_row_by_row_weight_gradient_matches_flax_conv(kernel_size):
     """A conv wide and large enough for the row-by-row weight gradient (256 outputs, 32x32)."""
-    x = jax.random.normal(jax.random.key(0), (2, 32, 33, 65))
+    x = jax.random.normal(key(0), (2, 32, 33, 65))
     pad = kernel_size // 2
     reference = nn.Conv(256, (kernel_size, kernel_size), padding=pad, use_bias=False)
     layer = Conv2d(256, kernel_size)
-    params = reference.init(jax.random.key(1), x)
-    weights = jax.random.normal(jax.random.key(2), (2, 32, 33, 256))
+    params = reference.init(key(1), x)
+    weights = jax.random.normal(key(2), (2, 32, 33, 256))
 
     def loss(module, params, x):
         return jnp.sum(module.apply(params, x) * weights)
@@ -203,8 +202,8 @@ def test_row_by_row_weight_gradient_matches_flax_conv(kernel_size):
 @pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 7, 10, 3), (3, 1, 2, 4)])
 def test_winograd_conv3x3_matches_the_direct_conv(shape):
     """Even and odd sizes (the last tile row or column cut off), down to a 1x2 map."""
-    x = jax.random.normal(jax.random.key(0), shape)
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], 6))
+    x = jax.random.normal(key(0), shape)
+    kernel = jax.random.normal(key(1), (3, 3, shape[-1], 6))
     expected = jax.lax.conv_general_dilated(
         x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
@@ -266,8 +265,8 @@ def test_1x1_conv_weight_gradient_uses_the_output_gradient_as_laid_out(strides):
     """No transpose of the output gradient into a channels-major layout (XLA:CPU made one
     for a dot over a 4-D map, ~10% of ResNet-101's train step)."""
     layer = Conv2d(64, 1, strides=strides)
-    x = jax.random.normal(jax.random.key(0), (2, 14, 14, 32))
-    params = layer.init(jax.random.key(1), x)
+    x = jax.random.normal(key(0), (2, 14, 14, 32))
+    params = layer.init(key(1), x)
 
     def loss(params):
         y = layer.apply(params, x)  # normalised over the batch, as BatchNorm does in training
@@ -297,7 +296,7 @@ def test_max_pool_matches_flax_with_ties(window, stride, padding, shape):
     def reference(x):
         return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
 
-    weights = jax.random.normal(jax.random.key(1), reference(x).shape)
+    weights = jax.random.normal(key(1), reference(x).shape)
     np.testing.assert_array_equal(max_pool(x, window, stride, padding), reference(x))
     grads = jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, padding) * weights))(x)
     expected = jax.grad(lambda x: jnp.sum(reference(x) * weights))(x)
@@ -306,7 +305,7 @@ def test_max_pool_matches_flax_with_ties(window, stride, padding, shape):
 
 def test_max_pool_gradient_is_not_a_scatter_on_cpu():
     """XLA:CPU expands nn.max_pool's gradient into a scatter over index arrays (6-9x slower)."""
-    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 8))
+    x = jax.random.normal(key(0), (2, 16, 16, 8))
     hlo = jax.jit(jax.grad(lambda x: jnp.sum(max_pool(x, 3, 2, 1)))).lower(x).compile().as_text()
     assert jax.default_backend() == "cpu"
     assert " scatter(" not in hlo and " iota(" not in hlo
@@ -317,12 +316,12 @@ def test_max_pool_gradient_is_not_a_scatter_on_cpu():
 def test_batch_norm_matches_flax_in_values_updates_and_gradients(train, dtype):
     """Same variables, outputs, running-average updates (but torch's unbiased variance), and
     gradients for the input, scale and bias, including those through the updated statistics."""
-    x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6)) * 2 + 1
-    weights = jax.random.normal(jax.random.key(1), x.shape)
+    x = jax.random.normal(key(0), (3, 5, 4, 6)) * 2 + 1
+    weights = jax.random.normal(key(1), x.shape)
     ours = BatchNorm(train, dtype=dtype)
     ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
-    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), ours.init(jax.random.key(2), x))
-    assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), ref.init(jax.random.key(2), x))
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), ours.init(key(2), x))
+    assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), ref.init(key(2), x))
     params = {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1.0, 1.0, 6)}
     stats = {"mean": jnp.linspace(-0.2, 0.3, 6), "var": jnp.linspace(0.5, 2.0, 6)}
 
@@ -360,10 +359,10 @@ def test_batch_norm_running_statistics_update_as_torch_does(torch):
     BatchNorm2d with its defaults keeps them; a 1x1 map (ASPP's image pooling) included."""
     for shape in [(4, 5, 3, 6), (3, 1, 1, 6)]:
         layer = BatchNorm(True)
-        variables = layer.init(jax.random.key(0), jnp.zeros(shape))
+        variables = layer.init(key(0), jnp.zeros(shape))
         reference = torch.nn.BatchNorm2d(shape[-1])
         for seed in (1, 2):
-            x = np.array(jax.random.normal(jax.random.key(seed), shape) * 3 + 1)
+            x = np.array(jax.random.normal(key(seed), shape) * 3 + 1)
             _, updates = layer.apply(variables, x, mutable=["batch_stats"])
             variables = variables | updates
             reference(torch.from_numpy(x).permute(0, 3, 1, 2))
