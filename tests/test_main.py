@@ -131,7 +131,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(figaro_dir, tmp_path):
     rest = process.communicate(timeout=300)[1]
     log = "".join(seen) + rest
     assert process.returncode == 0, log[-3000:]
-    assert "SIGTERM received" in log and "Stopped at step" in log
+    assert "SIGTERM received" in log
     saved = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
     assert len(saved) == 1 and 4 <= saved[0] < 20
     assert f"Stopped at step {saved[0]}; the same command resumes from it." in log

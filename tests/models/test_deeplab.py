@@ -10,15 +10,10 @@ import pytest
 
 from hairseg_jax.models import DeepLabV3Plus, build_model
 from hairseg_jax.models.deeplab import resize
-from tests.models import abstract_init, conv_dilations
+from tests.models import abstract_init, conv_dilations, key
 
 # Narrow head so the one compiled model stays quick on CPU.
 SMALL = {"aspp_channels": 16, "decoder_channels": 16, "low_level_channels": 8}
-
-
-def key(seed: int) -> jax.Array:
-    """A PRNG key whose random ops compile about twice as fast as threefry's on CPU."""
-    return jax.random.key(seed, impl="rbg")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +23,7 @@ def model() -> DeepLabV3Plus:
 
 @pytest.fixture(scope="module")
 def images() -> jax.Array:
-    return jax.random.normal(jax.random.key(1), (2, 64, 96, 3))
+    return jax.random.normal(key(1), (2, 64, 96, 3))
 
 
 @pytest.fixture(scope="module")
