@@ -308,7 +308,9 @@ def jit_steps(
 
     Both run over ``mesh`` (default: every device, ``sharding.data_mesh()``): the state is
     replicated, the batch split on its ``data`` axis, and the outputs replicated, so gradients
-    and BatchNorm statistics are those of the global batch. Reads ``config.input``
+    and BatchNorm statistics are those of the global batch. Pass a state placed with
+    ``sharding.replicate(state, mesh)``, as training does: the step returns it placed, and an
+    unplaced first state would trace and compile the step a second time. Reads ``config.input``
     (normalisation), ``config.loss.dice_weight`` and ``config.train.ema_decay``.
     """
     mesh = sharding.data_mesh() if mesh is None else mesh

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import synthetic
-from hairseg_jax import evaluate, models, steps
+from hairseg_jax import evaluate, models, sharding, steps
 from hairseg_jax.data.synthetic import make_examples
 
 SIZE = 32
@@ -43,14 +43,17 @@ def initial() -> dict:
 
 
 def new_state(config, variables: dict) -> steps.TrainState:
-    """A fresh train state of ``config``'s model and optimizer holding ``variables``."""
+    """A fresh train state of ``config``'s model and optimizer holding copies of ``variables``
+    (the train step donates them), placed on the mesh as the step returns it (else the second
+    step would compile again)."""
     tx = steps.create_optimizer(config.optim, steps.learning_rate_schedule(config.optim, 100))
-    return steps.TrainState.create(
+    state = steps.TrainState.create(
         apply_fn=models.build_model(config.model).apply,
         tx=tx,
         rng=jax.random.key(1, impl="rbg"),
-        **jax.tree.map(jnp.array, variables),  # copies: the train step donates them
+        **variables,
     )
+    return sharding.replicate(state, sharding.data_mesh())
 
 
 @pytest.fixture(scope="module")

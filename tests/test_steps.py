@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import figaro
-from hairseg_jax import losses, steps
+from hairseg_jax import losses, sharding, steps
 from hairseg_jax.models import DeepLabV3Plus
 from tests.conftest import TinyNet
 
@@ -231,6 +231,7 @@ def trained() -> dict:
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 100))
     # rbg keys compile faster than threefry's on CPU.
     state = steps.create_train_state(jax.random.key(0, impl="rbg"), model, IMAGE_SIZE, tx)
+    state = sharding.replicate(state, sharding.data_mesh())  # as the step returns it
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     images[:, 10:30, 5:40] = rng.integers(180, 256, (2, 20, 35, 3), np.uint8)
