@@ -76,47 +76,6 @@ def test_fold_bn_computes_every_batch_norm_as_its_bias_add():
     assert np.abs(folded - apply(drawn)).max() > 1e-2
 
 
-def test_shrink_then_time_to_dice_without_tensorflow(figaro_dir, tmp_path):
-    split = json.loads((figaro_dir / "train_val_test.json").read_text())
-    small_split = tmp_path / "split.json"
-    small_split.write_text(json.dumps({"train": split["train"][:8], "test": split["test"][:3]}))
-    copy = tmp_path / "small"
-    shrunk = run_script(
-        "benchmarks/shrink_figaro.py",
-        [
-            f"--data_dir={figaro_dir}",
-            f"--split_file={small_split}",
-            f"--out={copy}",
-            "--max_side=100",
-        ],
-    )
-    assert shrunk.returncode == 0, shrunk.stderr
-    assert "8 train, 3 test" in shrunk.stdout
-
-    summary_file = tmp_path / "summary.json"
-    trained = run_script(
-        "benchmarks/time_to_dice.py",
-        [
-            "--config=configs/figaro.py:smoke",
-            f"--config.data.data_dir={copy}",
-            "--config.data.image_size=64",
-            "--config.train.num_steps=4",
-            "--config.eval.image_size=64",
-            "--config.augment.device_max_side=100",
-            "--log_every=2",
-            f"--out={summary_file}",
-        ],
-    )
-    assert trained.returncode == 0, trained.stderr
-    assert "8 train images packed to 100 px, 4 steps" in trained.stdout
-    assert "step 4/4 loss" in trained.stdout
-    summary = json.loads(summary_file.read_text())
-    assert summary["num_images"] == 3 and summary["steps"] == 4 and summary["split"] == "test"
-    assert 0.0 <= summary["dice"] <= 1.0 and summary["nonfinite_steps"] == 0
-    assert sum(v["num_images"] for v in summary["per_hair_type"].values()) == 3
-    assert f"test_dice={summary['dice']:.4f}" in trained.stdout
-
-
 def test_train_step_alternates_jax_and_torch_without_tensorflow(torch):
     args = ["--config=configs/figaro_cpu.py", "--backbones=resnet18", "--sizes=64"]
     args += ["--batches=2", "--steps=1", "--warmup=0", "--torch", "--rounds=2"]
@@ -287,3 +246,49 @@ def test_roofline_counts_every_batch_norm_and_bounds_the_mfu(monkeypatch):
 
     unknown = run_script("benchmarks/roofline.py", ["--devices=TPU"])
     assert unknown.returncode == 2 and "unknown device 'TPU'" in unknown.stderr
+
+
+# Last in the file: by then test_preemption.py (started beside this file) has compiled the
+# train step this run shares with it.
+def test_shrink_then_time_to_dice_without_tensorflow(figaro_dir, tmp_path):
+    split = json.loads((figaro_dir / "train_val_test.json").read_text())
+    small_split = tmp_path / "split.json"
+    small_split.write_text(json.dumps({"train": split["train"][:8], "test": split["test"][:3]}))
+    copy = tmp_path / "small"
+    shrunk = run_script(
+        "benchmarks/shrink_figaro.py",
+        [
+            f"--data_dir={figaro_dir}",
+            f"--split_file={small_split}",
+            f"--out={copy}",
+            "--max_side=100",
+        ],
+    )
+    assert shrunk.returncode == 0, shrunk.stderr
+    assert "8 train, 3 test" in shrunk.stdout
+
+    summary_file = tmp_path / "summary.json"
+    trained = run_script(
+        "benchmarks/time_to_dice.py",
+        [
+            "--config=configs/figaro.py:smoke",
+            f"--config.data.data_dir={copy}",
+            "--config.data.image_size=64",  # test_preemption's train step (a cache hit)
+            "--config.model.aspp_channels=16",
+            "--config.model.decoder_channels=16",
+            "--config.train.num_steps=8",
+            "--config.train.ema_decay=0.9",
+            "--config.eval.image_size=64",
+            "--config.augment.device_max_side=100",
+            "--log_every=2",
+            f"--out={summary_file}",
+        ],
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "8 train images packed to 100 px, 8 steps" in trained.stdout
+    assert "step 8/8 loss" in trained.stdout
+    summary = json.loads(summary_file.read_text())
+    assert summary["num_images"] == 3 and summary["steps"] == 8 and summary["split"] == "test"
+    assert 0.0 <= summary["dice"] <= 1.0 and summary["nonfinite_steps"] == 0
+    assert sum(v["num_images"] for v in summary["per_hair_type"].values()) == 3
+    assert f"test_dice={summary['dice']:.4f}" in trained.stdout

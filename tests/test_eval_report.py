@@ -20,6 +20,8 @@ PREVIEWS = 2
 
 
 def tiny_config(figaro_dir: Path):
+    """8 steps at 64 px with an EMA: the train step of test_preemption's runs, which the
+    session's compilation cache then holds."""
     config = figaro.get_config("smoke")  # 16 train, 8 val, 8 test images
     config.data.data_dir = str(figaro_dir)
     config.data.image_size = SIZE
@@ -28,6 +30,7 @@ def tiny_config(figaro_dir: Path):
     config.train.num_steps = 8
     config.train.log_every_steps = 4
     config.train.eval_every_steps = 4
+    config.train.ema_decay = 0.9
     config.eval.image_size = SIZE
     config.eval.preview_images = PREVIEWS
     return config

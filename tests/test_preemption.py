@@ -1,8 +1,8 @@
 """Training killed with SIGKILL anywhere, then rerun: the result of a run never killed.
 
 Every run goes through ``tests/faulty_main.py`` (``main.py`` plus a self-SIGKILL at a chosen
-point) on a few real Figaro1k images. The runs share a JAX compilation cache, so only the
-first one compiles.
+point) on a few real Figaro1k images. The runs share the session's JAX compilation cache, so
+only the first one compiles.
 """
 
 import glob
@@ -22,8 +22,10 @@ from hairseg_jax import models, steps
 from hairseg_jax.weights import convert
 from tests.conftest import run_python
 
-# 8 steps of batch 2 over 8 images (2 epochs), evaluation (2 batches) at 4 and 8, train
-# states also at 2 and 6, an EMA and dropout: everything a resumed run must restore.
+# 8 steps of batch 4 over 8 images (4 epochs), evaluation (2 batches) at 4 and 8, train
+# states also at 2 and 6, an EMA and dropout: everything a resumed run must restore. The
+# train step is test_eval_report's and test_benchmarks' time_to_dice run's too (one compile,
+# then hits in the session's persistent compilation cache).
 TINY = [
     "--config=configs/figaro.py:smoke",
     "--config.data.image_size=64",
@@ -32,7 +34,7 @@ TINY = [
     "--config.model.decoder_channels=16",
     "--config.data.max_train_images=8",
     "--config.data.max_val_images=4",
-    "--config.train.batch_size=2",
+    "--config.train.batch_size=4",
     "--config.train.num_steps=8",
     "--config.train.eval_every_steps=4",
     "--config.train.checkpoint_every_steps=2",
@@ -51,9 +53,8 @@ KILLS = [
 ]
 
 
-def run(workdir: Path, *args: str, fault: str = "", cache: Path) -> subprocess.CompletedProcess:
-    env = {
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
+def run(workdir: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
+    env = {  # every compile of a run goes into the session's cache: the next run loads it
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         "HAIRSEG_FAULT": fault,
@@ -62,15 +63,10 @@ def run(workdir: Path, *args: str, fault: str = "", cache: Path) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def reference(figaro_dir, cache, tmp_path_factory) -> Path:
+def reference(figaro_dir, tmp_path_factory) -> Path:
     """The workdir of the same training, never killed."""
     workdir = tmp_path_factory.mktemp("reference")
-    result = run(workdir, f"--config.data.data_dir={figaro_dir}", cache=cache)
+    result = run(workdir, f"--config.data.data_dir={figaro_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
@@ -92,11 +88,11 @@ def scalars(workdir: Path) -> dict:
     return found
 
 
-def test_sigkill_anywhere_then_rerun_equals_an_unkilled_run(reference, figaro_dir, cache, tmp_path):
+def test_sigkill_anywhere_then_rerun_equals_an_unkilled_run(reference, figaro_dir, tmp_path):
     workdir = tmp_path / "killed"
     data = f"--config.data.data_dir={figaro_dir}"
     for fault in KILLS:
-        result = run(workdir, data, fault=fault, cache=cache)
+        result = run(workdir, data, fault=fault)
         assert result.returncode == -signal.SIGKILL, (fault, result.stderr[-3000:])
         assert f"faulty_main: SIGKILL at {fault}" in result.stderr
         if fault.startswith("save="):  # killed inside the save: only the temporary folder
@@ -105,7 +101,7 @@ def test_sigkill_anywhere_then_rerun_equals_an_unkilled_run(reference, figaro_di
             assert target.with_name(target.name + ".orbax-checkpoint-tmp").is_dir()
         if fault == "save=checkpoints/4":
             assert (workdir / "best" / "4").is_dir()  # the best model is committed first
-    result = run(workdir, data, cache=cache)
+    result = run(workdir, data)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from step" in result.stderr
 
@@ -121,7 +117,7 @@ def test_sigkill_anywhere_then_rerun_equals_an_unkilled_run(reference, figaro_di
     assert got == expected
 
 
-def test_nonfinite_weights_stop_with_one_line_naming_the_step(figaro_dir, cache, tmp_path):
+def test_nonfinite_weights_stop_with_one_line_naming_the_step(figaro_dir, tmp_path):
     """A NaN in the starting weights: the first step's loss is NaN; nothing is saved."""
     model_config = figaro.get_config("smoke").model
     model_config.update({"aspp_channels": 16, "decoder_channels": 16})
@@ -136,7 +132,6 @@ def test_nonfinite_weights_stop_with_one_line_naming_the_step(figaro_dir, cache,
         workdir,
         f"--config.data.data_dir={figaro_dir}",
         f"--config.model.pretrained={weights}",
-        cache=cache,
     )
 
     assert result.returncode == 1, result.stderr[-3000:]
@@ -150,9 +145,7 @@ def test_nonfinite_weights_stop_with_one_line_naming_the_step(figaro_dir, cache,
     assert not os.listdir(workdir / "checkpoints") and not os.listdir(workdir / "best")
 
 
-def test_changed_config_stops_with_one_line_and_the_flag_allows_it(
-    reference, figaro_dir, cache, tmp_path
-):
+def test_changed_config_stops_with_one_line_and_the_flag_allows_it(reference, figaro_dir, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(reference, workdir)
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
@@ -164,7 +157,7 @@ def test_changed_config_stops_with_one_line_and_the_flag_allows_it(
         "--config.train.log_every_steps=4",
     ]
 
-    result = run(workdir, *changed, cache=cache)
+    result = run(workdir, *changed)
 
     assert result.returncode == 1
     fatal = [line for line in result.stderr.splitlines() if line.startswith("FATAL")]
@@ -175,6 +168,6 @@ def test_changed_config_stops_with_one_line_and_the_flag_allows_it(
     )
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
-    result = run(workdir, *changed, "--config.train.allow_config_change=True", cache=cache)
+    result = run(workdir, *changed, "--config.train.allow_config_change=True")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Config changed from" in result.stderr and "Resumed from step 8" in result.stderr
