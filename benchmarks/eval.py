@@ -38,10 +38,9 @@ flags.mark_flags_as_required(["config"])
 def random_state(config: ml_collections.ConfigDict, mesh: Mesh) -> steps.TrainState:
     """A randomly initialised state for ``config.model``, replicated over ``mesh``."""
     model = models.build_model(config.model)
-    state = steps.create_train_state(
-        jax.random.PRNGKey(config.seed), model, config.eval.image_size, tx=optax.identity()
+    return steps.create_train_state(
+        jax.random.PRNGKey(config.seed), model, config.eval.image_size, optax.identity(), mesh=mesh
     )
-    return sharding.replicate(state, mesh)
 
 
 def main(argv: list[str]) -> None:

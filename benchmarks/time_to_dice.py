@@ -56,8 +56,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Batch {batch_size} is larger than the {len(train)} train images.")
     read_s = time.perf_counter() - begin
 
-    state, _ = steps.initial_train_state(config, models.build_model(config.model), total_steps)
-    state = sharding.replicate(state, mesh)
+    state, _ = steps.initial_train_state(
+        config, models.build_model(config.model), total_steps, mesh
+    )
     train_step, _ = steps.jit_steps(config, mesh)
     next_batch = jax.jit(
         device_augment.batch_fn(batch_size, image_size, config.augment, config.seed),

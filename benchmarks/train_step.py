@@ -163,8 +163,7 @@ def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
     sharding.check_batch_size(batch, mesh)
     model = models.build_model(config.model)
     tx = steps.create_optimizer(config.optim, steps.learning_rate_schedule(config.optim, 10_000))
-    state = steps.create_train_state(jax.random.PRNGKey(0), model, size, tx)
-    state = sharding.replicate(state, mesh)
+    state = steps.create_train_state(jax.random.PRNGKey(0), model, size, tx, mesh=mesh)
     rng = np.random.default_rng(0)
     host_batch = {
         "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),

@@ -203,8 +203,9 @@ def tiny_run(mesh: jax.sharding.Mesh) -> dict:
     of 8 whole images; the results as NumPy arrays."""
     config = figaro.get_config()
     examples = make_examples(16, size=24, seed=2)
-    state = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 16, optax.sgd(0.1))
-    state = sharding.replicate(state, mesh)
+    state = steps.create_train_state(
+        jax.random.PRNGKey(0), TinyNet(), 16, optax.sgd(0.1), mesh=mesh
+    )
     train, predict = steps.jit_steps(config, mesh)
     batches = pipeline.train_batches(
         examples, 8, 16, config.augment, 0, 0, jax.process_index(), jax.process_count()

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import figaro
-from hairseg_jax import losses, sharding, steps
+from hairseg_jax import losses, steps
 from hairseg_jax.models import DeepLabV3Plus
 from tests.conftest import TinyNet
 
@@ -231,7 +231,6 @@ def trained() -> dict:
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 100))
     # rbg keys compile faster than threefry's on CPU.
     state = steps.create_train_state(jax.random.key(0, impl="rbg"), model, IMAGE_SIZE, tx)
-    state = sharding.replicate(state, sharding.data_mesh())  # as the step returns it
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     images[:, 10:30, 5:40] = rng.integers(180, 256, (2, 20, 35, 3), np.uint8)
@@ -252,6 +251,7 @@ def trained() -> dict:
         "losses": losses_seen,
         "logits": np.asarray(logits),
         "batch": batch,
+        "train_compiles": train._cache_size(),
     }
 
 
@@ -259,6 +259,11 @@ def test_train_steps_lower_the_loss(trained):
     losses_seen = trained["losses"]
     assert all(np.isfinite(losses_seen)), losses_seen
     assert losses_seen[-1] < losses_seen[0], losses_seen
+
+
+def test_train_step_compiles_once_from_a_created_state(trained):
+    """create_train_state places the state as the step returns it: no second trace."""
+    assert trained["train_compiles"] == 1
 
 
 def test_train_step_counts_steps(trained):
