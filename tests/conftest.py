@@ -30,6 +30,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
+# The overrides of configs/figaro.py:smoke under which test_preemption's runs, test_eval_report's
+# training and test_benchmarks' time_to_dice run compile one and the same train step (64 px,
+# 16-channel heads, batch 4, 8 steps, an EMA): the first compiles it, the others load it from
+# the cache above. A file that changes one of these values for itself compiles its own.
+SHARED_TRAIN_STEP = {
+    "data.image_size": 64,
+    "eval.image_size": 64,
+    "model.aspp_channels": 16,
+    "model.decoder_channels": 16,
+    "train.batch_size": 4,
+    "train.num_steps": 8,
+    "train.ema_decay": 0.9,
+}
+
+
+def config_flags(overrides: dict[str, object]) -> list[str]:
+    """``{"train.num_steps": 8}`` -> ``["--config.train.num_steps=8"]``."""
+    return [f"--config.{name}={value}" for name, value in overrides.items()]
+
 
 # The test files that take longest, longest first (140-190 s of work each down to about 50 s
 # in a 2-worker run on a 2-core CPU, `--durations=0`, 2026-12-03). They start first and the

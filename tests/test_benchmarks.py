@@ -15,7 +15,7 @@ import pytest
 from configs import figaro
 from hairseg_jax import checkpoints, evaluate, files, models
 from hairseg_jax.models import layers
-from tests.conftest import REPO, random_variables, run_python
+from tests.conftest import REPO, SHARED_TRAIN_STEP, config_flags, random_variables, run_python
 
 # Run as on a host without TensorFlow or clu: importing them fails.
 BARE = (
@@ -273,12 +273,7 @@ def test_shrink_then_time_to_dice_without_tensorflow(figaro_dir, tmp_path):
         [
             "--config=configs/figaro.py:smoke",
             f"--config.data.data_dir={copy}",
-            "--config.data.image_size=64",  # test_preemption's train step (a cache hit)
-            "--config.model.aspp_channels=16",
-            "--config.model.decoder_channels=16",
-            "--config.train.num_steps=8",
-            "--config.train.ema_decay=0.9",
-            "--config.eval.image_size=64",
+            *config_flags(SHARED_TRAIN_STEP),  # test_preemption's train step (a cache hit)
             "--config.augment.device_max_side=100",
             "--log_every=2",
             f"--out={summary_file}",

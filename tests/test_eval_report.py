@@ -14,24 +14,20 @@ from configs import figaro
 from hairseg_jax import checkpoints, evaluate, sharding, steps, train
 from hairseg_jax.data import sources
 from hairseg_jax.data.split import HAIR_TYPES
+from tests.conftest import SHARED_TRAIN_STEP
 
-SIZE = 64
+SIZE = SHARED_TRAIN_STEP["data.image_size"]
 PREVIEWS = 2
 
 
 def tiny_config(figaro_dir: Path):
-    """8 steps at 64 px with an EMA: the train step of test_preemption's runs, which the
-    session's compilation cache then holds."""
+    """8 steps at 64 px with an EMA: conftest's ``SHARED_TRAIN_STEP``, which test_preemption's
+    runs compile into the session's compilation cache."""
     config = figaro.get_config("smoke")  # 16 train, 8 val, 8 test images
     config.data.data_dir = str(figaro_dir)
-    config.data.image_size = SIZE
-    config.model.aspp_channels = 16
-    config.model.decoder_channels = 16
-    config.train.num_steps = 8
+    config.update_from_flattened_dict(SHARED_TRAIN_STEP)
     config.train.log_every_steps = 4
     config.train.eval_every_steps = 4
-    config.train.ema_decay = 0.9
-    config.eval.image_size = SIZE
     config.eval.preview_images = PREVIEWS
     return config
 

@@ -20,26 +20,20 @@ import pytest
 from configs import figaro
 from hairseg_jax import models, steps
 from hairseg_jax.weights import convert
-from tests.conftest import run_python
+from tests.conftest import SHARED_TRAIN_STEP, config_flags, run_python
 
 # 8 steps of batch 4 over 8 images (4 epochs), evaluation (2 batches) at 4 and 8, train
 # states also at 2 and 6, an EMA and dropout: everything a resumed run must restore. The
-# train step is test_eval_report's and test_benchmarks' time_to_dice run's too (one compile,
-# then hits in the session's persistent compilation cache).
+# train step is conftest's SHARED_TRAIN_STEP (one compile, then hits in the session's
+# persistent compilation cache).
 TINY = [
     "--config=configs/figaro.py:smoke",
-    "--config.data.image_size=64",
-    "--config.eval.image_size=64",
-    "--config.model.aspp_channels=16",
-    "--config.model.decoder_channels=16",
+    *config_flags(SHARED_TRAIN_STEP),
     "--config.data.max_train_images=8",
     "--config.data.max_val_images=4",
-    "--config.train.batch_size=4",
-    "--config.train.num_steps=8",
     "--config.train.eval_every_steps=4",
     "--config.train.checkpoint_every_steps=2",
     "--config.train.log_every_steps=1",
-    "--config.train.ema_decay=0.9",
     "--config.eval.batch_size=2",
     "--config.eval.preview_images=0",
 ]
