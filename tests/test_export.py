@@ -68,25 +68,27 @@ def test_saved_model_matches_the_jax_model_on_real_images(workdir, exported, pho
     serving = tf.saved_model.load(str(exported)).signatures["serving_default"]
 
     crop = min(p.shape[0] for p in photos), min(p.shape[1] for p in photos)
-    batches = [photos[1][None], np.stack([p[: crop[0], : crop[1]] for p in photos])]
-    for images in batches:  # one photo, then a batch of three of another size
-        probability = serving(images=tf.constant(images))["probability"].numpy()
-        expected = np.asarray(serve(variables, images))
-        assert probability.shape == expected.shape == images.shape[:3]
-        assert np.abs(probability - expected).max() <= 1e-4
-        # The masks at a threshold that cuts this random model's output in half agree but
-        # for ties (its probabilities hover around 0.5 and vary by a few hundredths).
-        cut = np.median(expected)
-        differ = (probability > cut) != (expected > cut)
-        assert (np.abs(expected[differ] - cut) <= 1e-4).all()
-        assert expected.max() - expected.min() > 1e-3
+    images = np.stack([p[: crop[0], : crop[1]] for p in photos])  # a batch of three
+    probability = serving(images=tf.constant(images))["probability"].numpy()
+    expected = np.asarray(serve(variables, images))
+    assert probability.shape == expected.shape == images.shape[:3]
+    assert np.abs(probability - expected).max() <= 1e-4
+    # The masks at a threshold that cuts this random model's output in half agree but for
+    # ties (its probabilities hover around 0.5 and vary by a few hundredths).
+    cut = np.median(expected)
+    differ = (probability > cut) != (expected > cut)
+    assert (np.abs(expected[differ] - cut) <= 1e-4).all()
+    assert expected.max() - expected.min() > 1e-3
 
-    # The in-graph preprocessing is predict mode's: the same mask to within resize rounding.
+    # One photo of another size (the signature's shapes are free): the in-graph preprocessing
+    # is predict mode's, the same mask to within resize rounding. (Each shape costs a compile
+    # in TensorFlow and in JAX, so the exact comparison above is made at one shape.)
     predict_fn = steps.jit_predict(config, tta="flip")
     image = photos[0]
     logits = np.asarray(predict_fn(state, whole_images.resize_image(image, SIZE)[None]))[0]
     host = 1 / (1 + np.exp(-evaluate.resize_logits(logits, *image.shape[:2])[..., 0]))
     graph = serving(images=tf.constant(image[None]))["probability"].numpy()[0]
+    assert graph.shape == host.shape == image.shape[:2]
     cut = np.median(graph)
     assert ((host > cut) == (graph > cut)).mean() > 0.999
 
