@@ -62,7 +62,13 @@ def scores(model, split: str, tta: str, threshold: float) -> dict:
     predict_fn = model["predict"][tta]
     examples = sources.load_examples(model["config"], split, 8)
     summary = evaluate.score_examples(
-        predict_fn, model["state"], examples, SIZE, 4, threshold, model["mesh"]
+        predict_fn,
+        model["state"],
+        examples,
+        SIZE,
+        model["config"].eval.batch_size,
+        threshold,
+        model["mesh"],
     ).summary
     return summary
 
@@ -126,26 +132,29 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(model):
 
 
 def test_multi_scale_tta_averages_each_sizes_logits_at_the_original_resolution(model):
-    # Batches of 4, as the other tests': their predict steps at 64 px are compiled already.
+    # Batches of the config's size, as evaluate's: its predict steps are compiled already.
+    batch = model["config"].eval.batch_size
     examples = sources.load_examples(model["config"], "test", 3)
     multi = evaluate.full_resolution_logits(
         steps.jit_predict(model["config"], tta="flip", with_plain=True),
         model["state"],
         examples,
         SIZE,
-        4,
+        batch,
         tta_sizes=(48,),
     )
     single = {
         size: dict(
             evaluate.full_resolution_logits(
-                model["predict"]["flip"], model["state"], examples, size, 4
+                model["predict"]["flip"], model["state"], examples, size, batch
             )
         )
         for size in (SIZE, 48)
     }
     plain = dict(
-        evaluate.full_resolution_logits(model["predict"]["none"], model["state"], examples, SIZE, 4)
+        evaluate.full_resolution_logits(
+            model["predict"]["none"], model["state"], examples, SIZE, batch
+        )
     )
     indices = []
     for index, logits in multi:
@@ -171,7 +180,7 @@ def test_multi_scale_eval_reports_the_plain_model_beside_it(trained, model, figa
         model["state"],
         examples,
         SIZE,
-        4,
+        config.eval.batch_size,
         report["threshold"],
         tta_sizes=(48,),
     ).summary
