@@ -154,18 +154,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         jax.process_count(),
     )
 
-    state, schedule = steps.initial_train_state(
-        config, models.build_model(config.model), total_steps, mesh
-    )
     latest = checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
     best = checkpoints.best_manager(workdir)
     resume_step = latest.latest_step()
-    if resume_step is None and config.model.get("pretrained"):  # a resumed run has its weights
-        state = sharding.replicate(load_pretrained(state, config.model), mesh)
-    parameter_overview.log_parameter_overview(state.params)
+    # Resuming, only the state's shapes are made (nothing is initialised) to restore into.
+    state, schedule = steps.initial_train_state(
+        config,
+        models.build_model(config.model),
+        total_steps,
+        mesh,
+        abstract=resume_step is not None,
+    )
     if resume_step is not None:
         state = checkpoints.restore(latest, resume_step, state)
         logging.info("Resumed from step %d of %s.", int(state.step), latest.directory)
+    elif config.model.get("pretrained"):  # a resumed run has its weights in the checkpoint
+        state = sharding.replicate(load_pretrained(state, config.model), mesh)
+    parameter_overview.log_parameter_overview(state.params)
     start_step = int(state.step)
 
     train_step, predict_step = steps.jit_steps(config, mesh)

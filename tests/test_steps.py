@@ -377,6 +377,19 @@ def test_variable_shapes_are_the_initialised_variables_without_values():
     assert describe(shapes) == describe(variables)
 
 
+def test_abstract_train_state_has_the_created_states_shapes_and_placement():
+    """What a resumed run restores into: the created state's tree, shapes, dtypes and
+    shardings, with nothing initialised."""
+    model, tx = TinyNet(), optax.sgd(0.1, momentum=0.9)
+    state = steps.create_train_state(jax.random.key(0), model, 4, tx, ema=True)
+    abstract = steps.create_train_state(jax.random.key(0), model, 4, tx, ema=True, abstract=True)
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    for shape, array in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
+        assert isinstance(shape, jax.ShapeDtypeStruct)
+        assert (shape.shape, shape.dtype) == (array.shape, array.dtype)
+        assert shape.sharding == array.sharding
+
+
 def test_inference_state_predicts_like_the_train_state():
     state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, optax.sgd(0.1))
     state = state.replace(batch_stats={"BatchNorm_0": {"mean": jnp.ones(4), "var": jnp.ones(4)}})

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import monitoring
 
 from configs import synthetic
 from hairseg_jax import checkpoints, config_checks, evaluate, models, steps, train
@@ -52,11 +53,19 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path):
     assert (tmp_path / "config.json").is_file()
 
     # Resumed, a run does not read config.model.pretrained again (its weights are in the
-    # checkpoint): a file gone since does not stop it.
+    # checkpoint): a file gone since does not stop it. Nor does it initialise the model: the
+    # state is restored into its shapes, so nothing is lowered to XLA (let alone compiled).
     config = tiny_config()
     config.model.pretrained = str(tmp_path / "gone.msgpack")
     config.train.allow_config_change = True
-    assert train.train_and_evaluate(config, tmp_path) == {}  # at step 4 of 4: nothing to do
+    lowered = []
+    listener = lambda event, secs, **kwargs: lowered.append(event)  # noqa: E731
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        assert train.train_and_evaluate(config, tmp_path) == {}  # at step 4 of 4: nothing to do
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert "/jax/core/compile/jaxpr_to_mlir_module_duration" not in lowered
 
 
 def test_batch_larger_than_the_training_set_stops_before_any_work(tmp_path):
