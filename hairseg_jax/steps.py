@@ -122,6 +122,7 @@ def create_train_state(
             tx=tx,
             batch_stats=variables.get("batch_stats", {}),
             rng=dropout_rng,
+            # Buffers of its own: the train step donates both trees.
             ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema else None,
         )
 
