@@ -67,11 +67,13 @@ def load_pretrained(
     )
     logging.info("Loaded pretrained weights from %s.", model_config.pretrained)
     params = variables["params"]
+    # Jitted: one program each, not one small compile per leaf shape.
+    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # buffers of its own
     return state.replace(
         params=params,
         batch_stats=variables["batch_stats"],
-        opt_state=state.tx.init(params),
-        ema_params=None if state.ema_params is None else jax.tree.map(jnp.copy, params),
+        opt_state=jax.jit(state.tx.init)(params),
+        ema_params=None if state.ema_params is None else copy(params),
     )
 
 
