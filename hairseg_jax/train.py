@@ -12,10 +12,10 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from hairseg_jax import checkpoints, config_checks, evaluate, files, models, sharding, steps
 from hairseg_jax.data import device_augment, pipeline, sources
@@ -55,26 +55,18 @@ def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 def load_pretrained(
-    state: steps.TrainState, model_config: ml_collections.ConfigDict
+    state: steps.TrainState, model_config: ml_collections.ConfigDict, mesh: Mesh | None = None
 ) -> steps.TrainState:
-    """``state`` with the weights named by ``model_config.pretrained`` (see
-    ``hairseg_jax.weights.convert.load_pretrained``), its EMA (if kept) starting from them and
-    a fresh optimizer state."""
+    """``state`` restarted (``steps.restarted_state``) from the weights named by
+    ``model_config.pretrained`` (see ``hairseg_jax.weights.convert.load_pretrained``),
+    replicated over ``mesh`` (default: every device)."""
     variables = convert.load_pretrained(
         model_config.pretrained,
         {"params": state.params, "batch_stats": state.batch_stats},
         model_config,
     )
     logging.info("Loaded pretrained weights from %s.", model_config.pretrained)
-    params = variables["params"]
-    # Jitted: one program each, not one small compile per leaf shape.
-    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # buffers of its own
-    return state.replace(
-        params=params,
-        batch_stats=variables["batch_stats"],
-        opt_state=jax.jit(state.tx.init)(params),
-        ema_params=None if state.ema_params is None else copy(params),
-    )
+    return steps.restarted_state(state, variables, mesh)
 
 
 @contextlib.contextmanager
@@ -171,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state = checkpoints.restore(latest, resume_step, state)
         logging.info("Resumed from step %d of %s.", int(state.step), latest.directory)
     elif config.model.get("pretrained"):  # a resumed run has its weights in the checkpoint
-        state = sharding.replicate(load_pretrained(state, config.model), mesh)
+        state = load_pretrained(state, config.model, mesh)
     parameter_overview.log_parameter_overview(state.params)
     start_step = int(state.step)
 

@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from hairseg_jax import models, steps, train
+from hairseg_jax import models, sharding, steps, train
 from hairseg_jax.weights import convert
 from hairseg_jax.weights.tensors import ConversionError, load_state_dict
 from tests.conftest import REPO, run_python
@@ -255,6 +255,9 @@ def test_training_starts_from_a_converted_backbone(resnet18_file, tmp_path, capl
     same(state.ema_params["backbone"], want["params"])
     same(state.batch_stats["backbone"], want["batch_stats"])
     same(state.params["aspp"], fresh.params["aspp"])
+    # Placed as the jitted steps take it: replicated over every device.
+    replicated = sharding.replicated(sharding.data_mesh())
+    assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(state))
 
 
 def test_training_loads_config_model_pretrained(resnet18_file, tmp_path):
