@@ -49,8 +49,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         need(data[field] >= 0, f"data.{field}", "must not be negative (0: all)")
     need(data.image_size > 0, "data.image_size", "must be positive")
     inp = config.input
-    need(len(inp.mean) == 3, "input.mean", "must hold 3 values (one per channel)")
-    need(len(inp.std) == 3 and min(inp.std) > 0, "input.std", "must hold 3 positive values")
+    need(len(inp.mean) in (1, 3), "input.mean", "must hold 1 value (for all channels) or 3")
+    need(
+        len(inp.std) in (1, 3) and min(inp.std, default=0) > 0,
+        "input.std",
+        "must hold 1 positive value (for all channels) or 3",
+    )
     need(inp.channel_order in ("RGB", "BGR"), "input.channel_order", "must be RGB or BGR")
     sizes, ends = data.progressive_sizes, [0.0, *data.progressive_until, 1.0]
     need(all(size > 0 for size in sizes), "data.progressive_sizes", "must be positive")

@@ -46,9 +46,18 @@ BAD_VALUES = [
     ("data.max_train_images", -1, "data.max_train_images=-1 must not be negative (0: all)"),
     ("data.max_val_images", -2, "data.max_val_images=-2 must not be negative (0: all)"),
     ("data.image_size", 0, "data.image_size=0 must be positive"),
-    ("input.mean", (0.5,), "input.mean=(0.5,) must hold 3 values (one per channel)"),
-    ("input.std", (1.0, 0.0, 1.0), "input.std=(1.0, 0.0, 1.0) must hold 3 positive values"),
-    ("input.std", (1.0, 1.0), "input.std=(1.0, 1.0) must hold 3 positive values"),
+    ("input.mean", (0.5, 0.5), "input.mean=(0.5, 0.5) must hold 1 value (for all channels) or 3"),
+    (
+        "input.std",
+        (1.0, 0.0, 1.0),
+        "input.std=(1.0, 0.0, 1.0) must hold 1 positive value (for all channels) or 3",
+    ),
+    (
+        "input.std",
+        (1.0, 1.0),
+        "input.std=(1.0, 1.0) must hold 1 positive value (for all channels) or 3",
+    ),
+    ("input.std", (), "input.std=() must hold 1 positive value (for all channels) or 3"),
     ("input.channel_order", "bgr", "input.channel_order='bgr' must be RGB or BGR"),
     ("data.progressive_sizes", (0,), "data.progressive_sizes=(0,) must be positive"),
     (
@@ -203,6 +212,13 @@ def test_every_rule_has_a_bad_value_case():
         if not any(m.startswith(f"{field}=") and f" {rule}" in m for m in messages)
     ]
     assert not untested, f"rules of problems() with no case in BAD_VALUES: {untested}"
+
+
+def test_one_mean_and_std_stand_for_all_three_channels():
+    """As README gives them for the original project's checkpoints (mean 98, std 80)."""
+    config = figaro.get_config()
+    config.input.mean, config.input.std = (98,), (80,)
+    assert problems(config) == []
 
 
 @pytest.mark.parametrize("until", [(0.7, 0.4), (0.5, 1.0), (0.0, 0.5), (0.5,)])

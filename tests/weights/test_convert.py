@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from hairseg_jax import models, sharding, steps, train
+from hairseg_jax import config_checks, models, sharding, steps, train
 from hairseg_jax.weights import convert
 from hairseg_jax.weights.tensors import ConversionError, load_state_dict
 from tests.conftest import REPO, run_python
@@ -218,6 +218,7 @@ def test_original_checkpoint_with_its_preprocessing(torch, reference, tmp_path, 
         "--config.input.std=80",
     )
     assert tuple(config.input.mean) == (98,) and tuple(config.input.std) == (80,)
+    config_checks.check_config(config)  # README's command for these files passes the checks
     state = zero_state(models.build_model(config.model))
     state = train.load_pretrained(state, config.model)
     _, predict_step = steps.jit_steps(config)
