@@ -2,16 +2,18 @@
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 
 def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     """Writes ``data`` to a temporary file beside ``path``, then renames it to ``path``: a
-    reader, or a crash, never sees a partial file."""
+    reader, or a crash, never sees a partial file. The file gets the permissions of any new
+    file (0666 less the umask), not ``tempfile``'s owner-only 0600."""
     path = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

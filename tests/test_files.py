@@ -30,3 +30,14 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_pat
         files.write_atomically(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path, umask):
+    """0666 less the umask, as ``open`` gives (others can read reports and configs)."""
+    old = os.umask(umask)
+    try:
+        files.write_json(tmp_path / "eval_test.json", {"dice": 0.5})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "eval_test.json").stat().st_mode & 0o777 == 0o666 & ~umask
