@@ -460,6 +460,25 @@ def test_an_overflowing_update_is_refused_like_a_nonfinite_loss():
     jax.tree.map(np.testing.assert_array_equal, state.params, before)
 
 
+def test_nonfinite_batch_norm_statistics_are_refused_though_the_loss_is_finite():
+    """Training normalises by the batch's own statistics, so an infinite running variance
+    leaves the loss finite; the step must still be refused rather than committed."""
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, optax.sgd(0.1))
+    state = state.replace(
+        batch_stats=jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.inf), state.batch_stats)
+    )
+    batch = {
+        "image": np.full((2, 4, 4, 3), 100, np.uint8),
+        "mask": np.ones((2, 4, 4), np.uint8),
+    }
+    before = jax.tree.map(np.array, state.params)
+    state, metrics = jax.jit(lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0))(
+        state, batch
+    )
+    assert np.isfinite(metrics["loss"]) and metrics["nonfinite"]
+    jax.tree.map(np.testing.assert_array_equal, state.params, before)
+
+
 def test_initial_weights_are_those_of_the_plain_threefry_key():
     """create_train_state draws under the unrolled key: the weights model.init gives."""
     key = jax.random.PRNGKey(3)
