@@ -91,6 +91,12 @@ def create_optimizer(
     )
 
 
+def optimizer_count(opt_state: Any) -> int:
+    """The optimizer's step count, its schedule's position: the steps it applied (skipped
+    non-finite steps left out)."""
+    return int(optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1])
+
+
 def create_train_state(
     rng: jax.Array,
     model: nn.Module,
@@ -243,7 +249,8 @@ def train_step(
 
     A bad step, one whose loss, gradients, updated params or BatchNorm statistics are not all
     finite, changes nothing but the step count: params, optimizer state, BatchNorm statistics
-    and EMA stay as they were, and the returned ``"nonfinite"`` flag is True (the caller stops or skips).
+    and EMA stay as they were, and the returned ``"nonfinite"`` flag is True (the caller
+    stops or skips).
     """
     images = preprocess(batch["image"])
     # The same dropout masks as the plain key gives, drawn in one fused pass on CPU.

@@ -198,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     train_metrics = None
     val_summary = {}
     unchecked = []  # (step, its "nonfinite" flag on the device) not read yet
-    skipped = 0
+    skipped = start_step - steps.optimizer_count(state.opt_state)  # by earlier runs too
 
     def check_steps() -> None:
         """Stops at the first bad step among the unchecked ones, or counts them as skipped."""

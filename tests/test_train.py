@@ -232,3 +232,12 @@ def test_skip_nonfinite_skips_the_bad_step_and_goes_on(tmp_path, pixel_net, monk
     assert "train_loss=nan" not in caplog.text  # the mean loss leaves the bad step out
     assert np.isfinite(summary["loss"])
     assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
+
+    # Resumed, it still counts the skipped step, and so logs the rate the optimizer uses.
+    caplog.clear()
+    config.train.num_steps, config.train.allow_config_change = 6, True
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(config, tmp_path)
+    assert "train_skipped_steps=1" in caplog.text
+    rate = steps.learning_rate_schedule(config.optim, 6)(4)  # step 6 is the 5th update
+    assert f"[6] learning_rate={float(rate)}," in caplog.text
