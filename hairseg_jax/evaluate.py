@@ -29,8 +29,7 @@ from hairseg_jax import (
     sharding,
     steps,
 )
-from hairseg_jax.data import sources, whole_images
-from hairseg_jax.data import split as figaro_split
+from hairseg_jax.data import figaro1k, sources, whole_images
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.weights import convert
 
@@ -249,7 +248,7 @@ def preview_panels(
 def hair_type(name: str) -> str:
     """The Figaro1k hair type of a frame name, "" for other names (e.g. synthetic images)."""
     try:
-        return figaro_split.hair_type(name)
+        return figaro1k.hair_type(name)
     except ValueError:
         return ""
 
@@ -257,7 +256,7 @@ def hair_type(name: str) -> str:
 def per_hair_type(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Mean Dice and IoU and the image count of each hair type present in ``rows``."""
     report = {}
-    for kind in figaro_split.HAIR_TYPES:
+    for kind in figaro1k.HAIR_TYPES:
         typed = [row for row in rows if row["hair_type"] == kind]
         if typed:
             report[kind] = {

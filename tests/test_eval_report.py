@@ -13,7 +13,7 @@ from PIL import Image
 from configs import figaro
 from hairseg_jax import checkpoints, evaluate, sharding, steps, train
 from hairseg_jax.data import sources
-from hairseg_jax.data.split import HAIR_TYPES
+from hairseg_jax.data.figaro1k import HAIR_TYPES
 from tests.conftest import SHARED_TRAIN_STEP
 
 SIZE = SHARED_TRAIN_STEP["data.image_size"]

@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,10 @@ from hairseg_jax.data.examples import Examples
 
 SPLITS = ("train", "val", "test")
 MASK_SOURCES = ("auto", "pbm", "npy")
+HAIR_TYPES = ("straight", "wavy", "curly", "kinky", "braids", "dreadlocks", "short")
+FRAMES_PER_TYPE = 150  # Frame00001-00150 are straight, 00151-00300 wavy, ...
+NUM_FRAMES = FRAMES_PER_TYPE * len(HAIR_TYPES)
+_FRAME_RE = re.compile(r"Frame(\d{5})(?:-org\.jpg|-gt\.pbm|\.npy)?")
 
 
 class DataError(ValueError):
@@ -52,6 +57,23 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
 def frame_name(image_file: str) -> str:
     """``"Frame00001-org.jpg"`` -> ``"Frame00001"``."""
     return Path(image_file).name.removesuffix(".jpg").removesuffix("-org")
+
+
+def frame_number(frame: str) -> int:
+    """The number N of a frame named like "FrameNNNNN", with an optional file suffix."""
+    match = _FRAME_RE.fullmatch(frame)
+    number = int(match.group(1)) if match else 0
+    if not 1 <= number <= NUM_FRAMES:
+        raise ValueError(
+            f"Not a Figaro1k frame: {frame!r}; expected 'FrameNNNNN' with NNNNN in "
+            f"00001..{NUM_FRAMES:05d}, optionally followed by '-org.jpg', '-gt.pbm' or '.npy'."
+        )
+    return number
+
+
+def hair_type(frame: str) -> str:
+    """The hair type of a frame ("Frame00123", "Frame00123-org.jpg", ...)."""
+    return HAIR_TYPES[(frame_number(frame) - 1) // FRAMES_PER_TYPE]
 
 
 def mask_candidates(data_dir: Path, annotation: str, mask_source: str) -> list[Path]:

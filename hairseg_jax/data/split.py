@@ -8,7 +8,6 @@ Lists ``DIR/GT/images/*-org.jpg``, splits the frames so that every hair type is 
 same fractions, and writes the split as JSON in the original project's format.
 """
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,36 +15,13 @@ import numpy as np
 from absl import app, flags
 
 from hairseg_jax import files
-from hairseg_jax.data.figaro1k import SPLITS
-
-HAIR_TYPES = ("straight", "wavy", "curly", "kinky", "braids", "dreadlocks", "short")
-FRAMES_PER_TYPE = 150
-NUM_FRAMES = FRAMES_PER_TYPE * len(HAIR_TYPES)
+from hairseg_jax.data.figaro1k import HAIR_TYPES, SPLITS, frame_number, hair_type
 
 
-_FRAME_RE = re.compile(r"Frame(\d{5})(?:-org\.jpg|-gt\.pbm|\.npy)?")
-
-
-def _frame_number(frame: str) -> int:
-    """Returns the number N of a frame named like "FrameNNNNN", with an optional file suffix."""
-    match = _FRAME_RE.fullmatch(frame)
-    number = int(match.group(1)) if match else 0
-    if not 1 <= number <= NUM_FRAMES:
-        raise ValueError(
-            f"Not a Figaro1k frame: {frame!r}; expected 'FrameNNNNN' with NNNNN in "
-            f"00001..{NUM_FRAMES:05d}, optionally followed by '-org.jpg', '-gt.pbm' or '.npy'."
-        )
-    return number
-
-
-def frame_name(frame: str) -> str:
-    """Returns the bare frame name, e.g. "Frame00123" for "Frame00123-org.jpg"."""
-    return f"Frame{_frame_number(frame):05d}"
-
-
-def hair_type(frame: str) -> str:
-    """Returns the hair type of a frame ("Frame00123", "Frame00123-org.jpg", ...)."""
-    return HAIR_TYPES[(_frame_number(frame) - 1) // FRAMES_PER_TYPE]
+def bare_frame(frame: str) -> str:
+    """The bare frame name, e.g. "Frame00123" for "Frame00123-org.jpg" (ValueError if not a
+    Figaro1k frame)."""
+    return f"Frame{frame_number(frame):05d}"
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -69,7 +45,7 @@ def stratified_split(
     within one frame of its fraction of every type. Returns bare frame names, sorted.
     """
     fractions = _check_fractions(fractions)
-    names = sorted({frame_name(f) for f in frames})
+    names = sorted({bare_frame(f) for f in frames})
     if len(names) != len(frames):
         raise ValueError(f"Frames must be unique; got {len(frames) - len(names)} duplicates.")
     rng = np.random.default_rng(seed)
@@ -87,7 +63,7 @@ def split_to_json(split: dict[str, Sequence[str]]) -> dict[str, list[dict[str, s
     """Returns the split in the original project's train_val_test.json format."""
     return {
         name: [
-            {"annotation": f"{frame_name(f)}.npy", "image": f"{frame_name(f)}-org.jpg"}
+            {"annotation": f"{bare_frame(f)}.npy", "image": f"{bare_frame(f)}-org.jpg"}
             for f in frames
         ]
         for name, frames in split.items()

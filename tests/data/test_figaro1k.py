@@ -8,14 +8,15 @@ import pytest
 from PIL import Image
 
 from hairseg_jax.data.figaro1k import (
+    HAIR_TYPES,
     DataError,
+    hair_type,
     locate,
     read_example,
     read_image,
     read_split,
     spread,
 )
-from hairseg_jax.data.split import HAIR_TYPES, hair_type
 from tests.data.conftest import as_npy, entry, random_image, random_mask, write_frame, write_split
 
 # The frames of the real Figaro1k that also have an original-format .npy mask.
@@ -25,6 +26,37 @@ NPY_FRAMES = [f"Frame{i:05d}" for i in range(1, 1051, 50)]
 def read_entry(root: Path, item: dict[str, str], mask_source: str):
     """Locates and decodes one split entry."""
     return read_example(*locate(root, item, mask_source))
+
+
+# Frame names.
+
+
+@pytest.mark.parametrize(
+    ("frame", "kind"),
+    [
+        ("Frame00001", "straight"),
+        ("Frame00150", "straight"),
+        ("Frame00151", "wavy"),
+        ("Frame00300-org.jpg", "wavy"),
+        ("Frame00301.npy", "curly"),
+        ("Frame00600", "kinky"),
+        ("Frame00601-gt.pbm", "braids"),
+        ("Frame00751", "dreadlocks"),
+        ("Frame00901", "short"),
+        ("Frame01050", "short"),
+    ],
+)
+def test_hair_type(frame: str, kind: str):
+    assert hair_type(frame) == kind
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["Frame00000", "Frame01051", "Frame123", "frame00001", "Frame00001.png", "", "x/Frame00001"],
+)
+def test_hair_type_rejects(frame: str):
+    with pytest.raises(ValueError, match="Not a Figaro1k frame"):
+        hair_type(frame)
 
 
 # Real data.

@@ -6,13 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hairseg_jax.data.split import (
-    HAIR_TYPES,
-    frame_name,
-    hair_type,
-    split_to_json,
-    stratified_split,
-)
+from hairseg_jax.data.figaro1k import HAIR_TYPES, hair_type
+from hairseg_jax.data.split import bare_frame, split_to_json, stratified_split
 from tests.conftest import run_python
 
 SYNTHETIC_FRAMES = [f"Frame{i:05d}-org.jpg" for i in range(1, 1051)]
@@ -29,40 +24,12 @@ def frames(request: pytest.FixtureRequest) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize(
-    ("frame", "kind"),
-    [
-        ("Frame00001", "straight"),
-        ("Frame00150", "straight"),
-        ("Frame00151", "wavy"),
-        ("Frame00300-org.jpg", "wavy"),
-        ("Frame00301.npy", "curly"),
-        ("Frame00600", "kinky"),
-        ("Frame00601-gt.pbm", "braids"),
-        ("Frame00751", "dreadlocks"),
-        ("Frame00901", "short"),
-        ("Frame01050", "short"),
-    ],
-)
-def test_hair_type(frame: str, kind: str):
-    assert hair_type(frame) == kind
-
-
-@pytest.mark.parametrize(
-    "frame",
-    ["Frame00000", "Frame01051", "Frame123", "frame00001", "Frame00001.png", "", "x/Frame00001"],
-)
-def test_hair_type_rejects(frame: str):
-    with pytest.raises(ValueError, match="Not a Figaro1k frame"):
-        hair_type(frame)
-
-
 def test_default_split(frames: list[str]):
     split = stratified_split(frames)
     assert list(split) == ["train", "val", "test"]
     assert [len(v) for v in split.values()] == [735, 210, 105]
     names = [n for v in split.values() for n in v]
-    assert sorted(names) == sorted(frame_name(f) for f in frames)  # complete and disjoint
+    assert sorted(names) == sorted(bare_frame(f) for f in frames)  # complete and disjoint
     for fraction, part in zip((0.7, 0.2, 0.1), split.values(), strict=True):
         assert part == sorted(part)
         types = [hair_type(n) for n in part]
@@ -130,9 +97,9 @@ def test_cli_writes_split(data_dir: Path, tmp_path: Path):
     written = json.loads(out.read_text())
     expected = stratified_split(SYNTHETIC_FRAMES, seed=1)
     assert written == split_to_json(expected)
-    assert {k: [frame_name(e["image"]) for e in v] for k, v in written.items()} == expected
+    assert {k: [bare_frame(e["image"]) for e in v] for k, v in written.items()} == expected
     assert all(
-        frame_name(e["annotation"]) == frame_name(e["image"]) for v in written.values() for e in v
+        bare_frame(e["annotation"]) == bare_frame(e["image"]) for v in written.values() for e in v
     )
 
     before = out.read_text()
