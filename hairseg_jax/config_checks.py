@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from hairseg_jax.data.figaro1k import MASK_SOURCES, SPLITS
 from hairseg_jax.models.deeplab import BACKBONE_NAMES
@@ -136,15 +137,6 @@ RESUMABLE_FIELDS = (
 )
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat |= _flatten(value, f"{prefix}.{key}" if prefix else key)
-    return flat
-
-
 def saved_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """The config training saved in ``workdir/config.json``, parsed; None if there is none.
 
@@ -170,8 +162,8 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
     Fields in ``RESUMABLE_FIELDS`` are not compared, nor fields that only one of the two has
     (added or removed by another version of the code).
     """
-    old = _flatten(saved)
-    new = _flatten(json.loads(config.to_json_best_effort()))
+    old = traverse_util.flatten_dict(saved, sep=".")
+    new = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
     resumable = lambda field: any(  # noqa: E731
         field == name or field.startswith(name + ".") for name in RESUMABLE_FIELDS
     )

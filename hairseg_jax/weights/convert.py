@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hairseg_jax import files
+from hairseg_jax import files, steps
 from hairseg_jax.models.deeplab import DeepLabV3Plus
 from hairseg_jax.models.resnet import BACKBONES
 from hairseg_jax.weights.tensors import (
@@ -120,10 +120,7 @@ def _backbone_tensors(state: StateDict, backbone: str) -> Variables:
 @functools.cache
 def _model_template(backbone: str) -> Variables:
     """Shapes of a DeepLabV3+ model's variables with the original's head widths."""
-    model = DeepLabV3Plus(backbone=backbone)
-    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
-    return {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+    return steps.variable_shapes(DeepLabV3Plus(backbone=backbone), 64)
 
 
 def _backbone_part(variables: Variables) -> Variables:
