@@ -39,7 +39,7 @@ def serving_function(config: ml_collections.ConfigDict) -> Callable[[Any, jax.Ar
     and resizes the logits back bilinearly before the sigmoid.
     """
     model = models.build_model(config.model)
-    size = config.predict.image_size or config.eval.image_size
+    size = evaluate.predictor_settings(config, "predict")["image_size"]
     preprocess = steps.preprocess_fn(config)
     tta = config.predict.tta
 
@@ -72,8 +72,9 @@ def export(
     state, weights, step = evaluate.load_state(
         config, workdir, sharding.data_mesh(jax.devices()[:1])
     )
+    settings = evaluate.predictor_settings(config, "predict")
     threshold, source = evaluate.resolve_threshold(
-        config.predict.threshold, workdir, step, evaluate.predictor_settings(config, "predict")
+        config.predict.threshold, workdir, step, settings
     )
     variables = jax.device_get(steps.inference_variables(state))
 
@@ -104,7 +105,7 @@ def export(
         "step": step,
         "threshold": threshold,
         "threshold_source": source,
-        "image_size": config.predict.image_size or config.eval.image_size,
+        "image_size": settings["image_size"],
         "tta": config.predict.tta,
         "input": "images: uint8 RGB (batch, height, width, 3)",
         "output": "probability: float32 (batch, height, width); hair where > threshold",

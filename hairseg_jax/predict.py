@@ -160,10 +160,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             ) from e
     mesh = sharding.data_mesh()
     state, weights, step = evaluate.load_state(config, workdir, mesh)
-    threshold, source = evaluate.resolve_threshold(
-        pc.threshold, workdir, step, evaluate.predictor_settings(config, "predict")
-    )
-    image_size = pc.image_size or config.eval.image_size
+    settings = evaluate.predictor_settings(config, "predict")
+    threshold, source = evaluate.resolve_threshold(pc.threshold, workdir, step, settings)
+    image_size = settings["image_size"]
     batch_size = sharding.padded_batch_size(pc.batch_size, mesh)
     predict_fn = steps.jit_predict(config, mesh, tta=pc.tta)
     logging.info(
