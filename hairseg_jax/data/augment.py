@@ -14,6 +14,10 @@ import tensorflow as tf
 
 from hairseg_jax.data.affine import crop_map_rows
 
+# TensorFlow runs the host-side input only: keep it off the GPUs JAX uses. This is the first
+# module of the package to import it (pipeline.py imports this one).
+tf.config.set_visible_devices([], "GPU")
+
 
 def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
     return tf.random.stateless_uniform([], seed, low, high)
@@ -109,7 +113,7 @@ def train_transform(
     """
     if not cfg.enabled:
         mask = tf.image.resize(mask[..., None], [size, size], method="nearest")[..., 0]
-        return eval_transform(image, size), mask
+        return resize_whole_image(image, size), mask
     seeds = tf.random.experimental.stateless_split(seed, num=11)
     shape = tf.shape(image)
     affine = sample_affine(seeds[:7], shape[0], shape[1], size, cfg)
@@ -119,7 +123,8 @@ def train_transform(
     return tf.cast(tf.round(image * 255.0), tf.uint8), mask
 
 
-def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resizes a whole uint8 image to ``size`` x ``size`` (no crop), antialiased."""
+def resize_whole_image(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Resizes a whole uint8 image to ``size`` x ``size`` (no crop), antialiased, as
+    evaluation resizes it in NumPy (``whole_images.resize_image``)."""
     resized = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
     return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)

@@ -15,8 +15,6 @@ import tensorflow_datasets as tfds
 from hairseg_jax.data import augment
 from hairseg_jax.data.examples import Examples
 
-tf.config.set_visible_devices([], "GPU")
-
 # Training streams not yet garbage-collected. One still open when Python shuts down can hang
 # it: tf.data's destructor waits for its map calls, whose ``numpy_function`` needs the GIL,
 # which other threads can no longer take once finalisation has begun.

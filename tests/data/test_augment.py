@@ -151,7 +151,7 @@ def test_disabled_resizes_whole_image_and_mask_like_evaluation(picture):
     cfg = augment_config(**{**STRONG.to_dict(), "enabled": False, "brightness": 0.5, "hue": 0.2})
     out_image, out_mask = transform(image, mask, 0, 48, cfg)
     again_image, again_mask = transform(image, mask, 1, 48, cfg)
-    expected = augment.eval_transform(tf.constant(image), 48).numpy()
+    expected = augment.resize_whole_image(tf.constant(image), 48).numpy()
     np.testing.assert_array_equal(out_image, expected)
     np.testing.assert_array_equal(again_image, out_image)
     np.testing.assert_array_equal(again_mask, out_mask)
@@ -207,15 +207,15 @@ def test_colour_jitter_changes_image_not_mask(picture):
 
 
 @pytest.mark.parametrize("size", [16, 50])
-def test_eval_transform_resizes_to_square_uint8(picture, size):
+def test_resize_whole_image_resizes_to_square_uint8(picture, size):
     image, _ = picture
-    out = augment.eval_transform(tf.constant(image), size).numpy()
+    out = augment.resize_whole_image(tf.constant(image), size).numpy()
     assert out.dtype == np.uint8 and out.shape == (size, size, 3)
     # Only the two colours of the picture and blends of them appear.
     assert out.min() >= 20 and out.max() <= 230
 
 
-def test_eval_transform_keeps_constant_images():
+def test_resize_whole_image_keeps_constant_images():
     image = np.full((30, 20, 3), (12, 200, 99), np.uint8)
-    out = augment.eval_transform(tf.constant(image), 24).numpy()
+    out = augment.resize_whole_image(tf.constant(image), 24).numpy()
     np.testing.assert_array_equal(out, np.full((24, 24, 3), (12, 200, 99), np.uint8))
