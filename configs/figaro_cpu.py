@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.loss.dice_weight = 0.5
     config.train.ema_decay = 0.998
-    # 2520 steps (45 per epoch): 1512 of 0.75 s at 96 px, 1008 of 1.9 s at 160 px on 2 cores.
+    # 2520 steps (45 per epoch): 1512 of 0.54 s at 96 px, 1008 of 1.30 s at 160 px on 2 cores
+    # (README: What progressive resizing buys).
     config.train.num_epochs = 56
     config.train.eval_every_steps = 280  # about every 6 epochs: more of the hour trains
     # Random resized crops show hair larger than a whole training-size image does; whole

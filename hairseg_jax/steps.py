@@ -40,7 +40,7 @@ def normalize(
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup, then poly or cosine decay to zero at ``total_steps``.
+    """Linear warmup, then poly or cosine decay to zero at ``total_steps`` (or a constant rate).
 
     Args:
       config: ``config.optim`` with learning_rate, schedule ("poly", "cosine" or "constant"),

@@ -1,7 +1,8 @@
 """DeepLabV3+ with a ResNet or MobileNetV2 backbone.
 
 Submodule names mirror the PyTorch project jfzhang95/pytorch-deeplab-xception (``aspp/aspp2/
-atrous_conv``, ``decoder/last_conv_4`` ...) so that its checkpoints can be imported later.
+atrous_conv``, ``decoder/last_conv_4`` ...), so its checkpoints convert name for name
+(``weights.convert.convert_original_deeplab``).
 """
 
 from collections.abc import Sequence
