@@ -246,9 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
             if log_now:
                 skip_count = {"train_skipped_steps": skipped} if config.train.skip_nonfinite else {}
+                # No mean loss when every step since the last log was skipped (not NaN).
+                losses = train_metrics.compute() if train_metrics.loss.count else {}
                 writer.write_scalars(
                     step,
-                    {f"train_{k}": v for k, v in train_metrics.compute().items()}
+                    {f"train_{k}": v for k, v in losses.items()}
                     # The step's rate: the optimizer's count leaves out skipped steps.
                     | {"learning_rate": schedule(step - 1 - skipped)}
                     | skip_count,

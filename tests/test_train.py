@@ -221,6 +221,7 @@ def test_skip_nonfinite_skips_the_bad_step_and_goes_on(tmp_path, pixel_net, monk
     nan_image_at(monkeypatch, 3)
     config = tiny_config()
     config.train.skip_nonfinite = True
+    config.train.log_every_steps = 1  # step 3's window holds the bad step alone
 
     with caplog.at_level(logging.INFO):
         summary = train.train_and_evaluate(config, tmp_path)
@@ -230,6 +231,7 @@ def test_skip_nonfinite_skips_the_bad_step_and_goes_on(tmp_path, pixel_net, monk
     rate = steps.learning_rate_schedule(config.optim, 4)(2)  # step 4 is the 3rd update
     assert f"[4] learning_rate={float(rate)}," in caplog.text
     assert "train_loss=nan" not in caplog.text  # the mean loss leaves the bad step out
+    assert "[3] learning_rate=" in caplog.text and "[3] train_loss" not in caplog.text
     assert np.isfinite(summary["loss"])
     assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 4]
 
