@@ -2,7 +2,8 @@
 
 Orbax writes each checkpoint into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>``
 when complete, so a process killed while saving leaves only that temporary folder: it is never
-restored from, and the next manager on the folder deletes it.
+restored from, and the next manager on the folder deletes it (in the background, at the latest
+before its first save).
 """
 
 import os

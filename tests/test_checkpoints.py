@@ -1,0 +1,54 @@
+"""The workdir's orbax checkpoint managers: latest train states and the best model."""
+
+import math
+
+import numpy as np
+
+from hairseg_jax import checkpoints
+
+TREE = {
+    "params": {"kernel": np.arange(6.0, dtype=np.float32).reshape(2, 3)},
+    "step": np.array(7, np.int32),
+}
+
+
+def test_latest_keeps_the_newest_and_restores_into_the_target(tmp_path):
+    manager = checkpoints.latest_manager(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        checkpoints.save(manager, step, {**TREE, "step": np.array(step, np.int32)})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
+
+    reopened = checkpoints.latest_manager(tmp_path)
+    restored = checkpoints.restore(reopened, reopened.latest_step(), TREE)
+    np.testing.assert_array_equal(restored["params"]["kernel"], TREE["params"]["kernel"])
+    assert int(restored["step"]) == 3
+
+
+def test_best_holds_one_model_and_its_dice(tmp_path):
+    manager = checkpoints.best_manager(tmp_path)
+    assert checkpoints.best_score(manager) == -math.inf
+    for step, dice in ((2, 0.61), (4, 0.75)):  # training saves only a better model
+        checkpoints.save(manager, step, TREE, metrics={checkpoints.BEST_METRIC: dice})
+    manager.wait_until_finished()
+    reopened = checkpoints.best_manager(tmp_path)
+    assert reopened.all_steps() == [4] and reopened.best_step() == 4
+    assert checkpoints.best_score(reopened) == 0.75
+
+
+def test_a_half_written_checkpoint_is_never_restored_and_is_deleted(tmp_path):
+    manager = checkpoints.latest_manager(tmp_path)
+    checkpoints.save(manager, 2, TREE)
+    manager.wait_until_finished()
+    half = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"  # a save killed midway
+    half.mkdir()
+    (half / "partial").write_bytes(b"\0")
+
+    reopened = checkpoints.latest_manager(tmp_path)
+    assert reopened.latest_step() == 2
+    # Deleted in the background, at the latest before the manager's first save.
+    checkpoints.save(reopened, 6, TREE)
+    reopened.wait_until_finished()
+    assert not half.exists()
+    assert reopened.all_steps() == [2, 6]
