@@ -22,9 +22,20 @@ class ConfigError(ValueError):
     """A config value that cannot work."""
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """The config's impossible values, one readable phrase each (empty if none)."""
-    found = []
+    # Every tuple field holds numbers; the rules below compare them as such.
+    found = [
+        f"{field}={tuple(value)!r} must hold numbers"
+        for field, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items()
+        if isinstance(value, tuple | list) and not all(map(_is_number, value))
+    ]
+    if found:
+        return found
 
     def need(ok: bool, field: str, rule: str) -> None:
         if not ok:
@@ -110,8 +121,16 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     if config.mode == "predict":
         need(bool(pr.input), "predict.input", "must name an image, a folder or a glob pattern")
         need(bool(pr.output), "predict.output", "must name the output folder")
-    need(0 < aug.scale[0] <= aug.scale[1] <= 1, "augment.scale", "must be 0 < low <= high <= 1")
-    need(0 < aug.ratio[0] <= aug.ratio[1], "augment.ratio", "must be 0 < low <= high")
+    need(
+        len(aug.scale) == 2 and 0 < aug.scale[0] <= aug.scale[1] <= 1,
+        "augment.scale",
+        "must be (low, high) with 0 < low <= high <= 1",
+    )
+    need(
+        len(aug.ratio) == 2 and 0 < aug.ratio[0] <= aug.ratio[1],
+        "augment.ratio",
+        "must be (low, high) with 0 < low <= high",
+    )
     for name in ("rotation", "brightness", "contrast", "saturation"):
         need(aug[name] >= 0, f"augment.{name}", "must not be negative")
     need(0 <= aug.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")

@@ -130,10 +130,27 @@ BAD_VALUES = [
     # predict.input and predict.output are only needed in predict mode.
     ("mode", "predict", "predict.input='' must name an image, a folder or a glob pattern"),
     ("mode", "predict", "predict.output='' must name the output folder"),
-    ("augment.scale", (0.5, 0.2), "augment.scale=(0.5, 0.2) must be 0 < low <= high <= 1"),
-    ("augment.scale", (0.5, 1.5), "augment.scale=(0.5, 1.5) must be 0 < low <= high <= 1"),
-    ("augment.ratio", (0.0, 1.0), "augment.ratio=(0.0, 1.0) must be 0 < low <= high"),
-    ("augment.ratio", (1.5, 0.75), "augment.ratio=(1.5, 0.75) must be 0 < low <= high"),
+    (
+        "augment.scale",
+        (0.5, 0.2),
+        "augment.scale=(0.5, 0.2) must be (low, high) with 0 < low <= high <= 1",
+    ),
+    (
+        "augment.scale",
+        (0.5, 1.5),
+        "augment.scale=(0.5, 1.5) must be (low, high) with 0 < low <= high <= 1",
+    ),
+    ("augment.scale", (0.5,), "augment.scale=(0.5,) must be (low, high) with 0 < low <= high <= 1"),
+    (
+        "augment.ratio",
+        (0.0, 1.0),
+        "augment.ratio=(0.0, 1.0) must be (low, high) with 0 < low <= high",
+    ),
+    (
+        "augment.ratio",
+        (1.5, 0.75),
+        "augment.ratio=(1.5, 0.75) must be (low, high) with 0 < low <= high",
+    ),
     ("augment.rotation", -1.0, "augment.rotation=-1.0 must not be negative"),
     ("augment.brightness", -0.1, "augment.brightness=-0.1 must not be negative"),
     ("augment.contrast", -0.2, "augment.contrast=-0.2 must not be negative"),
@@ -212,6 +229,23 @@ def test_every_rule_has_a_bad_value_case():
         if not any(m.startswith(f"{field}=") and f" {rule}" in m for m in messages)
     ]
     assert not untested, f"rules of problems() with no case in BAD_VALUES: {untested}"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("input.mean", ("abc",)),
+        ("eval.tta_sizes", (192, "abc")),
+        ("augment.scale", (0.5, "abc")),
+        ("model.multi_grid", (1, 2, True)),
+    ],
+)
+def test_tuples_of_anything_but_numbers_are_named_alone(field, value):
+    """Checked first: the other rules would compare them as numbers and fail."""
+    config = figaro.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    assert problems(config) == [f"{field}={value!r} must hold numbers"]
 
 
 def test_one_mean_and_std_stand_for_all_three_channels():
