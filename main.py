@@ -1,10 +1,11 @@
 """Trains, evaluates or predicts (hair masks): ``python main.py --config=... --workdir=...``."""
 
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from hairseg_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, reports.")
@@ -17,26 +18,6 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parses flags; a bad flag or config override ends the program with one readable line."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull for help.")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        while isinstance(e, BaseException) and e.args:  # unwrap ml_collections' nesting
-            e = e.args[0]
-        overrides = " ".join(a for a in argv if a.startswith("--config."))
-        sys.exit(f"FATAL Bad config override ({overrides}): {e}".replace("\n", " "))
-
-
-class _QuietLibraries(std_logging.Filter):
-    """Drops orbax's per-save INFO chatter; its warnings and errors still pass."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -45,7 +26,7 @@ def main(argv: list[str]) -> None:
     from hairseg_jax.data.figaro1k import DataError
     from hairseg_jax.weights.tensors import ConversionError
 
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.quiet_libraries()
     config = FLAGS.config
     logging.info("Config:\n%s", config)
     try:
@@ -77,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -22,6 +22,16 @@ class ConfigError(ValueError):
     """A config value that cannot work."""
 
 
+def make_folder(path: str | os.PathLike, name: str) -> Path:
+    """Creates the folder ``path`` (and its parents) that ``name`` (a field or flag) gives, or
+    raises ConfigError saying why it cannot be one (a file of that name, no permission, ...)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{name}={str(path)!r} cannot be made a folder ({e}).") from e
+    return Path(path)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from hairseg_jax import config_checks, evaluate, files, models, sharding, steps
+from hairseg_jax import cli, config_checks, evaluate, files, models, sharding, steps
 from hairseg_jax.weights.tensors import ConversionError
 
 POLYMORPHIC_SHAPE = "(b, h, w, 3)"
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax2tf's native serialization platforms
 
 
 def serving_function(config: ml_collections.ConfigDict) -> Callable[[Any, jax.Array], jax.Array]:
@@ -68,7 +69,7 @@ def export(
     from jax.experimental import jax2tf
 
     tf.config.set_visible_devices([], "GPU")
-    workdir, out = Path(workdir), Path(out)
+    workdir, out = Path(workdir), config_checks.make_folder(out, "--out")
     state, weights, step = evaluate.load_state(
         config, workdir, sharding.data_mesh(jax.devices()[:1])
     )
@@ -98,7 +99,6 @@ def export(
         return {"probability": converted(module.variables_tree, images)}
 
     module.serving_default = serving_default
-    out.mkdir(parents=True, exist_ok=True)
     tf.saved_model.save(module, str(out), signatures={"serving_default": serving_default})
     record = {
         "weights": weights,
@@ -131,6 +131,7 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_libraries()
     workdir = Path(FLAGS.workdir)
     try:
         config = FLAGS.config or read_config(workdir)
@@ -147,8 +148,13 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Workdir whose best checkpoint is exported.")
     flags.DEFINE_string("out", None, "Folder of the SavedModel.")
     flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms the SavedModel can run on.")
+    flags.register_validator(
+        "platforms",
+        lambda names: bool(names) and set(names) <= set(PLATFORMS),
+        f"--platforms must name some of {', '.join(PLATFORMS)}.",
+    )
     config_flags.DEFINE_config_file(
         "config", None, "Config file (default: the workdir's config.json).", lock_config=True
     )
     flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -152,12 +152,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     output = Path(pc.output)
     leader = jax.process_index() == 0
     if leader:
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a file of that name, no permission, ...
-            raise config_checks.ConfigError(
-                f"predict.output={pc.output!r} cannot be made a folder ({e})."
-            ) from e
+        config_checks.make_folder(output, "predict.output")
     mesh = sharding.data_mesh()
     state, weights, step = evaluate.load_state(config, workdir, mesh)
     settings = evaluate.predictor_settings(config, "predict")

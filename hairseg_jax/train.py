@@ -128,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             f"config.train.batch_size={batch_size} is larger than the {len(train_data)} "
             "training images: lower it, or train on more images."
         )
-    workdir.mkdir(parents=True, exist_ok=True)
+    config_checks.make_folder(workdir, "--workdir")
     if jax.process_index() == 0:
         write_config(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

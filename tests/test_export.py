@@ -108,3 +108,28 @@ def test_unreadable_saved_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model": ')  # cut short by a full disk
     with pytest.raises(config_checks.ConfigError, match="config.json is not readable JSON"):
         export.read_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--platforms=tpuu"], "--platforms must name some of cpu, cuda, rocm, tpu."),
+        (
+            ["--config=configs/figaro.py:smoke", "--config.predict.ttaa=flip"],
+            "Bad config override (--config.predict.ttaa=flip): no such field 'ttaa'",
+        ),
+    ],
+)
+def test_bad_flags_give_one_clear_line_before_any_work(args, message, tmp_path):
+    result = run_python(
+        "-m", "hairseg_jax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}", *args
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_named_before_the_conversion(workdir, tmp_path):
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    with pytest.raises(config_checks.ConfigError, match="--out=.* cannot be made a folder"):
+        export.export(export.read_config(workdir), workdir, taken)

@@ -76,9 +76,10 @@ def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--config.train.nope=3", "Bad config override (--config.train.nope=3)"),
+        ("--config.train.nope=3", "Bad config override (--config.train.nope=3): no such field"),
         ("--config.trian.batch_size=3", 'Did you mean "train"'),
         ("--config.train.batch_size=abc", "invalid literal for int()"),
+        ("--config.input.mean=abc", "input.mean=('abc',) must hold numbers"),
         ("--config.mode=bogus", "mode='bogus' is not one of ('train', 'eval', 'predict')"),
         ("--config.optim.learning_rate=-1", "optim.learning_rate=-1.0 must be positive"),
         ("--config.model.backbone=resnet13", "model.backbone='resnet13' is not one of"),
@@ -94,6 +95,30 @@ def test_bad_input_gives_one_clear_line(override, message, tmp_path):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("configs/none.py", "Cannot load the --config file: [Errno 2] No such file or directory"),
+        ("configs/figaro.py:smok", "Unknown variant 'smok' of configs/figaro.py"),
+    ],
+)
+def test_a_bad_config_file_gives_one_clear_line(spec, message, tmp_path):
+    result = run_python("main.py", f"--config={spec}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_cannot_be_a_folder_gives_one_clear_line(figaro_dir, tmp_path):
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    result = run_main(f"--workdir={taken}", figaro_dir=figaro_dir)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"FATAL --workdir='{taken}' cannot be made a folder ([Errno 17] File exists" in (
+        result.stderr
+    )
 
 
 def test_missing_workdir_gives_one_clear_line():

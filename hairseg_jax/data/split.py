@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from hairseg_jax import files
+from hairseg_jax import cli, files
 from hairseg_jax.data.figaro1k import HAIR_TYPES, SPLITS, frame_number, hair_type
 
 
@@ -123,4 +123,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

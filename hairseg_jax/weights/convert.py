@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hairseg_jax import files, steps
+from hairseg_jax import cli, files, steps
 from hairseg_jax.models.deeplab import DeepLabV3Plus
 from hairseg_jax.models.resnet import BACKBONES
 from hairseg_jax.weights.tensors import (
@@ -355,6 +355,8 @@ def main(argv: list[str]) -> None:
         save_variables(variables, options.out)
     except ConversionError as e:
         sys.exit(f"FATAL {e}")
+    except OSError as e:  # --out: no permission, a folder of that name, ...
+        sys.exit(f"FATAL Cannot write --out={options.out}: {e}")
     what = f"{options.backbone} DeepLabV3+" if whole else f"{options.backbone} backbone"
     print(
         f"Converted {len(jax.tree.leaves(variables))} tensors ({what}) from {options.torch} "
@@ -369,4 +371,4 @@ if __name__ == "__main__":
         "backbone", "resnet101", "Backbone of the checkpoint (resnet18..152, mobilenet_v2)."
     )
     flags.mark_flags_as_required(["torch", "out"])
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
