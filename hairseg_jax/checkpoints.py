@@ -25,16 +25,21 @@ def latest_manager(workdir: str | os.PathLike, keep: int = 2) -> ocp.CheckpointM
     )
 
 
-def best_manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
-    """Model variables of the step with the highest validation Dice under ``workdir/best``."""
+def best_manager(workdir: str | os.PathLike, read_only: bool = False) -> ocp.CheckpointManager:
+    """Model variables of the step with the highest validation Dice under ``workdir/best``.
+
+    With ``read_only`` (evaluation, prediction, export) the folder is neither created nor
+    cleaned: a training run still writing there keeps its checkpoint in progress.
+    """
     return ocp.CheckpointManager(
         Path(workdir).absolute() / "best",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1,
             best_fn=lambda metrics: metrics[BEST_METRIC],
             best_mode="max",
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         ),
     )
 

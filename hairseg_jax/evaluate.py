@@ -409,12 +409,12 @@ def load_state(
     Returns:
       The state, a description of the weights and the checkpoint's step (0 for pretrained).
     """
-    manager = checkpoints.best_manager(workdir) if (workdir / "best").is_dir() else None
+    best = workdir / "best"
+    manager = checkpoints.best_manager(workdir, read_only=True) if best.is_dir() else None
     step = manager and manager.best_step()
     if step is None and not config.model.pretrained:
         raise FileNotFoundError(
-            f"No best checkpoint in {workdir / 'best'} and no config.model.pretrained; "
-            "train there first."
+            f"No best checkpoint in {best} and no config.model.pretrained; train there first."
         )
     model = models.build_model(config.model)
     replicated = sharding.replicated(mesh)

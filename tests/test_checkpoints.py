@@ -1,6 +1,7 @@
 """The workdir's orbax checkpoint managers: latest train states and the best model."""
 
 import math
+import time
 
 import numpy as np
 
@@ -52,3 +53,21 @@ def test_a_half_written_checkpoint_is_never_restored_and_is_deleted(tmp_path):
     reopened.wait_until_finished()
     assert not half.exists()
     assert reopened.all_steps() == [2, 6]
+
+
+def test_a_reader_of_best_leaves_a_save_in_progress_alone(tmp_path):
+    """Evaluating while training writes a better model: the reader deletes nothing."""
+    writer = checkpoints.best_manager(tmp_path)
+    checkpoints.save(writer, 2, TREE, metrics={checkpoints.BEST_METRIC: 0.5})
+    writer.wait_until_finished()
+    in_progress = tmp_path / "best" / "4.orbax-checkpoint-tmp"
+    in_progress.mkdir()
+
+    reader = checkpoints.best_manager(tmp_path, read_only=True)
+    assert reader.best_step() == 2
+    restored = checkpoints.restore(reader, 2, TREE)
+    np.testing.assert_array_equal(restored["params"]["kernel"], TREE["params"]["kernel"])
+    time.sleep(1.0)  # a cleaning manager deletes such a folder in the background by now
+    assert in_progress.is_dir()
+    assert checkpoints.best_manager(tmp_path / "new", read_only=True).best_step() is None
+    assert not (tmp_path / "new").exists()  # nor does a reader create folders
