@@ -2,6 +2,7 @@
 
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -21,27 +22,33 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        run(FLAGS.config, FLAGS.workdir)
+    except KeyboardInterrupt:  # training's loop checkpoints and stops instead
+        print(f"FATAL Interrupted in {FLAGS.config.mode} mode.", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Checks ``config``, then trains, evaluates or predicts as ``config.mode`` says."""
     # Imported after the flags: a mistyped flag or override is answered without loading JAX.
     from hairseg_jax import config_checks, evaluate, predict, sharding, steps
     from hairseg_jax.data.figaro1k import DataError
     from hairseg_jax.weights.tensors import ConversionError
 
     cli.quiet_libraries()
-    config = FLAGS.config
     logging.info("Config:\n%s", config)
     try:
         config_checks.check_config(config)
-    except config_checks.ConfigError as e:
-        sys.exit(f"FATAL {e}")
-    sharding.initialize_distributed(config.distributed)
-    if config.mode == "train":
-        from hairseg_jax import train  # TensorFlow and clu: eval and predict run without them
+        sharding.initialize_distributed(config.distributed)
+        if config.mode == "train":
+            from hairseg_jax import train  # TensorFlow and clu: eval and predict run without
 
-        run = train.train_and_evaluate
-    else:
-        run = {"eval": evaluate.evaluate, "predict": predict.predict}[config.mode]
-    try:
-        result = run(config, FLAGS.workdir)
+            result = train.train_and_evaluate(config, workdir)
+        else:
+            result = {"eval": evaluate.evaluate, "predict": predict.predict}[config.mode](
+                config, workdir
+            )
     except (
         config_checks.ConfigError,
         ConversionError,

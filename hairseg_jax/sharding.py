@@ -17,7 +17,7 @@ DATA_AXIS = "data"
 
 
 class ShardingError(ValueError):
-    """A batch size that the devices cannot split evenly."""
+    """A batch size that the devices cannot split evenly, or processes that cannot join."""
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -27,12 +27,20 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     ``coordinator_address`` (or ``$JAX_COORDINATOR_ADDRESS``), ``num_processes`` and
     ``process_id``. Call it before anything else touches JAX.
     """
-    if config.enabled:
+    if not config.enabled:
+        return
+    try:
         jax.distributed.initialize(
             coordinator_address=config.coordinator_address or None,
             num_processes=config.num_processes or None,
             process_id=None if config.process_id < 0 else config.process_id,
         )
+    except ValueError as e:  # no cluster detected and the addresses not given
+        raise ShardingError(
+            f"distributed.enabled=True, but the processes cannot join ({e}). Outside SLURM, "
+            "Open MPI, Kubernetes or Cloud TPU pass --config.distributed.coordinator_address, "
+            "num_processes and process_id."
+        ) from e
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

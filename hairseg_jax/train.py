@@ -73,7 +73,8 @@ def load_pretrained(
 def stop_requests() -> Iterator[Callable[[int], bool]]:
     """While the block runs, a function of the step: whether to checkpoint it and stop.
 
-    One process: after SIGTERM or SIGINT (preemption, Ctrl-C). Several processes: at the step
+    One process: after SIGTERM or SIGINT (preemption, Ctrl-C); a second one raises
+    KeyboardInterrupt. Several processes: at the step
     that JAX's preemption service names after a SIGTERM to any of them, the same on all (one
     process stopping alone would leave the others waiting in the step's all-reduce); Ctrl-C
     raises KeyboardInterrupt there, in that process only.
@@ -84,8 +85,10 @@ def stop_requests() -> Iterator[Callable[[int], bool]]:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
+        if stop.is_set():  # asked twice: stop at once, saving nothing more
+            raise KeyboardInterrupt
         logging.warning(
-            "%s received: checkpointing after this step, then stopping.",
+            "%s received: checkpointing after this step, then stopping (again: stop at once).",
             signal.Signals(signum).name,
         )
         stop.set()
@@ -115,7 +118,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       steps.NonFiniteError: a step had a non-finite loss, gradient or update, and
         ``config.train.skip_nonfinite`` is False; nothing after the step before it was saved.
     """
-    workdir = Path(workdir)
+    # From the start: a SIGTERM or Ctrl-C while the data load or the model is made stops
+    # before the first step, as cleanly as one during training.
+    with stop_requests() as should_stop:
+        return _train_and_evaluate(config, Path(workdir), should_stop)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: Path, should_stop: Callable[[int], bool]
+) -> dict:
+    """``train_and_evaluate`` under its stop requests."""
     check_saved_config(config, workdir)
     mesh = sharding.data_mesh()
     batch_size = config.train.batch_size
@@ -224,7 +236,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             )
         unchecked.clear()
 
-    with metric_writers.ensure_flushes(writer), stop_requests() as should_stop:
+    if should_stop(start_step):
+        logging.warning("Stopped before step %d; the same command starts it.", start_step + 1)
+        return val_summary
+    with metric_writers.ensure_flushes(writer):
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(batches)

@@ -2,6 +2,9 @@
 
 import json
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 import jax
@@ -243,3 +246,34 @@ def test_skip_nonfinite_skips_the_bad_step_and_goes_on(tmp_path, pixel_net, monk
     assert "train_skipped_steps=1" in caplog.text
     rate = steps.learning_rate_schedule(config.optim, 6)(4)  # step 6 is the 5th update
     assert f"[6] learning_rate={float(rate)}," in caplog.text
+
+
+def test_a_second_stop_request_stops_at_once():
+    """The first SIGINT or SIGTERM asks for a checkpoint and a clean stop, a second one does
+    not wait for it."""
+    with train.stop_requests() as should_stop:
+        assert not should_stop(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread, between bytecodes
+        assert should_stop(1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+def test_a_stop_requested_before_the_first_step_trains_nothing(tmp_path, monkeypatch, caplog):
+    """Ctrl-C while the data load or the model is made: stopped before step 1, no traceback."""
+    load_examples = sources.load_examples
+
+    def load_then_interrupt(config, split, *args, **kwargs):
+        examples = load_examples(config, split, *args, **kwargs)
+        if split == "train":  # once: a second request would stop at once
+            os.kill(os.getpid(), signal.SIGINT)
+        return examples
+
+    monkeypatch.setattr(sources, "load_examples", load_then_interrupt)
+    with caplog.at_level(logging.WARNING):
+        assert train.train_and_evaluate(tiny_config(), tmp_path) == {}
+    assert "SIGINT received" in caplog.text and "Stopped before step 1" in caplog.text
+    assert checkpoints.latest_manager(tmp_path).all_steps() == []
