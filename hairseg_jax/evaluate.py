@@ -11,11 +11,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import Mesh
 from PIL import Image
 
@@ -32,6 +30,7 @@ from hairseg_jax import (
 from hairseg_jax.data import figaro1k, sources, whole_images
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.weights import convert
+from hairseg_jax.weights.tensors import ConversionError
 
 DEFAULT_THRESHOLD = 0.5
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95
@@ -424,7 +423,7 @@ def load_state(
     )
     if step is None:
         weights = config.model.pretrained
-        variables = _pretrained_variables(config, model, template)
+        variables = _pretrained_variables(config, template)
     else:
         weights = f"step {step} of {manager.directory}"
         try:
@@ -451,25 +450,20 @@ def model_changes(config: ml_collections.ConfigDict, workdir: Path) -> str:
     return f" (trained with {'; '.join(changed)})" if changed else ""
 
 
-def _pretrained_variables(
-    config: ml_collections.ConfigDict, model: nn.Module, template: dict[str, Any]
-) -> dict[str, Any]:
+def _pretrained_variables(config: ml_collections.ConfigDict, template: dict[str, Any]) -> dict:
     """The variables of ``config.model.pretrained``, loaded against the shapes ``template``.
 
-    What the file does not hold (the head, for a backbone file) is randomly initialised as in
-    training; only then is ``model.init`` compiled.
+    Raises:
+      ConversionError: the file holds only a backbone: its ASPP and decoder would be random.
     """
     variables = convert.load_pretrained(config.model.pretrained, template, config.model)
-    if not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(variables)):
-        return variables
-    state = steps.create_train_state(
-        jax.random.PRNGKey(config.seed), model, config.eval.image_size, tx=optax.identity()
-    )
-    return jax.tree.map(
-        lambda leaf, fresh: fresh if isinstance(leaf, jax.ShapeDtypeStruct) else leaf,
-        variables,
-        steps.inference_variables(state),
-    )
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(variables)):
+        raise ConversionError(
+            f"config.model.pretrained={config.model.pretrained!r} holds only a backbone, so the "
+            "ASPP and decoder would be random: train first and use the workdir's best "
+            "checkpoint, or give a whole model (an original project checkpoint)."
+        )
+    return variables
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
