@@ -429,25 +429,40 @@ def load_state(
         try:
             variables = checkpoints.restore(manager, step, template)
         except ValueError as e:  # orbax: another tree structure or shape
+            changed = trained_with(config, workdir, ("model",))
             raise config_checks.ConfigError(
                 f"The checkpoint at {weights} does not fit config.model"
-                + model_changes(config, workdir)
+                + (f" (trained with {'; '.join(changed)})" if changed else "")
                 + f". Pass the model settings it was trained with ({workdir / 'config.json'})."
             ) from e
+        changed = [  # the pretrained file only started training
+            change
+            for change in trained_with(config, workdir, ("model", "input"))
+            if not change.startswith("model.pretrained:")
+        ]
+        if changed:  # e.g. another normalisation: it fits, but predicts poorly
+            logging.warning(
+                "The checkpoint at %s was trained with other settings (%s): %s.",
+                weights,
+                workdir / "config.json",
+                "; ".join(changed),
+            )
     state = steps.inference_state(model, variables)
     return sharding.replicate(state, mesh), weights, int(step or 0)
 
 
-def model_changes(config: ml_collections.ConfigDict, workdir: Path) -> str:
-    """How ``config.model`` differs from ``workdir``'s config.json, as the phrase
-    ``" (trained with <changes>)"``; empty if that file is missing, unreadable or the same."""
+def trained_with(
+    config: ml_collections.ConfigDict, workdir: Path, sections: tuple[str, ...]
+) -> list[str]:
+    """Where ``config``'s ``sections`` (e.g. ``("model",)``) differ from ``workdir``'s
+    config.json, as "field: trained -> now"; empty if that file is missing, unreadable or the
+    same there."""
     try:
         saved = config_checks.saved_config(workdir) or {}
     except config_checks.ConfigError:
         saved = {}
     changes = config_checks.config_changes(saved, config)  # none against {}
-    changed = [change for change in changes if change.startswith("model.")]
-    return f" (trained with {'; '.join(changed)})" if changed else ""
+    return [change for change in changes if change.startswith(tuple(f"{s}." for s in sections))]
 
 
 def _pretrained_variables(config: ml_collections.ConfigDict, template: dict[str, Any]) -> dict:

@@ -1,5 +1,7 @@
 """``evaluate.load_state``: the state to evaluate, built without compiling ``model.init``."""
 
+import logging
+
 import jax
 import numpy as np
 import optax
@@ -91,3 +93,25 @@ def test_a_backbone_file_alone_is_refused(tmp_path, trained_variables):
 
     with pytest.raises(ConversionError, match="holds only a backbone, so the ASPP and decoder"):
         evaluate.load_state(config, tmp_path, sharding.data_mesh())
+
+
+def test_settings_other_than_the_trained_ones_are_warned_about(tmp_path, trained_variables, caplog):
+    """Another normalisation fits the checkpoint but predicts poorly: say so."""
+    best = checkpoints.best_manager(tmp_path)
+    checkpoints.save(best, 3, trained_variables, metrics={checkpoints.BEST_METRIC: 0.5})
+    best.wait_until_finished()
+    (tmp_path / "config.json").write_text(tiny_config().to_json())
+    config = tiny_config()
+    config.input.mean = (98,)
+
+    with caplog.at_level(logging.WARNING):
+        evaluate.load_state(config, tmp_path, sharding.data_mesh())
+
+    assert "was trained with other settings" in caplog.text
+    assert "input.mean: [123.675, 116.28, 103.53] -> [98]" in caplog.text
+    caplog.clear()
+    config = tiny_config()
+    config.model.pretrained = "torchvision:resnet18"  # where training started: no matter
+    with caplog.at_level(logging.WARNING):
+        evaluate.load_state(config, tmp_path, sharding.data_mesh())
+    assert "other settings" not in caplog.text
