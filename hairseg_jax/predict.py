@@ -30,6 +30,7 @@ from hairseg_jax import config_checks, evaluate, pictures, sharding, steps
 from hairseg_jax.data import figaro1k, whole_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+OUTPUT_SUFFIXES = ("_mask.png", "_overlay.jpg", "_prob.png")  # what write_outputs writes
 LOG_EVERY_SECONDS = 10.0
 
 
@@ -53,6 +54,24 @@ def find_inputs(spec: str) -> list[Path]:
             "pattern)."
         )
     return sorted(files)
+
+
+def without_outputs(files: Sequence[Path], output: Path) -> list[Path]:
+    """``files`` less the masks, overlays and probability maps that an earlier run wrote
+    into ``output`` (the input folder may be the output folder).
+
+    Raises:
+      FileNotFoundError: nothing else is left.
+    """
+    output = output.resolve()
+    kept = [
+        f for f in files if not (f.resolve().parent == output and f.name.endswith(OUTPUT_SUFFIXES))
+    ]
+    if len(kept) < len(files):
+        logging.info("Leaving out %d earlier outputs in %s.", len(files) - len(kept), output)
+    if not kept:
+        raise FileNotFoundError(f"The only images at config.predict.input are outputs in {output}.")
+    return kept
 
 
 def output_names(files: Sequence[Path]) -> list[str]:
@@ -147,9 +166,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     start = time.perf_counter()
     pc = config.predict
     workdir = Path(workdir)
-    files = find_inputs(pc.input)
-    names = output_names(files)
     output = Path(pc.output)
+    files = without_outputs(find_inputs(pc.input), output)
+    names = output_names(files)
     leader = jax.process_index() == 0
     if leader:
         config_checks.make_folder(output, "predict.output")

@@ -209,6 +209,23 @@ def test_inputs_and_output_names(inputs, tmp_path):
     assert names == ["x_jpg", "x_png", "x_jpg_2", "y"]
 
 
+def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path):
+    """Predicting a folder into itself twice does not predict its own masks."""
+    for name in ("a.jpg", "a_mask.png", "a_overlay.jpg", "a_prob.png", "b_mask.png.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "c_mask.png").write_bytes(b"")  # elsewhere: a photo like any other
+    found = predict.find_inputs(str(tmp_path / "**" / "*.*"))
+    kept = predict.without_outputs(found, tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in kept] == [
+        "a.jpg",
+        "b_mask.png.jpg",
+        "other/c_mask.png",
+    ]
+    with pytest.raises(FileNotFoundError, match="The only images .* are outputs in"):
+        predict.without_outputs([tmp_path / "a_mask.png"], tmp_path)
+
+
 def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path):
     plain = evaluate.predictor_settings(tiny_config(), "predict")
     record = {"threshold": 0.3, "step": 7} | plain
