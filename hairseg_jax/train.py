@@ -74,10 +74,10 @@ def stop_requests() -> Iterator[Callable[[int], bool]]:
     """While the block runs, a function of the step: whether to checkpoint it and stop.
 
     One process: after SIGTERM or SIGINT (preemption, Ctrl-C); a second one raises
-    KeyboardInterrupt. Several processes: at the step
-    that JAX's preemption service names after a SIGTERM to any of them, the same on all (one
-    process stopping alone would leave the others waiting in the step's all-reduce); Ctrl-C
-    raises KeyboardInterrupt there, in that process only.
+    KeyboardInterrupt. Several processes: at the step that JAX's preemption service names after
+    a SIGTERM to any of them, the same on all (one process stopping alone would leave the
+    others waiting in the step's all-reduce); Ctrl-C raises KeyboardInterrupt there, in that
+    process only.
     """
     if jax.process_count() > 1:
         yield multihost_utils.reached_preemption_sync_point

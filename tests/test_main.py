@@ -85,6 +85,10 @@ def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
         ("--config.model.backbone=resnet13", "model.backbone='resnet13' is not one of"),
         ("--config.data.data_dir=/no/such/dir", "Data directory /no/such/dir does not exist"),
         ("--nope=1", "FATAL Flags parsing error: Unknown command line flag 'nope'"),
+        (  # no cluster to detect here (in a fresh process: JAX not yet started)
+            "--config.distributed.enabled=True",
+            "processes cannot join (coordinator_address should be defined.). Outside SLURM",
+        ),
         ("stray", "Unexpected arguments: stray"),
     ],
 )

@@ -349,12 +349,3 @@ def test_shard_batch_of_a_local_slice_and_of_the_whole_batch_agree():
         sharded = sharding.shard_batch(batch, mesh, whole=whole)
         assert sharded["image"].sharding == sharding.batch_sharded(mesh)
         np.testing.assert_array_equal(sharded["image"], batch["image"])
-
-
-def test_distributed_without_a_cluster_or_coordinator_is_named(monkeypatch):
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
-    config = figaro.get_config().distributed
-    config.enabled = True
-    with pytest.raises(sharding.ShardingError, match="pass --config.distributed.coordinator"):
-        sharding.initialize_distributed(config)
-    assert jax.process_count() == 1
