@@ -73,3 +73,12 @@ def test_evaluation_and_device_training_import_without_tensorflow_or_clu():
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
     )
     succeeds(f"import sys\n{blocked}{imports}")
+
+
+def test_main_parses_its_flags_before_importing_jax():
+    """A mistyped flag or override is answered in a second, before JAX is loaded."""
+    succeeds(
+        "import sys\nimport main\n"
+        "assert not {'jax', 'tensorflow', 'hairseg_jax.config_checks'} & set(sys.modules), "
+        "sorted(m for m in sys.modules if m.startswith(('jax', 'hairseg')))\n"
+    )
