@@ -73,11 +73,11 @@ def load_pretrained(
 def stop_requests() -> Iterator[Callable[[int], bool]]:
     """While the block runs, a function of the step: whether to checkpoint it and stop.
 
-    One process: after SIGTERM or SIGINT (preemption, Ctrl-C); a second one raises
-    KeyboardInterrupt. Several processes: at the step that JAX's preemption service names after
-    a SIGTERM to any of them, the same on all (one process stopping alone would leave the
-    others waiting in the step's all-reduce); Ctrl-C raises KeyboardInterrupt there, in that
-    process only.
+    One process: after SIGTERM or SIGINT (preemption, Ctrl-C); a second SIGINT raises
+    KeyboardInterrupt, a repeated SIGTERM changes nothing. Several processes: at the step that
+    JAX's preemption service names after a SIGTERM to any of them, the same on all (one process
+    stopping alone would leave the others waiting in the step's all-reduce); Ctrl-C raises
+    KeyboardInterrupt there, in that process only.
     """
     if jax.process_count() > 1:
         yield multihost_utils.reached_preemption_sync_point
@@ -85,11 +85,14 @@ def stop_requests() -> Iterator[Callable[[int], bool]]:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
-        if stop.is_set():  # asked twice: stop at once, saving nothing more
-            raise KeyboardInterrupt
+        if stop.is_set():
+            if signum == signal.SIGINT:  # Ctrl-C twice: stop at once, saving nothing more
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM (forwarded, resent): still checkpoint first
         logging.warning(
-            "%s received: checkpointing after this step, then stopping (again: stop at once).",
+            "%s received: checkpointing after this step, then stopping%s.",
             signal.Signals(signum).name,
+            " (Ctrl-C again: stop at once)" if signum == signal.SIGINT else "",
         )
         stop.set()
 
@@ -115,7 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       config_checks.ConfigError: ``workdir`` holds a config.json that differs in fields that
         matter, or the batch is larger than the training set (before anything is written).
       sharding.ShardingError: the batch size does not divide by the number of devices.
-      steps.NonFiniteError: a step had a non-finite loss, gradient or update, and
+      steps.NonFiniteError: a step had a non-finite loss, gradient, update or BatchNorm
+        statistic, and
         ``config.train.skip_nonfinite`` is False; nothing after the step before it was saved.
     """
     # From the start: a SIGTERM or Ctrl-C while the data load or the model is made stops

@@ -85,10 +85,6 @@ def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
         ("--config.model.backbone=resnet13", "model.backbone='resnet13' is not one of"),
         ("--config.data.data_dir=/no/such/dir", "Data directory /no/such/dir does not exist"),
         ("--nope=1", "FATAL Flags parsing error: Unknown command line flag 'nope'"),
-        (  # no cluster to detect here (in a fresh process: JAX not yet started)
-            "--config.distributed.enabled=True",
-            "processes cannot join (coordinator_address should be defined.). Outside SLURM",
-        ),
         ("stray", "Unexpected arguments: stray"),
     ],
 )
@@ -123,6 +119,20 @@ def test_a_workdir_that_cannot_be_a_folder_gives_one_clear_line(figaro_dir, tmp_
     assert f"FATAL --workdir='{taken}' cannot be made a folder ([Errno 17] File exists" in (
         result.stderr
     )
+
+
+def test_distributed_without_a_cluster_or_coordinator_gives_one_clear_line(tmp_path):
+    """In a fresh process (JAX refuses to join once started), with no cluster to detect."""
+    cluster = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster)}
+    command = [sys.executable, "main.py", "--config=configs/figaro.py:smoke"]
+    command += [f"--workdir={tmp_path / 'w'}", "--config.distributed.enabled=True"]
+    result = subprocess.run(
+        command, cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "distributed.enabled=True, but the processes cannot join (" in result.stderr
+    assert "pass --config.distributed.coordinator_address" in result.stderr
 
 
 def test_missing_workdir_gives_one_clear_line():
