@@ -37,9 +37,9 @@ def best_manager(workdir: str | os.PathLike, read_only: bool = False) -> ocp.Che
             max_to_keep=1,
             best_fn=lambda metrics: metrics[BEST_METRIC],
             best_mode="max",
+            # Not orbax's read_only, which warns three times on every use; this one saves nothing.
             create=not read_only,
             cleanup_tmp_directories=not read_only,
-            read_only=read_only,
         ),
     )
 

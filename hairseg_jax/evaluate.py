@@ -407,6 +407,11 @@ def load_state(
 
     Returns:
       The state, a description of the weights and the checkpoint's step (0 for pretrained).
+
+    Raises:
+      FileNotFoundError: no best checkpoint and no ``config.model.pretrained``.
+      config_checks.ConfigError: the checkpoint does not fit ``config.model``.
+      ConversionError: the pretrained file is unreadable or holds only a backbone.
     """
     best = workdir / "best"
     manager = checkpoints.best_manager(workdir, read_only=True) if best.is_dir() else None
@@ -435,10 +440,10 @@ def load_state(
                 + (f" (trained with {'; '.join(changed)})" if changed else "")
                 + f". Pass the model settings it was trained with ({workdir / 'config.json'})."
             ) from e
-        changed = [  # the pretrained file only started training
+        changed = [  # what only started training, or does not change predictions
             change
             for change in trained_with(config, workdir, ("model", "input"))
-            if not change.startswith("model.pretrained:")
+            if not change.startswith(("model.pretrained:", "model.dropout:", "model.dtype:"))
         ]
         if changed:  # e.g. another normalisation: it fits, but predicts poorly
             logging.warning(

@@ -69,10 +69,11 @@ def export(
     from jax.experimental import jax2tf
 
     tf.config.set_visible_devices([], "GPU")
-    workdir, out = Path(workdir), config_checks.make_folder(out, "--out")
+    workdir = Path(workdir)
     state, weights, step = evaluate.load_state(
         config, workdir, sharding.data_mesh(jax.devices()[:1])
     )
+    out = config_checks.make_folder(out, "--out")  # before the conversion, the long part
     settings = evaluate.predictor_settings(config, "predict")
     threshold, source = evaluate.resolve_threshold(
         config.predict.threshold, workdir, step, settings

@@ -112,6 +112,7 @@ def test_settings_other_than_the_trained_ones_are_warned_about(tmp_path, trained
     caplog.clear()
     config = tiny_config()
     config.model.pretrained = "torchvision:resnet18"  # where training started: no matter
+    config.model.dropout, config.model.dtype = 0.3, "bfloat16"  # no change to predictions
     with caplog.at_level(logging.WARNING):
         evaluate.load_state(config, tmp_path, sharding.data_mesh())
     assert "other settings" not in caplog.text

@@ -14,8 +14,8 @@ import tensorflow as tf
 
 from hairseg_jax.data.affine import crop_map_rows
 
-# TensorFlow runs the host-side input only: keep it off the GPUs JAX uses. This is the first
-# module of the package to import it (pipeline.py imports this one).
+# TensorFlow runs the host-side input only: keep it off the GPUs JAX uses (set where the
+# package's input modules first import it: pipeline.py imports this one).
 tf.config.set_visible_devices([], "GPU")
 
 
