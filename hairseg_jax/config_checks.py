@@ -15,6 +15,7 @@ from hairseg_jax.models.resnet import BACKBONES
 from hairseg_jax.steps import TTA_MODES
 
 MODES = ("train", "eval", "predict")
+WHOLE_NUMBER_TUPLES = ("data.progressive_sizes", "eval.tta_sizes", "model.multi_grid")
 PROB_FORMATS = ("", "png", "npy")
 
 
@@ -38,12 +39,16 @@ def _is_number(value: Any) -> bool:
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """The config's impossible values, one readable phrase each (empty if none)."""
-    # Every tuple field holds numbers; the rules below compare them as such.
-    found = [
-        f"{field}={tuple(value)!r} must hold numbers"
-        for field, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items()
-        if isinstance(value, tuple | list) and not all(map(_is_number, value))
-    ]
+    # Every tuple field holds numbers (sizes and rates whole ones); the rules below compare
+    # them as such.
+    found = []
+    for field, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items():
+        if not isinstance(value, tuple | list):
+            continue
+        if not all(map(_is_number, value)):
+            found.append(f"{field}={tuple(value)!r} must hold numbers")
+        elif field in WHOLE_NUMBER_TUPLES and not all(isinstance(v, int) for v in value):
+            found.append(f"{field}={tuple(value)!r} must hold whole numbers")
     if found:
         return found
 

@@ -248,6 +248,21 @@ def test_tuples_of_anything_but_numbers_are_named_alone(field, value):
     assert problems(config) == [f"{field}={value!r} must hold numbers"]
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("data.progressive_sizes", (96.5,)),
+        ("eval.tta_sizes", (128.5,)),
+        ("model.multi_grid", (1.5, 2, 4)),
+    ],
+)
+def test_sizes_and_rates_must_be_whole_numbers(field, value):
+    config = figaro.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    assert problems(config) == [f"{field}={value!r} must hold whole numbers"]
+
+
 def test_one_mean_and_std_stand_for_all_three_channels():
     """As README gives them for the original project's checkpoints (mean 98, std 80)."""
     config = figaro.get_config()
