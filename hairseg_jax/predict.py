@@ -30,7 +30,9 @@ from hairseg_jax import config_checks, evaluate, pictures, sharding, steps
 from hairseg_jax.data import figaro1k, whole_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-OUTPUT_SUFFIXES = ("_mask.png", "_overlay.jpg", "_prob.png")  # what write_outputs writes
+MASK_SUFFIX, OVERLAY_SUFFIX, PROB_SUFFIX = "_mask.png", "_overlay.jpg", "_prob"
+# What write_outputs writes after an image's name.
+OUTPUT_SUFFIXES = (MASK_SUFFIX, OVERLAY_SUFFIX, f"{PROB_SUFFIX}.png", f"{PROB_SUFFIX}.npy")
 LOG_EVERY_SECONDS = 10.0
 
 
@@ -133,15 +135,16 @@ def write_outputs(
     height, width = image.shape[:2]
     logits = evaluate.resize_logits(logits, height, width)
     mask = logits > evaluate.logit(threshold)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(output / f"{name}_mask.png")
-    Image.fromarray(pictures.tint(image, mask)).save(output / f"{name}_overlay.jpg", quality=90)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(output / f"{name}{MASK_SUFFIX}")
+    overlay = Image.fromarray(pictures.tint(image, mask))
+    overlay.save(output / f"{name}{OVERLAY_SUFFIX}", quality=90)
     if prob:
         probability = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        path = output / f"{name}{PROB_SUFFIX}.{prob}"
         if prob == "npy":
-            np.save(output / f"{name}_prob.npy", probability.astype(np.float32))
+            np.save(path, probability.astype(np.float32))
         else:
-            pixels = np.round(probability * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(output / f"{name}_prob.png")
+            Image.fromarray(np.round(probability * 255).astype(np.uint8)).save(path)
 
 
 def failure_line(summary: dict[str, Any]) -> str:

@@ -119,8 +119,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         matter, or the batch is larger than the training set (before anything is written).
       sharding.ShardingError: the batch size does not divide by the number of devices.
       steps.NonFiniteError: a step had a non-finite loss, gradient, update or BatchNorm
-        statistic, and
-        ``config.train.skip_nonfinite`` is False; nothing after the step before it was saved.
+        statistic, and ``config.train.skip_nonfinite`` is False; nothing after the step
+        before it was saved.
     """
     # From the start: a SIGTERM or Ctrl-C while the data load or the model is made stops
     # before the first step, as cleanly as one during training.

@@ -211,7 +211,8 @@ def test_inputs_and_output_names(inputs, tmp_path):
 
 def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path):
     """Predicting a folder into itself twice does not predict its own masks."""
-    for name in ("a.jpg", "a_mask.png", "a_overlay.jpg", "a_prob.png", "b_mask.png.jpg"):
+    names = ("a.jpg", "a_mask.png", "a_overlay.jpg", "a_prob.png", "a_prob.npy", "b_mask.png.jpg")
+    for name in names:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "c_mask.png").write_bytes(b"")  # elsewhere: a photo like any other
