@@ -1,6 +1,8 @@
 """Trains, evaluates or predicts (hair masks): ``python main.py --config=... --workdir=...``."""
 
+import os
 import sys
+from pathlib import Path
 
 import ml_collections
 from absl import app, flags, logging
@@ -40,6 +42,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info("Config:\n%s", config)
     try:
         config_checks.check_config(config)
+        use_compilation_cache(config.compilation_cache)
         sharding.initialize_distributed(config.distributed)
         if config.mode == "train":
             from hairseg_jax import train  # TensorFlow and clu: eval and predict run without
@@ -62,6 +65,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         # Exit status: the number of unreadable files (at most 100).
         print(f"FATAL {predict.failure_line(result)}", file=sys.stderr)
         sys.exit(min(len(result["failed"]), 100))
+
+
+def use_compilation_cache(folder: str) -> None:
+    """Keeps JAX's compiled programs in ``folder`` (``~`` expanded), where later runs of the same
+    model and shapes load them instead of compiling; none if ``folder`` is "" or cannot be made
+    (a warning). ``$JAX_COMPILATION_CACHE_DIR``, where set, is JAX's own choice and stays."""
+    if not folder or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logging.warning("Compiling without a cache: config.compilation_cache=%r: %s", folder, e)
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
 # start, not what is trained. A name covers its subfields.
 RESUMABLE_FIELDS = (
     "mode",
+    "compilation_cache",
     "eval",
     "predict",
     "distributed",

@@ -25,8 +25,13 @@ def run_main(*args: str, figaro_dir: Path | None = None) -> subprocess.Completed
 def trained(figaro_dir, tmp_path_factory) -> Path:
     """A workdir after the smoke run: 20 steps, checkpoints at steps 10 and 20."""
     workdir = tmp_path_factory.mktemp("smoke")
-    result = run_main(f"--workdir={workdir}", figaro_dir=figaro_dir)
+    # The tests' own cache ($JAX_COMPILATION_CACHE_DIR) is used instead of the config's.
+    unused = workdir.parent / "unused_cache"
+    result = run_main(
+        f"--workdir={workdir}", f"--config.compilation_cache={unused}", figaro_dir=figaro_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not unused.exists()
     return workdir
 
 
@@ -39,9 +44,18 @@ def test_training_writes_events_checkpoints_and_config(trained):
     assert saved["train"]["num_steps"] == 20
 
 
-def test_eval_reports_dice_at_original_resolution(trained, figaro_dir):
-    result = run_main(f"--workdir={trained}", "--config.mode=eval", figaro_dir=figaro_dir)
+def test_eval_reports_dice_at_original_resolution(trained, figaro_dir, tmp_path):
+    """Also: the compiled steps go to config.compilation_cache (with no cache in the
+    environment; every compile cached, however quick)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    cache = tmp_path / "cache"
+    command = [sys.executable, "main.py", "--config=configs/figaro.py:smoke"]
+    command += [f"--config.data.data_dir={figaro_dir}", f"--workdir={trained}"]
+    command += ["--config.mode=eval", f"--config.compilation_cache={cache}"]
+    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(cache.glob("jit_predict_step-*"))
     summary = json.loads((trained / "eval_test.json").read_text())
     assert summary["num_images"] == 8 and summary["split"] == "test"
     for key in ("dice", "pooled_dice", "iou", "accuracy"):
@@ -59,6 +73,20 @@ def test_eval_reports_dice_at_original_resolution(trained, figaro_dir):
         with Image.open(figaro_dir / "GT" / "images" / entry["image"]) as image:
             assert (int(width), int(height)) == image.size
         assert name == entry["image"].removesuffix("-org.jpg")
+
+
+def test_a_compilation_cache_that_cannot_be_a_folder_is_a_warning():
+    """Runs go on without a cache (e.g. a read-only home), saying why."""
+    code = (
+        "import os\n"
+        "os.environ.pop('JAX_COMPILATION_CACHE_DIR')\n"
+        "import jax, main\n"
+        "main.use_compilation_cache('/proc/no/cache')\n"
+        "assert jax.config.jax_compilation_cache_dir is None\n"
+    )
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Compiling without a cache: config.compilation_cache='/proc/no/cache'" in result.stderr
 
 
 def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
