@@ -25,6 +25,12 @@ result (up to float32 rounding):
   the kernel's row-shifted copies of the input (``row_stacked_conv``): XLA:CPU's YNNPACK
   convolution runs such narrow maps at about half its usual rate (ResNet-101's layer1 3x3 conv
   at 227 px, batch 4, forward and both gradients: 29-30 vs 20-21 ms);
+- on CPU in bfloat16, matrix products have float32 results (cast back to bfloat16): XLA:CPU
+  hands only those to YNNPACK's bf16 kernels (AMX where the CPU has it: 0.5-1.1 TFLOP/s on a
+  2-core Xeon, against 0.1-0.2 with bf16 results), and its bf16 convolutions run no faster than
+  float32 ones. So there the forward pass of a stride-1 conv with more than 64 input channels
+  is ``tap_products`` too, its gradients staying those of the formulation below
+  (``tap_products_forward``);
 - on CPU, an undilated stride-1 conv with at least 256 output channels on a map of at least
   32x32 pixels (the decoder's convs from 227 px up) takes its weight gradient row by row
   (``conv_with_row_weight_grad``): XLA's own slows down sharply there (ResNet-101's 227 px
@@ -38,7 +44,7 @@ count a model's FLOPs the same way on every backend).
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -298,6 +304,30 @@ def _conv_rows_backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array):
 conv_with_row_weight_grad.defvjp(_conv_rows_forward, _conv_rows_backward)
 
 
+def tap_products_forward(conv: Callable[[jax.Array, jax.Array], jax.Array], dilation: int):
+    """``conv`` (a stride-1 ``same`` conv of ``dilation``, as a function of the input and the
+    kernel) computed by ``tap_products``, its gradients still ``conv``'s.
+
+    For bfloat16 on CPU, whose tap products run on YNNPACK's bf16 kernels (AMX where the CPU
+    has it) and XLA's convolutions do not: the forward pass, all that inference computes,
+    runs 1.1-3x faster, while the tap products' own gradients (autodiff's pads and bf16 sums
+    of the input gradient) would make a train step 10-20% slower than ``conv``'s.
+    """
+
+    @jax.custom_vjp
+    def by_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return tap_products(x, kernel, dilation)
+
+    def forward(x: jax.Array, kernel: jax.Array):
+        return by_taps(x, kernel), (x, kernel)
+
+    def backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array):
+        return jax.vjp(conv, *residuals)[1](dy)
+
+    by_taps.defvjp(forward, backward)
+    return by_taps
+
+
 class Conv2d(nn.Module):
     """A square conv with torch-style padding ``dilation * (kernel_size // 2)`` on NHWC input.
 
@@ -330,8 +360,11 @@ class Conv2d(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        cpu = _own_formulations and jax.default_backend() == "cpu"
+        bf16_on_cpu = cpu and x.dtype == jnp.bfloat16
         if k == 1 and self.groups == 1:
-            y = pixel_matmul(x[:, ::s, ::s], kernel[0, 0])
+            accumulate = {"preferred_element_type": jnp.float32} if bf16_on_cpu else {}
+            y = pixel_matmul(x[:, ::s, ::s], kernel[0, 0], **accumulate).astype(x.dtype)
         else:
             half = height = width = k // 2
             if s == 1 and d > 1:
@@ -340,40 +373,42 @@ class Conv2d(nn.Module):
                 kernel = kernel[half - height : half + height + 1, half - width : half + width + 1]
             # The backends' own formulations: stride 1, no groups, odd kernel.
             own = s == 1 and self.groups == 1 and k % 2 == 1 and _own_formulations
-            on_cpu = own and jax.default_backend() == "cpu"
-            if own and not on_cpu and d > 1 and kernel.shape[:2] != (1, 1):
-                y = space_to_batch_conv(x, kernel, d)
-            elif (
-                on_cpu
-                and d > 1
+            on_cpu = own and cpu
+            taps = on_cpu and (
+                d > 1
                 and real_fraction(x.shape[1], x.shape[2], kernel.shape, d)
                 <= TAP_PRODUCTS_MAX_FRACTION
-            ):
-                y = tap_products(x, kernel, d)
+            )
+            if own and not on_cpu and d > 1 and kernel.shape[:2] != (1, 1):
+                conv = functools.partial(space_to_batch_conv, dilation=d)
+            elif taps:
+                conv = functools.partial(tap_products, dilation=d)
             elif (
                 on_cpu
                 and d == 1
                 and x.shape[-1] <= ROW_STACK_MAX_CHANNELS
                 and x.shape[2] <= ROW_STACK_MAX_WIDTH
             ):
-                y = row_stacked_conv(x, kernel)
+                conv = row_stacked_conv
             elif (
                 on_cpu
                 and d == 1
                 and self.features >= ROW_WEIGHT_GRAD_MIN_FEATURES
                 and x.shape[1] * x.shape[2] >= ROW_WEIGHT_GRAD_MIN_PIXELS
             ):
-                y = conv_with_row_weight_grad(x, kernel)
+                conv = conv_with_row_weight_grad
             else:
-                y = jax.lax.conv_general_dilated(
-                    x,
-                    kernel,
-                    (s, s),
-                    ((d * height, d * height), (d * width, d * width)),
+                conv = functools.partial(
+                    jax.lax.conv_general_dilated,
+                    window_strides=(s, s),
+                    padding=((d * height, d * height), (d * width, d * width)),
                     rhs_dilation=(d, d),
                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                     feature_group_count=self.groups,
                 )
+            if on_cpu and bf16_on_cpu and not taps and x.shape[-1] > ROW_STACK_MAX_CHANNELS:
+                conv = tap_products_forward(conv, d)
+            y = conv(x, kernel)
         return y if bias is None else y + bias
 
 

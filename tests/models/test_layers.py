@@ -2,6 +2,8 @@
 residual_relu what relu(x + shortcut) computes; max_pool what flax.linen.max_pool computes;
 BatchNorm what flax.linen.BatchNorm computes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -258,6 +260,64 @@ def test_cpu_stacks_rows_only_for_undilated_convs_with_few_channels_on_narrow_ma
     }
     assert jax.default_backend() == "cpu"
     assert (conv_ranks == {3}) == stacked
+
+
+def test_tap_products_forward_takes_the_gradients_of_the_conv_it_stands_for():
+    x, kernel = jax.random.normal(key(0), (2, 9, 9, 3)), jax.random.normal(key(1), (3, 3, 3, 4))
+    conv = functools.partial(
+        jax.lax.conv_general_dilated,
+        window_strides=(1, 1),
+        padding=((2, 2), (2, 2)),
+        rhs_dilation=(2, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    fast = layers.tap_products_forward(conv, 2)
+    np.testing.assert_array_equal(fast(x, kernel), layers.tap_products(x, kernel, 2))
+    np.testing.assert_allclose(fast(x, kernel), conv(x, kernel), atol=1e-4)
+    dy = jax.random.normal(key(2), (2, 9, 9, 4))
+    grads = jax.vjp(fast, x, kernel)[1](dy), jax.vjp(conv, x, kernel)[1](dy)
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "features, size, dilation",
+    [(8, 9, 1), (256, 32, 1), (8, 32, 2), (8, 9, 12)],  # XLA's conv, Winograd and rows, dilated
+)  # (real fraction 0.92), the centre tap alone
+def test_bfloat16_convs_on_cpu_run_forward_as_products_with_float32_results(
+    features, size, dilation
+):
+    """Tap products (matrix products) forward, the float32 formulation's convolutions for the
+    gradients; values and gradients those of the float32 conv to bfloat16's precision."""
+    x = jax.random.normal(key(0), (2, size, size, 65))
+    layer = Conv2d(features, 3, dilation=dilation, dtype=jnp.bfloat16)
+    plain = Conv2d(features, 3, dilation=dilation)
+    params = plain.init(key(1), x)
+
+    def loss(module: nn.Module, params: dict) -> jax.Array:
+        return jnp.sum(module.apply(params, x).astype(jnp.float32) ** 2)
+
+    assert jax.default_backend() == "cpu"
+    assert "custom_vjp_call" in jaxpr_primitives(layer, x)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(layer.apply)(params, x))
+    backward = jax.make_jaxpr(jax.grad(loss, 1), static_argnums=0)(layer, params)
+    assert "conv_general_dilated" in str(backward)
+    scale = np.abs(plain.apply(params, x)).max()
+    np.testing.assert_allclose(layer.apply(params, x), plain.apply(params, x), atol=0.02 * scale)
+    got, want = jax.grad(loss, 1)(layer, params), jax.grad(loss, 1)(plain, params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=0.03 * np.abs(w).max())
+
+
+def test_bfloat16_1x1_convs_on_cpu_are_products_with_float32_results():
+    x = jnp.zeros((1, 4, 4, 8))
+    (product,) = [
+        e
+        for e in jaxpr_equations(Conv2d(4, 1, dtype=jnp.bfloat16), x)
+        if e.primitive.name == "dot_general"
+    ]
+    assert product.params["preferred_element_type"] == jnp.float32
+    assert product.outvars[0].aval.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("strides", [1, 2])
