@@ -82,10 +82,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def run_python(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+    *args: str, env: dict[str, str | None] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """Runs ``python *args`` in the repo on the CPU (plus ``env``), capturing its output."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    """Runs ``python *args`` in the repo on the CPU (plus ``env``; a None value removes that
+    variable), capturing its output."""
+    merged = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    env = {name: value for name, value in merged.items() if value is not None}
     command = [sys.executable, *args]
     return subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout

@@ -15,10 +15,12 @@ from hairseg_jax.data import figaro1k
 from tests.conftest import REPO, run_python
 
 
-def run_main(*args: str, figaro_dir: Path | None = None) -> subprocess.CompletedProcess:
+def run_main(
+    *args: str, figaro_dir: Path | None = None, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess:
     """Runs ``main.py`` with the smoke config in a subprocess and returns its result."""
     data = [f"--config.data.data_dir={figaro_dir}"] if figaro_dir else []
-    return run_python("main.py", "--config=configs/figaro.py:smoke", *data, *args)
+    return run_python("main.py", "--config=configs/figaro.py:smoke", *data, *args, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +49,14 @@ def test_training_writes_events_checkpoints_and_config(trained):
 def test_eval_reports_dice_at_original_resolution(trained, figaro_dir, tmp_path):
     """Also: the compiled steps go to config.compilation_cache (with no cache in the
     environment; every compile cached, however quick)."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     cache = tmp_path / "cache"
-    command = [sys.executable, "main.py", "--config=configs/figaro.py:smoke"]
-    command += [f"--config.data.data_dir={figaro_dir}", f"--workdir={trained}"]
-    command += ["--config.mode=eval", f"--config.compilation_cache={cache}"]
-    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    result = run_main(
+        f"--workdir={trained}",
+        "--config.mode=eval",
+        f"--config.compilation_cache={cache}",
+        figaro_dir=figaro_dir,
+        env={"JAX_COMPILATION_CACHE_DIR": None, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(cache.glob("jit_predict_step-*"))
     summary = json.loads((trained / "eval_test.json").read_text())
@@ -78,13 +81,11 @@ def test_eval_reports_dice_at_original_resolution(trained, figaro_dir, tmp_path)
 def test_a_compilation_cache_that_cannot_be_a_folder_is_a_warning():
     """Runs go on without a cache (e.g. a read-only home), saying why."""
     code = (
-        "import os\n"
-        "os.environ.pop('JAX_COMPILATION_CACHE_DIR')\n"
         "import jax, main\n"
         "main.use_compilation_cache('/proc/no/cache')\n"
         "assert jax.config.jax_compilation_cache_dir is None\n"
     )
-    result = run_python("-c", code)
+    result = run_python("-c", code, env={"JAX_COMPILATION_CACHE_DIR": None})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Compiling without a cache: config.compilation_cache='/proc/no/cache'" in result.stderr
 
