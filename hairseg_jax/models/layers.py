@@ -14,7 +14,8 @@ result (up to float32 rounding):
   matrix product per tap over only the pixels that tap reaches (``tap_products``). XLA's
   convolution does the dense work: ResNet-101's rate-18 branch at 512 px ran 2.5x faster
   this way (forward and backward). Above about 0.85 (layer4's rate-2 conv on a 32x32 map,
-  0.92) the products' gradient is slower than the convolution's, so those stay convolutions;
+  0.92) the products' gradient is slower than the convolution's, so in float32 those stay
+  convolutions;
 - on other backends (GPUs), a dilated conv is an undilated one over the ``dilation ** 2``
   interleaved sub-images of its input (``space_to_batch_conv``): cuDNN's dilated kernels are
   slow (ResNet-101's ASPP and layer4 convs at 512 px, batch 32, bf16, forward and backward on
@@ -26,11 +27,12 @@ result (up to float32 rounding):
   convolution runs such narrow maps at about half its usual rate (ResNet-101's layer1 3x3 conv
   at 227 px, batch 4, forward and both gradients: 29-30 vs 20-21 ms);
 - on CPU in bfloat16, matrix products have float32 results (cast back to bfloat16): XLA:CPU
-  hands only those to YNNPACK's bf16 kernels (AMX where the CPU has it: 0.5-1.1 TFLOP/s on a
-  2-core Xeon, against 0.1-0.2 with bf16 results), and its bf16 convolutions run no faster than
-  float32 ones. So there the forward pass of a stride-1 conv with more than 64 input channels
-  is ``tap_products`` too, its gradients staying those of the formulation below
-  (``tap_products_forward``);
+  hands only those, with both operands in the plain layout, to YNNPACK's bf16 kernels (AMX
+  where the CPU has it: 0.5-1.1 TFLOP/s on a 2-core Xeon, against 0.1-0.2 otherwise), and its
+  bf16 convolutions run no faster than float32 ones. So there every stride-1 conv with more
+  than 64 input channels is ``tap_products``, and 1x1 ones are ``bf16_pixel_matmul``, forward
+  and backward (their weight gradients by ``pixel_products``, which copies one operand
+  channels-major first);
 - on CPU, an undilated stride-1 conv with at least 256 output channels on a map of at least
   32x32 pixels (the decoder's convs from 227 px up) takes its weight gradient row by row
   (``conv_with_row_weight_grad``): XLA's own slows down sharply there (ResNet-101's 227 px
@@ -44,7 +46,7 @@ count a model's FLOPs the same way on every backend).
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -118,24 +120,135 @@ def pixel_matmul(x: jax.Array, matrix: jax.Array, **kwargs: Any) -> jax.Array:
     return flat.reshape(*x.shape[:-1], matrix.shape[-1])
 
 
-def tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-    """A stride-1 ``same`` conv (odd kernel, no groups) as a sum of one matrix product per tap,
-    each over only the input pixels the tap reaches, accumulated in float32."""
-    kh, kw = kernel.shape[:2]
-    _, height, width, _ = x.shape
-    out = None
+def _unfolded_transpose(matrix: jax.Array) -> jax.Array:
+    """``matrix.T`` as a copy in the transposed layout, through a 3-D view: XLA folds a plain
+    transpose into the matrix product that reads it, and on XLA:CPU a bf16 product with a
+    transposed operand runs on the float32 path (or, for some, fails to run at all)."""
+    rows, columns = matrix.shape
+    group = 8 if columns % 8 == 0 else 1
+    grouped = matrix.reshape(rows, columns // group, group)
+    return grouped.transpose(1, 2, 0).reshape(columns, rows)
+
+
+def pixel_products(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``x^T @ dy`` over every pixel of two NHWC maps of one batch and size, in float32: the
+    (in, out) kernel gradient of ``pixel_matmul(x, kernel)`` whose output gradient is ``dy``.
+
+    In bfloat16 (on CPU), the map with fewer channels is first copied channels-major, so the
+    product reads both operands in the plain layout that XLA:CPU hands to YNNPACK's bf16
+    kernels (AMX where the CPU has it): ResNet-101's weight gradients ran 2-4x faster than
+    contracting the pixels in place (BENCHMARKS.md).
+    """
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    if x.dtype != jnp.bfloat16:
+        return jax.lax.dot_general(
+            x2, dy2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+    if x2.shape[1] <= dy2.shape[1]:
+        x_t = x.transpose(3, 0, 1, 2).reshape(x2.shape[1], -1)
+        return jnp.dot(x_t, dy2, preferred_element_type=jnp.float32)
+    dy_t = dy.transpose(3, 0, 1, 2).reshape(dy2.shape[1], -1)
+    return _unfolded_transpose(jnp.dot(dy_t, x2, preferred_element_type=jnp.float32))
+
+
+@jax.custom_vjp
+def bf16_pixel_matmul(x: jax.Array, matrix: jax.Array) -> jax.Array:
+    """``pixel_matmul`` of bfloat16 operands for XLA:CPU: float32 results cast back to
+    bfloat16 (only those run on YNNPACK's bf16 kernels), and gradients whose products do the
+    same (``pixel_products`` for the matrix's)."""
+    return pixel_matmul(x, matrix, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _bf16_pixel_matmul_forward(x: jax.Array, matrix: jax.Array):
+    return bf16_pixel_matmul(x, matrix), (x, matrix)
+
+
+def _bf16_pixel_matmul_backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array):
+    x, matrix = residuals
+    dx = pixel_matmul(dy, matrix.T, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), pixel_products(x, dy).astype(matrix.dtype)
+
+
+bf16_pixel_matmul.defvjp(_bf16_pixel_matmul_forward, _bf16_pixel_matmul_backward)
+
+
+def _taps(kernel_shape: tuple[int, ...], dilation: int, height: int, width: int):
+    """``(i, j, dy, dx, rows, cols)`` for each tap of a stride-1 ``same`` conv: its offset and
+    the input ``[start, stop)`` rows and columns it reads for in-map outputs."""
+    kh, kw = kernel_shape[:2]
     for i in range(kh):
         for j in range(kw):
             dy, dx = (i - kh // 2) * dilation, (j - kw // 2) * dilation
-            (r0, r1), (c0, c1) = _reach(dy, height), _reach(dx, width)
-            part = pixel_matmul(
-                x[:, r0:r1, c0:c1], kernel[i, j], preferred_element_type=jnp.float32
-            )
-            part = jnp.pad(
-                part, ((0, 0), (r0 - dy, height - r1 + dy), (c0 - dx, width - c1 + dx), (0, 0))
-            )
-            out = part if out is None else out + part
-    return out.astype(x.dtype)
+            yield i, j, dy, dx, _reach(dy, height), _reach(dx, width)
+
+
+def _sum_shifted(parts: Iterator[tuple[jax.Array, int, int]], height: int, width: int):
+    """The sum of maps each placed with its top-left pixel at ``(row, col)`` of a
+    ``height`` x ``width`` map of zeros."""
+    total = None
+    for part, row, col in parts:
+        pads = (
+            (0, 0),
+            (row, height - row - part.shape[1]),
+            (col, width - col - part.shape[2]),
+            (0, 0),
+        )
+        part = jnp.pad(part, pads)
+        total = part if total is None else total + part
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+    """A stride-1 ``same`` conv (odd kernel, no groups) as a sum of one matrix product per tap,
+    each over only the input pixels the tap reaches, accumulated in float32.
+
+    Its gradients are tap products too, accumulated in float32 (autodiff's would sum the
+    input gradient in the input's dtype and scatter each tap's kernel gradient into a
+    zero kernel): the input gradient one product per tap by the tap's transposed kernel,
+    the kernel's one ``pixel_products`` per tap.
+    """
+    _, height, width, _ = x.shape
+    parts = (
+        (
+            pixel_matmul(x[:, r0:r1, c0:c1], kernel[i, j], preferred_element_type=jnp.float32),
+            r0 - dy,
+            c0 - dx,
+        )
+        for i, j, dy, dx, (r0, r1), (c0, c1) in _taps(kernel.shape, dilation, height, width)
+    )
+    return _sum_shifted(parts, height, width).astype(x.dtype)
+
+
+def _tap_products_forward(x: jax.Array, kernel: jax.Array, dilation: int):
+    return tap_products(x, kernel, dilation), (x, kernel)
+
+
+def _tap_products_backward(dilation: int, residuals: tuple[jax.Array, jax.Array], g):
+    x, kernel = residuals
+    _, height, width, _ = x.shape
+    taps = list(_taps(kernel.shape, dilation, height, width))
+    dx_parts = (
+        (
+            pixel_matmul(
+                g[:, r0 - dy : r1 - dy, c0 - dx : c1 - dx],
+                kernel[i, j].T,
+                preferred_element_type=jnp.float32,
+            ),
+            r0,
+            c0,
+        )
+        for i, j, dy, dx, (r0, r1), (c0, c1) in taps
+    )
+    kernel_grads = [
+        pixel_products(x[:, r0:r1, c0:c1], g[:, r0 - dy : r1 - dy, c0 - dx : c1 - dx])
+        for _, _, dy, dx, (r0, r1), (c0, c1) in taps
+    ]
+    dx = _sum_shifted(dx_parts, height, width).astype(x.dtype)
+    return dx, jnp.stack(kernel_grads).reshape(kernel.shape).astype(kernel.dtype)
+
+
+tap_products.defvjp(_tap_products_forward, _tap_products_backward)
 
 
 def space_to_batch_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
@@ -304,30 +417,6 @@ def _conv_rows_backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array):
 conv_with_row_weight_grad.defvjp(_conv_rows_forward, _conv_rows_backward)
 
 
-def tap_products_forward(conv: Callable[[jax.Array, jax.Array], jax.Array], dilation: int):
-    """``conv`` (a stride-1 ``same`` conv of ``dilation``, as a function of the input and the
-    kernel) computed by ``tap_products``, its gradients still ``conv``'s.
-
-    For bfloat16 on CPU, whose tap products run on YNNPACK's bf16 kernels (AMX where the CPU
-    has it) and XLA's convolutions do not: the forward pass, all that inference computes,
-    runs 1.1-4x faster, while the tap products' own gradients (autodiff's pads and bf16 sums
-    of the input gradient) would make a train step 10-20% slower than ``conv``'s.
-    """
-
-    @jax.custom_vjp
-    def by_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
-        return tap_products(x, kernel, dilation)
-
-    def forward(x: jax.Array, kernel: jax.Array):
-        return by_taps(x, kernel), (x, kernel)
-
-    def backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array):
-        return jax.vjp(conv, *residuals)[1](dy)
-
-    by_taps.defvjp(forward, backward)
-    return by_taps
-
-
 class Conv2d(nn.Module):
     """A square conv with torch-style padding ``dilation * (kernel_size // 2)`` on NHWC input.
 
@@ -363,8 +452,8 @@ class Conv2d(nn.Module):
         cpu = _own_formulations and jax.default_backend() == "cpu"
         bf16_on_cpu = cpu and x.dtype == jnp.bfloat16
         if k == 1 and self.groups == 1:
-            accumulate = {"preferred_element_type": jnp.float32} if bf16_on_cpu else {}
-            y = pixel_matmul(x[:, ::s, ::s], kernel[0, 0], **accumulate).astype(x.dtype)
+            matmul = bf16_pixel_matmul if bf16_on_cpu else pixel_matmul
+            y = matmul(x[:, ::s, ::s], kernel[0, 0])
         else:
             half = height = width = k // 2
             if s == 1 and d > 1:
@@ -374,9 +463,10 @@ class Conv2d(nn.Module):
             # The backends' own formulations: stride 1, no groups, odd kernel.
             own = s == 1 and self.groups == 1 and k % 2 == 1 and _own_formulations
             on_cpu = own and cpu
-            taps = (
-                on_cpu
-                and d > 1
+            taps = on_cpu and (
+                bf16_on_cpu
+                and x.shape[-1] > ROW_STACK_MAX_CHANNELS
+                or d > 1
                 and real_fraction(x.shape[1], x.shape[2], kernel.shape, d)
                 <= TAP_PRODUCTS_MAX_FRACTION
             )
@@ -407,8 +497,6 @@ class Conv2d(nn.Module):
                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                     feature_group_count=self.groups,
                 )
-            if on_cpu and bf16_on_cpu and not taps and x.shape[-1] > ROW_STACK_MAX_CHANNELS:
-                conv = tap_products_forward(conv, d)
             y = conv(x, kernel)
         return y if bias is None else y + bias
 

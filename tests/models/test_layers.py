@@ -3,6 +3,7 @@ residual_relu what relu(x + shortcut) computes; max_pool what flax.linen.max_poo
 BatchNorm what flax.linen.BatchNorm computes."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -262,34 +263,58 @@ def test_cpu_stacks_rows_only_for_undilated_convs_with_few_channels_on_narrow_ma
     assert (conv_ranks == {3}) == stacked
 
 
-def test_tap_products_forward_takes_the_gradients_of_the_conv_it_stands_for():
-    x, kernel = jax.random.normal(key(0), (2, 9, 9, 3)), jax.random.normal(key(1), (3, 3, 3, 4))
+@pytest.mark.parametrize(
+    "kernel_shape, dilation", [((3, 3), 2), ((3, 3), 1), ((1, 3), 6), ((5, 5), 3), ((1, 1), 1)]
+)
+def test_tap_products_and_their_gradients_match_the_conv(kernel_shape, dilation):
+    """The custom gradients (input gradient by the taps' transposed kernels, the kernel's tap
+    by tap) are the convolution's, in float32 and, to its precision, in bfloat16."""
+    x = jax.random.normal(key(0), (2, 9, 8, 3))
+    kernel = jax.random.normal(key(1), (*kernel_shape, 3, 4))
+    pads = [(dilation * (k // 2), dilation * (k // 2)) for k in kernel_shape]
     conv = functools.partial(
         jax.lax.conv_general_dilated,
         window_strides=(1, 1),
-        padding=((2, 2), (2, 2)),
-        rhs_dilation=(2, 2),
+        padding=pads,
+        rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-    fast = layers.tap_products_forward(conv, 2)
-    np.testing.assert_array_equal(fast(x, kernel), layers.tap_products(x, kernel, 2))
-    np.testing.assert_allclose(fast(x, kernel), conv(x, kernel), atol=1e-4)
-    dy = jax.random.normal(key(2), (2, 9, 9, 4))
-    grads = jax.vjp(fast, x, kernel)[1](dy), jax.vjp(conv, x, kernel)[1](dy)
-    for got, want in zip(*grads, strict=True):
-        np.testing.assert_array_equal(got, want)
+    taps = functools.partial(layers.tap_products, dilation=dilation)
+    dy = jax.random.normal(key(2), (2, 9, 8, 4))
+    want = jax.vjp(conv, x, kernel)[1](dy)
+    np.testing.assert_allclose(taps(x, kernel), conv(x, kernel), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(jax.vjp(taps, x, kernel)[1](dy), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, kernel, dy)]
+    got = jax.vjp(taps, *bf16[:2])[1](bf16[2])
+    for g, expected in zip(got, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            g.astype(jnp.float32), expected, atol=0.02 * np.abs(expected).max()
+        )
 
 
-# Replacing XLA's conv; the row-by-row weight gradient; a dilated conv left to XLA (real
-# fraction 0.92); a dilated conv of which only the centre tap is left.
+@pytest.mark.parametrize("channels, features", [(16, 8), (8, 16)])
+def test_pixel_products_are_the_1x1_weight_gradient(channels, features):
+    """Either map copied channels-major in bfloat16 (the one with fewer channels), none in
+    float32; the (in, out) product summed over every pixel, in float32."""
+    x = jax.random.normal(key(0), (2, 5, 7, channels))
+    dy = jax.random.normal(key(1), (2, 5, 7, features))
+    want = jnp.einsum("nhwc,nhwk->ck", x, dy)
+    np.testing.assert_allclose(layers.pixel_products(x, dy), want, rtol=1e-5, atol=1e-4)
+    got = layers.pixel_products(x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+
+
+# Replacing XLA's conv; the row-by-row weight gradient; a dilated conv left to XLA in float32
+# (real fraction 0.92); a dilated conv of which only the centre tap is left.
 @pytest.mark.parametrize(
     "features, size, dilation", [(8, 9, 1), (256, 32, 1), (8, 32, 2), (8, 9, 12)]
 )
-def test_bfloat16_convs_on_cpu_run_forward_as_products_with_float32_results(
-    features, size, dilation
-):
-    """Tap products (matrix products) forward, the float32 formulation's convolutions for the
-    gradients; values and gradients those of the float32 conv to bfloat16's precision."""
+def test_bfloat16_convs_on_cpu_are_tap_products_forward_and_backward(features, size, dilation):
+    """Matrix products with float32 results, no convolution, forward and in the gradients;
+    values and gradients those of the float32 conv to bfloat16's precision."""
     x = jax.random.normal(key(0), (2, size, size, 65))
     layer = Conv2d(features, 3, dilation=dilation, dtype=jnp.bfloat16)
     plain = Conv2d(features, 3, dilation=dilation)
@@ -302,7 +327,7 @@ def test_bfloat16_convs_on_cpu_run_forward_as_products_with_float32_results(
     assert "custom_vjp_call" in jaxpr_primitives(layer, x)
     assert "conv_general_dilated" not in str(jax.make_jaxpr(layer.apply)(params, x))
     backward = jax.make_jaxpr(jax.grad(loss, 1), static_argnums=0)(layer, params)
-    assert "conv_general_dilated" in str(backward)
+    assert "conv_general_dilated" not in str(backward)
     scale = np.abs(plain.apply(params, x)).max()
     np.testing.assert_allclose(layer.apply(params, x), plain.apply(params, x), atol=0.02 * scale)
     got, want = jax.grad(loss, 1)(layer, params), jax.grad(loss, 1)(plain, params)
@@ -311,14 +336,62 @@ def test_bfloat16_convs_on_cpu_run_forward_as_products_with_float32_results(
 
 
 def test_bfloat16_1x1_convs_on_cpu_are_products_with_float32_results():
-    x = jnp.zeros((1, 4, 4, 8))
-    (product,) = [
-        e
-        for e in jaxpr_equations(Conv2d(4, 1, dtype=jnp.bfloat16), x)
-        if e.primitive.name == "dot_general"
+    """Forward and in both gradients (``bf16_pixel_matmul``'s own)."""
+    layer = Conv2d(4, 1, dtype=jnp.bfloat16)
+    x = jnp.zeros((1, 4, 4, 8), jnp.bfloat16)
+    params = layer.init(key(0), x)
+    (call,) = jaxpr_equations(layer, x)[-1:]
+    assert call.primitive.name == "custom_vjp_call"
+    grad = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32)), (0, 1))
+    backward = jax.make_jaxpr(grad)(params, x).eqns
+    products = [
+        e for e in call.params["call_jaxpr"].eqns + backward if e.primitive.name == "dot_general"
     ]
-    assert product.params["preferred_element_type"] == jnp.float32
-    assert product.outvars[0].aval.dtype == jnp.float32
+    assert len(products) == 3
+    for product in products:
+        assert product.params["preferred_element_type"] == jnp.float32
+        assert product.outvars[0].aval.dtype == jnp.float32
+
+
+def unfused_products(hlo: str) -> list[str]:
+    """The matrix products of compiled HLO that are not inside a YNNPACK fusion."""
+    ynn = set(re.findall(r'calls=%?([\w.\-]+).*"kind":"__ynn_fusion"', hlo))
+    computation, unfused = None, []
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header and " = " not in line:
+            computation = header.group(1)
+        elif " dot(" in line and computation not in ynn:
+            unfused.append(line.strip())
+    return unfused
+
+
+# 1x1 with fewer and with more output channels; 3x3 likewise; dilated; strided 1x1.
+@pytest.mark.parametrize(
+    "features, kernel_size, dilation, strides",
+    [(32, 1, 1, 1), (96, 1, 1, 1), (32, 3, 1, 1), (96, 3, 1, 1), (32, 3, 2, 1), (96, 1, 1, 2)],
+)
+def test_bfloat16_conv_gradients_on_cpu_are_all_ynnpack_products(
+    features, kernel_size, dilation, strides
+):
+    """XLA:CPU runs bf16 products with float32 results on YNNPACK's bf16 kernels only when
+    both operands are in the plain layout; any other such product runs on the float32 path
+    or fails at run time ("Unsupported element type for DotThunk"). So the compiled train
+    gradient must have none outside YNNPACK fusions, and must run."""
+    probe = jax.jit(jnp.dot).lower(jnp.ones((16, 16)), jnp.ones((16, 16))).compile().as_text()
+    if "__ynn_fusion" not in probe:
+        pytest.skip("this XLA:CPU does not run matrix products on YNNPACK")
+    layer = Conv2d(features, kernel_size, strides=strides, dilation=dilation, dtype=jnp.bfloat16)
+    x = jax.random.normal(key(0), (2, 12, 12, 65))
+    params = layer.init(key(1), x)
+
+    def loss(params, x):
+        return jnp.sum(jnp.sin(layer.apply(params, x).astype(jnp.float32)))
+
+    step = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile()
+    assert unfused_products(step.as_text()) == []
+    grads = jax.tree.leaves(step(params, x))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
 
 @pytest.mark.parametrize("strides", [1, 2])
