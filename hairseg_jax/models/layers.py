@@ -606,13 +606,16 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     On CPU it is the maximum of the window's strided slices, with a gradient written out
     the same way: XLA:CPU expands ``nn.max_pool``'s gradient (select-and-scatter) into a scatter
     with index arrays, 6-9x slower (ResNet's stem pool at 160 px, batch 16: 112-117 vs
-    13-19 ms forward and backward). Same values and gradients, ties included. GPUs keep
-    ``nn.max_pool`` (not measured there).
+    13-19 ms forward and backward). Same values and gradients, ties included. A bfloat16
+    map is pooled in float32 (the same maxima), its gradient summed there: XLA:CPU's bf16
+    version of this backward pass ran 30x slower (445-543 vs 16 ms for ResNet's stem pool at
+    227 px, batch 4). GPUs keep ``nn.max_pool`` (not measured there).
     """
     if jax.default_backend() != "cpu":
         pads = ((padding, padding), (padding, padding))
         return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
-    return _max_pool_taps(x, window, stride, padding)
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return _max_pool_taps(wide, window, stride, padding).astype(x.dtype)
 
 
 def _batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
