@@ -76,13 +76,20 @@ def equations(jaxpr: jax.extend.core.Jaxpr) -> Iterator[jax.extend.core.JaxprEqn
 
 
 def test_bfloat16_runs_convolutions_in_bf16_and_keeps_float32_state(initial, data):
-    """Forward and backward convolutions take bf16 operands; the loss stays float32."""
+    """Forward and backward convolutions take bf16 operands (on CPU most are matrix products:
+    ``layers.Conv2d``); the loss stays float32."""
     state = new_state(tiny_config("bfloat16"), initial)
     train = lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0)  # noqa: E731
     closed = jax.make_jaxpr(train)(state, batch_at(data, 0))
     convs = [e for e in equations(closed.jaxpr) if e.primitive.name == "conv_general_dilated"]
-    assert len(convs) > 40  # ResNet-18 + heads, forward and backward
-    assert {v.aval.dtype for e in convs for v in e.invars} == {jnp.dtype(jnp.bfloat16)}
+    bf16 = jnp.dtype(jnp.bfloat16)
+    products = [
+        e
+        for e in equations(closed.jaxpr)
+        if e.primitive.name == "dot_general" and e.invars[0].aval.dtype == bf16
+    ]
+    assert len(convs) + len(products) > 40  # ResNet-18 + heads, forward and backward
+    assert {v.aval.dtype for e in convs + products for v in e.invars} == {bf16}
     new, metrics = jax.eval_shape(train, state, batch_at(data, 0))
     assert metrics["loss"].dtype == jnp.float32
     assert {p.dtype for p in jax.tree.leaves(new.params)} == FLOAT32

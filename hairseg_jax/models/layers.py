@@ -180,13 +180,14 @@ bf16_pixel_matmul.defvjp(_bf16_pixel_matmul_forward, _bf16_pixel_matmul_backward
 
 
 def _taps(kernel_shape: tuple[int, ...], dilation: int, height: int, width: int):
-    """``(i, j, dy, dx, rows, cols)`` for each tap of a stride-1 ``same`` conv: its offset and
-    the input ``[start, stop)`` rows and columns it reads for in-map outputs."""
+    """``(i, j, row_offset, col_offset, rows, cols)`` for each tap of a stride-1 ``same`` conv:
+    where it reads relative to the output pixel, and the input ``[start, stop)`` rows and
+    columns it reads for in-map outputs."""
     kh, kw = kernel_shape[:2]
     for i in range(kh):
         for j in range(kw):
-            dy, dx = (i - kh // 2) * dilation, (j - kw // 2) * dilation
-            yield i, j, dy, dx, _reach(dy, height), _reach(dx, width)
+            oy, ox = (i - kh // 2) * dilation, (j - kw // 2) * dilation
+            yield i, j, oy, ox, _reach(oy, height), _reach(ox, width)
 
 
 def _sum_shifted(parts: Iterator[tuple[jax.Array, int, int]], height: int, width: int):
@@ -219,10 +220,10 @@ def tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     parts = (
         (
             pixel_matmul(x[:, r0:r1, c0:c1], kernel[i, j], preferred_element_type=jnp.float32),
-            r0 - dy,
-            c0 - dx,
+            r0 - oy,
+            c0 - ox,
         )
-        for i, j, dy, dx, (r0, r1), (c0, c1) in _taps(kernel.shape, dilation, height, width)
+        for i, j, oy, ox, (r0, r1), (c0, c1) in _taps(kernel.shape, dilation, height, width)
     )
     return _sum_shifted(parts, height, width).astype(x.dtype)
 
@@ -238,18 +239,18 @@ def _tap_products_backward(dilation: int, residuals: tuple[jax.Array, jax.Array]
     dx_parts = (
         (
             pixel_matmul(
-                g[:, r0 - dy : r1 - dy, c0 - dx : c1 - dx],
+                g[:, r0 - oy : r1 - oy, c0 - ox : c1 - ox],
                 kernel[i, j].T,
                 preferred_element_type=jnp.float32,
             ),
             r0,
             c0,
         )
-        for i, j, dy, dx, (r0, r1), (c0, c1) in taps
+        for i, j, oy, ox, (r0, r1), (c0, c1) in taps
     )
     kernel_grads = [
-        pixel_products(x[:, r0:r1, c0:c1], g[:, r0 - dy : r1 - dy, c0 - dx : c1 - dx])
-        for _, _, dy, dx, (r0, r1), (c0, c1) in taps
+        pixel_products(x[:, r0:r1, c0:c1], g[:, r0 - oy : r1 - oy, c0 - ox : c1 - ox])
+        for _, _, oy, ox, (r0, r1), (c0, c1) in taps
     ]
     dx = _sum_shifted(dx_parts, height, width).astype(x.dtype)
     return dx, jnp.stack(kernel_grads).reshape(kernel.shape).astype(kernel.dtype)
@@ -471,11 +472,12 @@ class Conv2d(nn.Module):
             own = s == 1 and self.groups == 1 and k % 2 == 1 and _own_formulations
             on_cpu = own and cpu
             taps = on_cpu and (
-                bf16_on_cpu
-                and x.shape[-1] > ROW_STACK_MAX_CHANNELS
-                or d > 1
-                and real_fraction(x.shape[1], x.shape[2], kernel.shape, d)
-                <= TAP_PRODUCTS_MAX_FRACTION
+                (bf16_on_cpu and x.shape[-1] > ROW_STACK_MAX_CHANNELS)
+                or (
+                    d > 1
+                    and real_fraction(x.shape[1], x.shape[2], kernel.shape, d)
+                    <= TAP_PRODUCTS_MAX_FRACTION
+                )
             )
             if own and not on_cpu and d > 1 and kernel.shape[:2] != (1, 1):
                 conv = functools.partial(space_to_batch_conv, dilation=d)
