@@ -279,7 +279,7 @@ def test_tap_products_and_their_gradients_match_the_conv(kernel_shape, dilation)
         rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-    taps = functools.partial(layers.tap_products, dilation=dilation)
+    taps = jax.jit(functools.partial(layers.tap_products, dilation=dilation))
     dy = jax.random.normal(key(2), (2, 9, 8, 4))
     want = jax.vjp(conv, x, kernel)[1](dy)
     np.testing.assert_allclose(taps(x, kernel), conv(x, kernel), rtol=1e-5, atol=1e-5)
