@@ -366,14 +366,28 @@ def unfused_products(hlo: str) -> list[str]:
     return unfused
 
 
-# 1x1 with fewer and with more output channels; 3x3 likewise; dilated; strided 1x1.
-@pytest.mark.parametrize(
-    "features, kernel_size, dilation, strides",
-    [(32, 1, 1, 1), (96, 1, 1, 1), (32, 3, 1, 1), (96, 3, 1, 1), (32, 3, 2, 1), (96, 1, 1, 2)],
-)
-def test_bfloat16_conv_gradients_on_cpu_are_all_ynnpack_products(
-    features, kernel_size, dilation, strides
-):
+class ConvCases(nn.Module):
+    """bf16 convs side by side on one input: 1x1 and 3x3 with fewer and with more output
+    channels than the input's 65, a dilated 3x3 and a strided 1x1; the sum of their outputs."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cases = [
+            (32, 1, 1, 1),
+            (96, 1, 1, 1),
+            (32, 3, 1, 1),
+            (96, 3, 1, 1),
+            (32, 3, 2, 1),
+            (96, 1, 1, 2),
+        ]
+        total = sum(
+            jnp.sum(jnp.sin(Conv2d(f, k, dilation=d, strides=s, dtype=jnp.bfloat16)(x)))
+            for f, k, d, s in cases
+        )
+        return total.astype(jnp.float32)
+
+
+def test_bfloat16_conv_gradients_on_cpu_are_all_ynnpack_products():
     """XLA:CPU runs bf16 products with float32 results on YNNPACK's bf16 kernels only when
     both operands are in the plain layout; any other such product runs on the float32 path
     or fails at run time ("Unsupported element type for DotThunk"). So the compiled train
@@ -381,14 +395,10 @@ def test_bfloat16_conv_gradients_on_cpu_are_all_ynnpack_products(
     probe = jax.jit(jnp.dot).lower(jnp.ones((16, 16)), jnp.ones((16, 16))).compile().as_text()
     if "__ynn_fusion" not in probe:
         pytest.skip("this XLA:CPU does not run matrix products on YNNPACK")
-    layer = Conv2d(features, kernel_size, strides=strides, dilation=dilation, dtype=jnp.bfloat16)
+    model = ConvCases()
     x = jax.random.normal(key(0), (2, 12, 12, 65))
-    params = layer.init(key(1), x)
-
-    def loss(params, x):
-        return jnp.sum(jnp.sin(layer.apply(params, x).astype(jnp.float32)))
-
-    step = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile()
+    params = model.init(key(1), x)
+    step = jax.jit(jax.grad(model.apply, (0, 1))).lower(params, x).compile()
     assert unfused_products(step.as_text()) == []
     grads = jax.tree.leaves(step(params, x))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
