@@ -367,22 +367,25 @@ def unfused_products(hlo: str) -> list[str]:
 
 
 class ConvCases(nn.Module):
-    """bf16 convs side by side on one input: 1x1 and 3x3 with fewer and with more output
-    channels than the input's 65, a dilated 3x3 and a strided 1x1; the sum of their outputs."""
+    """bf16 convs side by side, the sum of their outputs: on a 72-channel map, 1x1 and 3x3 with
+    fewer and with more output channels, a dilated 3x3 and a strided 1x1; on a 65-channel one
+    (not a multiple of 8), 1x1 and 3x3 with fewer output channels."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cases = [
-            (32, 1, 1, 1),
-            (96, 1, 1, 1),
-            (32, 3, 1, 1),
-            (96, 3, 1, 1),
-            (32, 3, 2, 1),
-            (96, 1, 1, 2),
+            (x, 32, 1, 1, 1),
+            (x, 96, 1, 1, 1),
+            (x, 32, 3, 1, 1),
+            (x, 96, 3, 1, 1),
+            (x, 32, 3, 2, 1),
+            (x, 96, 1, 1, 2),
+            (x[..., :65], 32, 1, 1, 1),
+            (x[..., :65], 32, 3, 1, 1),
         ]
         total = sum(
-            jnp.sum(jnp.sin(Conv2d(f, k, dilation=d, strides=s, dtype=jnp.bfloat16)(x)))
-            for f, k, d, s in cases
+            jnp.sum(jnp.sin(Conv2d(f, k, dilation=d, strides=s, dtype=jnp.bfloat16)(m)))
+            for m, f, k, d, s in cases
         )
         return total.astype(jnp.float32)
 
@@ -396,7 +399,7 @@ def test_bfloat16_conv_gradients_on_cpu_are_all_ynnpack_products():
     if "__ynn_fusion" not in probe:
         pytest.skip("this XLA:CPU does not run matrix products on YNNPACK")
     model = ConvCases()
-    x = jax.random.normal(key(0), (2, 12, 12, 65))
+    x = jax.random.normal(key(0), (2, 12, 12, 72))
     params = model.init(key(1), x)
     step = jax.jit(jax.grad(model.apply, (0, 1))).lower(params, x).compile()
     assert unfused_products(step.as_text()) == []
