@@ -30,9 +30,12 @@ result (up to float32 rounding):
   hands only those, with both operands in the plain layout, to YNNPACK's bf16 kernels (AMX
   where the CPU has it: 0.5-1.1 TFLOP/s on a 2-core Xeon, against 0.1-0.2 otherwise), and its
   bf16 convolutions run no faster than float32 ones. So there every stride-1 conv with more
-  than 64 input channels is ``tap_products``, and 1x1 ones are ``bf16_pixel_matmul``, forward
-  and backward (their weight gradients by ``pixel_products``, which copies one operand
-  channels-major first);
+  than 64 input channels is ``tap_products`` (dilated) or ``column_conv`` (undilated: tap
+  products too, but differentiated one product of the input's columns, im2col, forward and
+  for each gradient; ResNet-101's decoder convs at 227 px, batch 4, ran their forward and
+  backward passes 2x faster), and 1x1 ones are ``bf16_pixel_matmul``, forward and backward
+  (their weight gradients by ``pixel_products``, which copies one operand channels-major
+  first);
 - on CPU, an undilated stride-1 conv with at least 256 output channels on a map of at least
   32x32 pixels (the decoder's convs from 227 px up) takes its weight gradient row by row
   (``conv_with_row_weight_grad``): XLA's own slows down sharply there (ResNet-101's 227 px
@@ -181,15 +184,21 @@ def _bf16_pixel_matmul_backward(residuals: tuple[jax.Array, jax.Array], dy: jax.
 bf16_pixel_matmul.defvjp(_bf16_pixel_matmul_forward, _bf16_pixel_matmul_backward)
 
 
+def _tap_offsets(kernel_shape: tuple[int, ...], dilation: int) -> list[tuple[int, int]]:
+    """``(row, col)`` offsets of a stride-1 ``same`` conv's taps, row-major."""
+    kh, kw = kernel_shape[:2]
+    return [
+        ((i - kh // 2) * dilation, (j - kw // 2) * dilation) for i in range(kh) for j in range(kw)
+    ]
+
+
 def _taps(kernel_shape: tuple[int, ...], dilation: int, height: int, width: int):
     """``(i, j, row_offset, col_offset, rows, cols)`` for each tap of a stride-1 ``same`` conv:
     where it reads relative to the output pixel, and the input ``[start, stop)`` rows and
     columns it reads for in-map outputs."""
-    kh, kw = kernel_shape[:2]
-    for i in range(kh):
-        for j in range(kw):
-            oy, ox = (i - kh // 2) * dilation, (j - kw // 2) * dilation
-            yield i, j, oy, ox, _reach(oy, height), _reach(ox, width)
+    kw = kernel_shape[1]
+    for t, (oy, ox) in enumerate(_tap_offsets(kernel_shape, dilation)):
+        yield t // kw, t % kw, oy, ox, _reach(oy, height), _reach(ox, width)
 
 
 def _sum_shifted(parts: Iterable[tuple[jax.Array, int, int]], height: int, width: int):
@@ -248,6 +257,55 @@ def _tap_products_backward(dilation: int, residuals: tuple[jax.Array, jax.Array]
 
 
 tap_products.defvjp(_tap_products_forward, _tap_products_backward)
+
+
+def _columns(x: jax.Array, offsets: list[tuple[int, int]]) -> jax.Array:
+    """im2col: an NHWC map's ``len(offsets) * C`` channels per pixel, the ``C`` of tap ``t``
+    read at ``offsets[t]`` from it (zeros beyond its borders), copied as 16-bit integers
+    where it is bfloat16 (XLA:CPU copies bf16 through float32)."""
+    _, height, width, _ = x.shape
+    py, px = max(abs(oy) for oy, _ in offsets), max(abs(ox) for _, ox in offsets)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+    padded = jnp.pad(bits, ((0, 0), (py, py), (px, px), (0, 0)))
+    windows = [
+        padded[:, py + oy : py + oy + height, px + ox : px + ox + width] for oy, ox in offsets
+    ]
+    columns = jnp.concatenate(windows, axis=-1)
+    return jax.lax.bitcast_convert_type(columns, x.dtype) if x.dtype == jnp.bfloat16 else columns
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def column_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+    """``tap_products``, whose gradients are computed from the input's columns (im2col).
+
+    Differentiated, the forward pass is one matrix product of the input's columns
+    (``_columns``) by the kernel's taps stacked, and its gradients are one such product
+    each: the input's of the output gradient's columns (at the opposite offsets) by the
+    transposed taps, the kernel's ``pixel_products`` of the columns and the output gradient;
+    all in float32. Not differentiated, it is ``tap_products``, which copies no columns.
+    """
+    return tap_products(x, kernel, dilation)
+
+
+def _column_conv_forward(x: jax.Array, kernel: jax.Array, dilation: int):
+    columns = _columns(x, _tap_offsets(kernel.shape, dilation))
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    y = pixel_matmul(columns, matrix, preferred_element_type=jnp.float32).astype(x.dtype)
+    return y, (columns, kernel)
+
+
+def _column_conv_backward(dilation: int, residuals: tuple[jax.Array, jax.Array], g):
+    columns, kernel = residuals
+    offsets = _tap_offsets(kernel.shape, dilation)
+    opposite = [(-oy, -ox) for oy, ox in offsets]
+    transposed = kernel.transpose(0, 1, 3, 2).reshape(-1, kernel.shape[2])
+    g_columns = _columns(g, opposite)
+    dx = pixel_matmul(g_columns, transposed, preferred_element_type=jnp.float32)
+    dk = pixel_products(columns, g).reshape(kernel.shape)
+    return dx.astype(columns.dtype), dk.astype(kernel.dtype)
+
+
+column_conv.defvjp(_column_conv_forward, _column_conv_backward)
 
 
 def space_to_batch_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
@@ -472,6 +530,8 @@ class Conv2d(nn.Module):
             )
             if own and not on_cpu and d > 1 and kernel.shape[:2] != (1, 1):
                 conv = functools.partial(space_to_batch_conv, dilation=d)
+            elif on_cpu and bf16_on_cpu and d == 1 and x.shape[-1] > ROW_STACK_MAX_CHANNELS:
+                conv = functools.partial(column_conv, dilation=d)
             elif taps:
                 conv = functools.partial(tap_products, dilation=d)
             elif (

@@ -263,12 +263,16 @@ def test_cpu_stacks_rows_only_for_undilated_convs_with_few_channels_on_narrow_ma
     assert (conv_ranks == {3}) == stacked
 
 
+@pytest.mark.parametrize("formulation", [layers.tap_products, layers.column_conv])
 @pytest.mark.parametrize(
     "kernel_shape, dilation", [((3, 3), 2), ((3, 3), 1), ((1, 3), 6), ((5, 5), 3), ((1, 1), 1)]
 )
-def test_tap_products_and_their_gradients_match_the_conv(kernel_shape, dilation):
-    """The custom gradients (input gradient by the taps' transposed kernels, the kernel's tap
-    by tap) are the convolution's, in float32 and, to its precision, in bfloat16."""
+def test_tap_products_column_convs_and_their_gradients_match_the_conv(
+    formulation, kernel_shape, dilation
+):
+    """The custom gradients (tap products: the input's by the taps' transposed kernels, the
+    kernel's tap by tap; column convs: one product of columns each) are the convolution's, in
+    float32 and, to its precision, in bfloat16."""
     x = jax.random.normal(key(0), (2, 9, 8, 3))
     kernel = jax.random.normal(key(1), (*kernel_shape, 3, 4))
     pads = [(dilation * (k // 2), dilation * (k // 2)) for k in kernel_shape]
@@ -279,7 +283,7 @@ def test_tap_products_and_their_gradients_match_the_conv(kernel_shape, dilation)
         rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-    taps = jax.jit(functools.partial(layers.tap_products, dilation=dilation))
+    taps = jax.jit(functools.partial(formulation, dilation=dilation))
     dy = jax.random.normal(key(2), (2, 9, 8, 4))
     want = jax.vjp(conv, x, kernel)[1](dy)
     np.testing.assert_allclose(taps(x, kernel), conv(x, kernel), rtol=1e-5, atol=1e-5)
@@ -333,6 +337,45 @@ def test_bfloat16_convs_on_cpu_are_tap_products_forward_and_backward(features, s
     got, want = jax.grad(loss, 1)(layer, params), jax.grad(loss, 1)(plain, params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, atol=0.03 * np.abs(w).max())
+
+
+def test_undilated_bfloat16_convs_on_cpu_are_column_products_when_differentiated():
+    """Inference: nine tap products, no columns copied. Training: one product of the input's
+    columns (9 x 72 channels) forward, one of the output gradient's columns (9 x 16) for the
+    input gradient, one of the output gradient and the columns for the kernel gradient."""
+    layer = Conv2d(16, 3, dtype=jnp.bfloat16)
+    x = jnp.zeros((2, 6, 7, 72), jnp.bfloat16)
+    params = layer.init(key(0), x)
+    assert jax.default_backend() == "cpu"
+    forward = jax.make_jaxpr(layer.apply)(params, x)
+    assert "concatenate" not in str(forward)
+    assert str(forward).count("dot_general") == 9
+    grad = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32)), (0, 1))
+    products = [
+        e for e in jax.make_jaxpr(grad)(params, x).eqns if e.primitive.name == "dot_general"
+    ]
+    pixels = 2 * 6 * 7
+    shapes = sorted(tuple(v.aval.shape for v in e.invars) for e in products)
+    assert shapes == [
+        ((16, pixels), (pixels, 9 * 72)),  # kernel gradient (channels-major output gradient)
+        ((pixels, 9 * 16), (9 * 16, 72)),  # input gradient
+        ((pixels, 9 * 72), (9 * 72, 16)),  # forward
+    ]
+    assert all(e.params["preferred_element_type"] == jnp.float32 for e in products)
+
+
+@pytest.mark.parametrize("kernel_size, strides, groups", [(3, 2, 1), (3, 1, 8), (4, 1, 1)])
+def test_bfloat16_convs_the_products_do_not_cover_are_the_plain_conv(kernel_size, strides, groups):
+    """Strided, grouped and even-sized convs of a wide bf16 map keep XLA's convolution."""
+    x = jax.random.normal(key(0), (2, 9, 9, 72))
+    layer = Conv2d(16, kernel_size, strides=strides, groups=groups, dtype=jnp.bfloat16)
+    plain = Conv2d(16, kernel_size, strides=strides, groups=groups)
+    params = plain.init(key(1), x)
+    assert "conv_general_dilated" in str(jax.make_jaxpr(layer.apply)(params, x))
+    want = plain.apply(params, x)
+    got = layer.apply(params, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
 
 
 def test_bfloat16_1x1_convs_on_cpu_are_products_with_float32_results():
