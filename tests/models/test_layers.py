@@ -316,7 +316,7 @@ def test_pixel_products_are_the_1x1_weight_gradient(channels, features):
 @pytest.mark.parametrize(
     "features, size, dilation", [(8, 9, 1), (256, 32, 1), (8, 32, 2), (8, 9, 12)]
 )
-def test_bfloat16_convs_on_cpu_are_tap_products_forward_and_backward(features, size, dilation):
+def test_bfloat16_convs_on_cpu_are_matrix_products_forward_and_backward(features, size, dilation):
     """Matrix products with float32 results, no convolution, forward and in the gradients;
     values and gradients those of the float32 conv to bfloat16's precision."""
     x = jax.random.normal(key(0), (2, size, size, 65))
