@@ -49,7 +49,7 @@ count a model's FLOPs the same way on every backend).
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -135,12 +135,19 @@ def _unfolded_transpose(matrix: jax.Array) -> jax.Array:
     return grouped.transpose(1, 2, 0).reshape(columns, rows)
 
 
+def _copied_as_bits(x: jax.Array, copy: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """``copy(x)`` for a ``copy`` that only moves elements, done on 16-bit integers where ``x``
+    is bfloat16: XLA:CPU copies bf16 arrays through float32 (1.5x slower for a 4x57x57x304
+    map; an im2col copy of it 2x slower)."""
+    if x.dtype != jnp.bfloat16:
+        return copy(x)
+    bits = copy(jax.lax.bitcast_convert_type(x, jnp.uint16))
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
 def _channels_major(x: jax.Array) -> jax.Array:
-    """A bfloat16 NHWC map as a (channels, pixels) matrix, copied as 16-bit integers (XLA:CPU
-    copies bf16 arrays through float32, 1.5x slower for a 4x57x57x304 map)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
-    copy = bits.transpose(3, 0, 1, 2).reshape(x.shape[-1], -1)
-    return jax.lax.bitcast_convert_type(copy, x.dtype)
+    """An NHWC map as a (channels, pixels) matrix."""
+    return _copied_as_bits(x, lambda m: m.transpose(3, 0, 1, 2).reshape(x.shape[-1], -1))
 
 
 def pixel_products(x: jax.Array, dy: jax.Array) -> jax.Array:
@@ -261,17 +268,18 @@ tap_products.defvjp(_tap_products_forward, _tap_products_backward)
 
 def _columns(x: jax.Array, offsets: list[tuple[int, int]]) -> jax.Array:
     """im2col: an NHWC map's ``len(offsets) * C`` channels per pixel, the ``C`` of tap ``t``
-    read at ``offsets[t]`` from it (zeros beyond its borders), copied as 16-bit integers
-    where it is bfloat16 (XLA:CPU copies bf16 through float32)."""
+    read at ``offsets[t]`` from it (zeros beyond its borders)."""
     _, height, width, _ = x.shape
     py, px = max(abs(oy) for oy, _ in offsets), max(abs(ox) for _, ox in offsets)
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-    padded = jnp.pad(bits, ((0, 0), (py, py), (px, px), (0, 0)))
-    windows = [
-        padded[:, py + oy : py + oy + height, px + ox : px + ox + width] for oy, ox in offsets
-    ]
-    columns = jnp.concatenate(windows, axis=-1)
-    return jax.lax.bitcast_convert_type(columns, x.dtype) if x.dtype == jnp.bfloat16 else columns
+
+    def copy(m: jax.Array) -> jax.Array:
+        padded = jnp.pad(m, ((0, 0), (py, py), (px, px), (0, 0)))
+        windows = [
+            padded[:, py + oy : py + oy + height, px + ox : px + ox + width] for oy, ox in offsets
+        ]
+        return jnp.concatenate(windows, axis=-1)
+
+    return _copied_as_bits(x, copy)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -530,10 +538,8 @@ class Conv2d(nn.Module):
             )
             if own and not on_cpu and d > 1 and kernel.shape[:2] != (1, 1):
                 conv = functools.partial(space_to_batch_conv, dilation=d)
-            elif on_cpu and bf16_on_cpu and d == 1 and x.shape[-1] > ROW_STACK_MAX_CHANNELS:
-                conv = functools.partial(column_conv, dilation=d)
-            elif taps:
-                conv = functools.partial(tap_products, dilation=d)
+            elif taps:  # undilated only in bf16: there its gradients are column products
+                conv = functools.partial(column_conv if d == 1 else tap_products, dilation=d)
             elif (
                 on_cpu
                 and d == 1
