@@ -409,6 +409,13 @@ def unfused_products(hlo: str) -> list[str]:
     return unfused
 
 
+def product_operand_types(hlo: str) -> list[tuple[str, ...]]:
+    """The element types of every matrix product's operands in compiled HLO."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    operands = re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    return [tuple(types[name] for name in pair) for pair in operands]
+
+
 class ConvCases(nn.Module):
     """bf16 convs side by side, the sum of their outputs: on a 72-channel map, 1x1 and 3x3 with
     fewer and with more output channels, a dilated 3x3 and a strided 1x1; on a 65-channel one
@@ -436,8 +443,9 @@ class ConvCases(nn.Module):
 def test_bfloat16_conv_gradients_on_cpu_are_all_ynnpack_products():
     """XLA:CPU runs bf16 products with float32 results on YNNPACK's bf16 kernels only when
     both operands are in the plain layout; any other such product runs on the float32 path
-    or fails at run time ("Unsupported element type for DotThunk"). So the compiled train
-    gradient must have none outside YNNPACK fusions, and must run."""
+    (its operands converted to float32) or fails at run time ("Unsupported element type for
+    DotThunk"). So the compiled train gradient must have none outside YNNPACK fusions, every
+    product must read bf16 operands, and it must run."""
     probe = jax.jit(jnp.dot).lower(jnp.ones((16, 16)), jnp.ones((16, 16))).compile().as_text()
     if "__ynn_fusion" not in probe:
         pytest.skip("this XLA:CPU does not run matrix products on YNNPACK")
@@ -446,6 +454,9 @@ def test_bfloat16_conv_gradients_on_cpu_are_all_ynnpack_products():
     params = model.init(key(1), x)
     step = jax.jit(jax.grad(model.apply, (0, 1))).lower(params, x).compile()
     assert unfused_products(step.as_text()) == []
+    operand_types = product_operand_types(step.as_text())
+    assert len(operand_types) >= 20  # forward and both gradients of seven convs
+    assert set(operand_types) == {("bf16", "bf16")}
     grads = jax.tree.leaves(step(params, x))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
