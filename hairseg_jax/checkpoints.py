@@ -10,15 +10,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 BEST_METRIC = "dice"
+
+
+class MismatchError(ValueError):
+    """A checkpoint whose arrays are not those of the structure it is restored into."""
 
 
 def latest_manager(workdir: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
     """Full train states (optimizer included) under ``workdir/checkpoints``, newest ``keep``."""
     return ocp.CheckpointManager(
         Path(workdir).absolute() / "checkpoints",
+        item_handlers=ocp.StandardCheckpointHandler(),  # so its metadata can be read
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True
         ),
@@ -33,6 +39,7 @@ def best_manager(workdir: str | os.PathLike, read_only: bool = False) -> ocp.Che
     """
     return ocp.CheckpointManager(
         Path(workdir).absolute() / "best",
+        item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1,
             best_fn=lambda metrics: metrics[BEST_METRIC],
@@ -42,6 +49,20 @@ def best_manager(workdir: str | os.PathLike, read_only: bool = False) -> ocp.Che
             cleanup_tmp_directories=not read_only,
         ),
     )
+
+
+def best_step(workdir: str | os.PathLike) -> int | None:
+    """The step of ``workdir``'s best checkpoint, None if there is none (nothing is created)."""
+    if not (Path(workdir) / "best").is_dir():
+        return None
+    with best_manager(workdir, read_only=True) as manager:
+        return manager.best_step()
+
+
+def restore_best(workdir: str | os.PathLike, step: int, target: Any) -> Any:
+    """``workdir``'s best checkpoint at ``step``, restored into the structure of ``target``."""
+    with best_manager(workdir, read_only=True) as manager:
+        return restore(manager, step, target)
 
 
 def best_score(manager: ocp.CheckpointManager) -> float:
@@ -55,6 +76,26 @@ def save(manager: ocp.CheckpointManager, step: int, item: Any, metrics: Any = No
     manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics)
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Each array's shape in ``tree``, by its path ("params/aspp/...")."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): x.shape for path, x in leaves}
+
+
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
-    """Restores the checkpoint at ``step`` into the structure of ``target``."""
+    """Restores the checkpoint at ``step`` into the structure of ``target``.
+
+    Raises:
+      MismatchError: the checkpoint holds other arrays, or other shapes, than ``target``
+        (checked on its metadata, before anything is read).
+    """
+    stored, wanted = _shapes(manager.item_metadata(step).tree), _shapes(target)
+    differences = [
+        f"{name} is {stored.get(name, 'missing')} there, {wanted.get(name, 'missing')} here"
+        for name in sorted(stored.keys() | wanted.keys())
+        if stored.get(name) != wanted.get(name)
+    ]
+    if differences:
+        more = f" and {len(differences) - 1} more" if len(differences) > 1 else ""
+        raise MismatchError(f"{differences[0]}{more}")
     return manager.restore(step, args=ocp.args.StandardRestore(target))

@@ -413,9 +413,8 @@ def load_state(
       config_checks.ConfigError: the checkpoint does not fit ``config.model``.
       ConversionError: the pretrained file is unreadable or holds only a backbone.
     """
-    best = workdir / "best"
-    manager = checkpoints.best_manager(workdir, read_only=True) if best.is_dir() else None
-    step = manager and manager.best_step()
+    best = workdir.absolute() / "best"
+    step = checkpoints.best_step(workdir)
     if step is None and not config.model.pretrained:
         raise FileNotFoundError(
             f"No best checkpoint in {best} and no config.model.pretrained; train there first."
@@ -430,16 +429,12 @@ def load_state(
         weights = config.model.pretrained
         variables = _pretrained_variables(config, template)
     else:
-        weights = f"step {step} of {manager.directory}"
+        weights = f"step {step} of {best}"
         try:
-            variables = checkpoints.restore(manager, step, template)
-        except ValueError as e:  # orbax: another tree structure or shape
-            changed = trained_with(config, workdir, ("model",))
-            raise config_checks.ConfigError(
-                f"The checkpoint at {weights} does not fit config.model"
-                + (f" (trained with {'; '.join(changed)})" if changed else "")
-                + f". Pass the model settings it was trained with ({workdir / 'config.json'})."
-            ) from e
+            variables = checkpoints.restore_best(workdir, step, template)
+        except checkpoints.MismatchError as e:
+            advice = f". Pass the model settings it was trained with ({workdir / 'config.json'})."
+            raise misfit(config, workdir, weights, e, advice) from e
         changed = [  # what only started training, or does not change predictions
             change
             for change in trained_with(config, workdir, ("model", "input"))
@@ -454,6 +449,23 @@ def load_state(
             )
     state = steps.inference_state(model, variables)
     return sharding.replicate(state, mesh), weights, int(step or 0)
+
+
+def misfit(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    weights: str,
+    error: checkpoints.MismatchError,
+    advice: str,
+) -> config_checks.ConfigError:
+    """The error for the checkpoint ``weights`` of ``workdir`` that does not fit
+    ``config.model``: it names the model settings it was trained with (else the first array
+    that differs), then ``advice``."""
+    changed = trained_with(config, workdir, ("model",))
+    why = f"trained with {'; '.join(changed)}" if changed else str(error)
+    return config_checks.ConfigError(
+        f"The checkpoint at {weights} does not fit config.model ({why}){advice}"
+    )
 
 
 def trained_with(

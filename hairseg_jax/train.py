@@ -13,6 +13,7 @@ from typing import Any
 import flax
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -52,6 +53,29 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None
 def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Writes ``workdir/config.json`` atomically."""
     files.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+
+
+def resumed_state(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: steps.TrainState,
+) -> steps.TrainState:
+    """``state`` restored from ``manager``'s checkpoint at ``step``.
+
+    Raises:
+      config_checks.ConfigError: the checkpoint does not fit ``config.model`` (a model change
+        passed with ``config.train.allow_config_change``).
+    """
+    try:
+        state = checkpoints.restore(manager, step, state)
+    except checkpoints.MismatchError as e:
+        weights = f"step {step} of {manager.directory}"
+        advice = ", so training cannot resume from it: train the new model in another workdir."
+        raise evaluate.misfit(config, workdir, weights, e, advice) from e
+    logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
+    return state
 
 
 def load_pretrained(
@@ -124,14 +148,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     # From the start: a SIGTERM or Ctrl-C while the data load or the model is made stops
     # before the first step, as cleanly as one during training.
-    with stop_requests() as should_stop:
-        return _train_and_evaluate(config, Path(workdir), should_stop)
+    # The writer and checkpoint managers are closed however the run ends.
+    with stop_requests() as should_stop, contextlib.ExitStack() as closing:
+        return _train_and_evaluate(config, Path(workdir), should_stop, closing)
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: Path, should_stop: Callable[[int], bool]
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    should_stop: Callable[[int], bool],
+    closing: contextlib.ExitStack,
 ) -> dict:
-    """``train_and_evaluate`` under its stop requests."""
+    """``train_and_evaluate`` under its stop requests; ``closing`` closes what it opens."""
     check_saved_config(config, workdir)
     mesh = sharding.data_mesh()
     batch_size = config.train.batch_size
@@ -145,9 +173,8 @@ def _train_and_evaluate(
             "training images: lower it, or train on more images."
         )
     config_checks.make_folder(workdir, "--workdir")
-    if jax.process_index() == 0:
-        write_config(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    closing.callback(writer.close)
 
     total_steps = steps.total_train_steps(config.train, len(train_data))
     eval_every = config.train.eval_every_steps or steps_per_epoch
@@ -164,8 +191,10 @@ def _train_and_evaluate(
         jax.process_count(),
     )
 
-    latest = checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
-    best = checkpoints.best_manager(workdir)
+    latest = closing.enter_context(
+        checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
+    )
+    best = closing.enter_context(checkpoints.best_manager(workdir))
     resume_step = latest.latest_step()
     # Resuming, only the state's shapes are made (nothing is initialised) to restore into.
     state, schedule = steps.initial_train_state(
@@ -176,10 +205,11 @@ def _train_and_evaluate(
         abstract=resume_step is not None,
     )
     if resume_step is not None:
-        state = checkpoints.restore(latest, resume_step, state)
-        logging.info("Resumed from step %d of %s.", int(state.step), latest.directory)
+        state = resumed_state(config, workdir, latest, resume_step, state)
     elif config.model.get("pretrained"):  # a resumed run has its weights in the checkpoint
         state = load_pretrained(state, config.model, mesh)
+    if jax.process_index() == 0:  # after the resume: a model that cannot resume changes nothing
+        write_config(config, workdir)
     parameter_overview.log_parameter_overview(state.params)
     start_step = int(state.step)
 
@@ -243,82 +273,79 @@ def _train_and_evaluate(
     if should_stop(start_step):
         logging.warning("Stopped before step %d; the same command starts it.", start_step + 1)
         return val_summary
-    with metric_writers.ensure_flushes(writer):
-        for step in range(start_step + 1, total_steps + 1):
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = next(batches)
-                state, step_metrics = train_step(state, batch)
-            check_steps()  # the previous step's flag, read while this step runs
-            unchecked.append((step, step_metrics["nonfinite"]))
-            update = TrainMetrics.single_from_model_output(
-                loss=step_metrics["loss"][None], mask=~step_metrics["nonfinite"][None]
+    for step in range(start_step + 1, total_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = next(batches)
+            state, step_metrics = train_step(state, batch)
+        check_steps()  # the previous step's flag, read while this step runs
+        unchecked.append((step, step_metrics["nonfinite"]))
+        update = TrainMetrics.single_from_model_output(
+            loss=step_metrics["loss"][None], mask=~step_metrics["nonfinite"][None]
+        )
+        train_metrics = update if train_metrics is None else train_metrics.merge(update)
+        report_progress(step)
+
+        stopping = should_stop(step)
+        log_now = step % config.train.log_every_steps == 0 or step == total_steps
+        eval_now = step % eval_every == 0 or step == total_steps
+        save_now = eval_now or step % checkpoint_every == 0 or stopping
+        if log_now or save_now:
+            check_steps()  # nothing is logged or saved past a bad step
+
+        if log_now:
+            skip_count = {"train_skipped_steps": skipped} if config.train.skip_nonfinite else {}
+            # No mean loss when every step since the last log was skipped (not NaN).
+            losses = train_metrics.compute() if train_metrics.loss.count else {}
+            writer.write_scalars(
+                step,
+                {f"train_{k}": v for k, v in losses.items()}
+                # The step's rate: the optimizer's count leaves out skipped steps.
+                | {"learning_rate": schedule(step - 1 - skipped)}
+                | skip_count,
             )
-            train_metrics = update if train_metrics is None else train_metrics.merge(update)
-            report_progress(step)
+            train_metrics = None
 
-            stopping = should_stop(step)
-            log_now = step % config.train.log_every_steps == 0 or step == total_steps
-            eval_now = step % eval_every == 0 or step == total_steps
-            save_now = eval_now or step % checkpoint_every == 0 or stopping
-            if log_now or save_now:
-                check_steps()  # nothing is logged or saved past a bad step
-
-            if log_now:
-                skip_count = {"train_skipped_steps": skipped} if config.train.skip_nonfinite else {}
-                # No mean loss when every step since the last log was skipped (not NaN).
-                losses = train_metrics.compute() if train_metrics.loss.count else {}
-                writer.write_scalars(
-                    step,
-                    {f"train_{k}": v for k, v in losses.items()}
-                    # The step's rate: the optimizer's count leaves out skipped steps.
-                    | {"learning_rate": schedule(step - 1 - skipped)}
-                    | skip_count,
+        if eval_now:
+            with report_progress.timed("eval"):
+                val_summary = evaluate.score_examples(
+                    predict_step,
+                    state,
+                    val_data,
+                    config.eval.image_size,
+                    config.eval.batch_size,
+                    config.eval.threshold,
+                    mesh,
+                ).summary
+            writer.write_scalars(
+                step,
+                {f"val_{k}": val_summary[k] for k in ("loss", "dice", "pooled_dice", "iou")},
+            )
+            if config.eval.preview_images:  # every process predicts, process 0 writes
+                previews = evaluate.preview_panels(
+                    predict_step,
+                    state,
+                    val_data,
+                    config.eval.preview_images,
+                    config.eval.image_size,
+                    config.eval.batch_size,
+                    config.eval.threshold,
+                    mesh,
                 )
-                train_metrics = None
-
-            if eval_now:
-                with report_progress.timed("eval"):
-                    val_summary = evaluate.score_examples(
-                        predict_step,
-                        state,
-                        val_data,
-                        config.eval.image_size,
-                        config.eval.batch_size,
-                        config.eval.threshold,
-                        mesh,
-                    ).summary
-                writer.write_scalars(
+                if jax.process_index() == 0:
+                    writer.write_images(step, {"val_image_truth_prediction": previews})
+            if val_summary["dice"] > checkpoints.best_score(best):
+                checkpoints.save(
+                    best,
                     step,
-                    {f"val_{k}": val_summary[k] for k in ("loss", "dice", "pooled_dice", "iou")},
+                    steps.inference_variables(state),
+                    metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
                 )
-                if config.eval.preview_images:  # every process predicts, process 0 writes
-                    previews = evaluate.preview_panels(
-                        predict_step,
-                        state,
-                        val_data,
-                        config.eval.preview_images,
-                        config.eval.image_size,
-                        config.eval.batch_size,
-                        config.eval.threshold,
-                        mesh,
-                    )
-                    if jax.process_index() == 0:
-                        writer.write_images(step, {"val_image_truth_prediction": previews})
-                if val_summary["dice"] > checkpoints.best_score(best):
-                    checkpoints.save(
-                        best,
-                        step,
-                        steps.inference_variables(state),
-                        metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
-                    )
-                    # Committed before the step's train state: a run killed in between
-                    # resumes before this step and repeats its evaluation, so no best is lost.
-                    best.wait_until_finished()
-            if save_now:
-                checkpoints.save(latest, step, state)
-            if stopping:
-                logging.warning("Stopped at step %d; the same command resumes from it.", step)
-                break
-    latest.wait_until_finished()
-    best.wait_until_finished()
+                # Committed before the step's train state: a run killed in between
+                # resumes before this step and repeats its evaluation, so no best is lost.
+                best.wait_until_finished()
+        if save_now:
+            checkpoints.save(latest, step, state)
+        if stopping:
+            logging.warning("Stopped at step %d; the same command resumes from it.", step)
+            break
     return val_summary

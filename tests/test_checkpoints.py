@@ -4,6 +4,7 @@ import math
 import time
 
 import numpy as np
+import pytest
 
 from hairseg_jax import checkpoints
 
@@ -71,3 +72,19 @@ def test_a_reader_of_best_leaves_a_save_in_progress_alone(tmp_path):
     assert in_progress.is_dir()
     assert checkpoints.best_manager(tmp_path / "new", read_only=True).best_step() is None
     assert not (tmp_path / "new").exists()  # nor does a reader create folders
+
+
+def test_restoring_into_other_shapes_names_the_first_difference_and_reads_nothing(
+    tmp_path, monkeypatch
+):
+    manager = checkpoints.latest_manager(tmp_path)
+    checkpoints.save(manager, 1, TREE)
+    manager.wait_until_finished()
+    monkeypatch.setattr(manager, "restore", lambda *args, **kwargs: pytest.fail("read"))
+    wider = {**TREE, "params": {"kernel": np.zeros((2, 4), np.float32)}}
+    with pytest.raises(checkpoints.MismatchError, match=r"^params/kernel is \(2, 3\) there, "):
+        checkpoints.restore(manager, 1, wider)
+    other = {**TREE, "params": {"bias": np.zeros(3, np.float32), "weight": np.zeros(2)}}
+    with pytest.raises(checkpoints.MismatchError) as error:
+        checkpoints.restore(manager, 1, other)
+    assert str(error.value) == "params/bias is missing there, (3,) here and 2 more"

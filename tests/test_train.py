@@ -70,6 +70,19 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path):
         monitoring.unregister_event_duration_listener(listener)
     assert "/jax/core/compile/jaxpr_to_mlir_module_duration" not in lowered
 
+    # A model change that the flag allows cannot resume: it stops with one line, and leaves
+    # config.json describing the checkpoints.
+    saved = (tmp_path / "config.json").read_bytes()
+    config.model.aspp_channels = 16
+    with pytest.raises(config_checks.ConfigError) as error:
+        train.train_and_evaluate(config, tmp_path)
+    assert str(error.value) == (
+        f"The checkpoint at step 4 of {tmp_path.absolute() / 'checkpoints'} does not fit "
+        "config.model (trained with model.aspp_channels: 8 -> 16), so training cannot resume "
+        "from it: train the new model in another workdir."
+    )
+    assert (tmp_path / "config.json").read_bytes() == saved
+
 
 def test_batch_larger_than_the_training_set_stops_before_any_work(tmp_path):
     config = tiny_config()
