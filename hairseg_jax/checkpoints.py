@@ -20,13 +20,18 @@ class MismatchError(ValueError):
     """A checkpoint whose arrays are not those of the structure it is restored into."""
 
 
-def latest_manager(workdir: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
-    """Full train states (optimizer included) under ``workdir/checkpoints``, newest ``keep``."""
+def latest_manager(
+    workdir: str | os.PathLike, keep: int = 2, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """Full train states (optimizer included) under ``workdir/checkpoints``, newest ``keep``.
+
+    With ``read_only`` the folder is neither created nor cleaned (see ``best_manager``).
+    """
     return ocp.CheckpointManager(
         Path(workdir).absolute() / "checkpoints",
         item_handlers=ocp.StandardCheckpointHandler(),  # so its metadata can be read
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only
         ),
     )
 
@@ -57,6 +62,16 @@ def best_step(workdir: str | os.PathLike) -> int | None:
         return None
     with best_manager(workdir, read_only=True) as manager:
         return manager.best_step()
+
+
+def holds_checkpoints(workdir: str | os.PathLike) -> bool:
+    """Whether ``workdir`` holds a complete train state or best model (nothing is created)."""
+    if best_step(workdir) is not None:
+        return True
+    if not (Path(workdir) / "checkpoints").is_dir():
+        return False
+    with latest_manager(workdir, read_only=True) as manager:
+        return manager.latest_step() is not None
 
 
 def restore_best(workdir: str | os.PathLike, step: int, target: Any) -> Any:

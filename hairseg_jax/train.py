@@ -30,7 +30,8 @@ class TrainMetrics(metrics.Collection):
 
 def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Raises ConfigError if ``workdir/config.json`` differs from ``config`` in fields that
-    matter (see ``config_checks.config_changes``), unless ``config.train.allow_config_change``.
+    matter (see ``config_checks.config_changes``), unless ``config.train.allow_config_change``
+    or no checkpoint was saved in ``workdir``.
     """
     saved = config_checks.saved_config(workdir)
     if saved is None:
@@ -38,6 +39,9 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None
     saved_path = workdir / "config.json"
     changes = config_checks.config_changes(saved, config)
     if not changes:
+        return
+    if not checkpoints.holds_checkpoints(workdir):  # e.g. a first step that was not finite
+        logging.info("Replacing %s: no checkpoint was saved with it.", saved_path)
         return
     if config.train.allow_config_change:
         logging.warning("Config changed from %s (allowed): %s.", saved_path, "; ".join(changes))
@@ -208,10 +212,17 @@ def _train_and_evaluate(
         state = resumed_state(config, workdir, latest, resume_step, state)
     elif config.model.get("pretrained"):  # a resumed run has its weights in the checkpoint
         state = load_pretrained(state, config.model, mesh)
-    if jax.process_index() == 0:  # after the resume: a model that cannot resume changes nothing
+    start_step = int(state.step)
+    if start_step >= total_steps:
+        logging.warning(
+            "Nothing to train: the checkpoint is at step %d of %d.", start_step, total_steps
+        )
+        return {}
+    # Written after the resume (a model that cannot resume changes nothing) and only when a
+    # step will run, so config.json describes the checkpoints.
+    if jax.process_index() == 0:
         write_config(config, workdir)
     parameter_overview.log_parameter_overview(state.params)
-    start_step = int(state.step)
 
     train_step, predict_step = steps.jit_steps(config, mesh)
     stages = pipeline.size_stages(config.data, total_steps)
@@ -255,12 +266,15 @@ def _train_and_evaluate(
             if not config.train.skip_nonfinite:
                 latest.wait_until_finished()
                 newest = latest.latest_step()
+                saved, resume = "none", ""
+                if newest is not None:  # resuming with a lower rate changes the config
+                    saved = f"step {newest}"
+                    resume = " (and resume with --config.train.allow_config_change=True)"
                 raise steps.NonFiniteError(
                     f"Non-finite loss, gradient or update at step {bad_step}: stopped without "
-                    "saving it or any later step (newest checkpoint: "
-                    + ("none" if newest is None else f"step {newest}")
-                    + "). Lower the learning rate, or pass --config.train.skip_nonfinite=True "
-                    "to skip such steps."
+                    f"saving it or any later step (newest checkpoint: {saved}). Lower the "
+                    f"learning rate{resume}, or pass --config.train.skip_nonfinite=True to skip "
+                    "such steps."
                 )
             skipped += 1
             logging.warning(

@@ -58,6 +58,7 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path):
     # Resumed, a run does not read config.model.pretrained again (its weights are in the
     # checkpoint): a file gone since does not stop it. Nor does it initialise the model: the
     # state is restored into its shapes, so nothing is lowered to XLA (let alone compiled).
+    saved = (tmp_path / "config.json").read_bytes()
     config = tiny_config()
     config.model.pretrained = str(tmp_path / "gone.msgpack")
     config.train.allow_config_change = True
@@ -69,11 +70,12 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path):
     finally:
         monitoring.unregister_event_duration_listener(listener)
     assert "/jax/core/compile/jaxpr_to_mlir_module_duration" not in lowered
+    assert (tmp_path / "config.json").read_bytes() == saved  # it still describes the checkpoints
 
     # A model change that the flag allows cannot resume: it stops with one line, and leaves
-    # config.json describing the checkpoints.
-    saved = (tmp_path / "config.json").read_bytes()
-    config.model.aspp_channels = 16
+    # config.json as it was.
+    config = tiny_config()
+    config.model.aspp_channels, config.train.allow_config_change = 16, True
     with pytest.raises(config_checks.ConfigError) as error:
         train.train_and_evaluate(config, tmp_path)
     assert str(error.value) == (
@@ -192,7 +194,8 @@ def snapshot(folder: Path) -> dict:
 def test_changed_config_stops_before_any_work(tmp_path):
     config = tiny_config()
     train.write_config(config, tmp_path)
-    (tmp_path / "checkpoints").mkdir()
+    with checkpoints.latest_manager(tmp_path) as manager:
+        checkpoints.save(manager, 2, {"step": np.int32(2)})
     before = snapshot(tmp_path)
     config.train.num_steps = 6
     config.optim.learning_rate = 0.02
@@ -210,6 +213,15 @@ def test_changed_config_stops_before_any_work(tmp_path):
     assert snapshot(tmp_path) == before and not list(tmp_path.glob("events.*"))
 
 
+def test_a_config_saved_with_no_checkpoint_is_replaced(tmp_path):
+    """A run that saved nothing (say, its first step was not finite) binds no later run."""
+    config = tiny_config()
+    train.write_config(config, tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    config.optim.learning_rate = 0.001
+    train.check_saved_config(config, tmp_path)  # no ConfigError
+
+
 def test_nonfinite_step_stops_naming_it_and_leaves_best_untouched(tmp_path, pixel_net, monkeypatch):
     config = tiny_config()
     config.train.num_steps = 2
@@ -223,9 +235,11 @@ def test_nonfinite_step_stops_naming_it_and_leaves_best_untouched(tmp_path, pixe
     with pytest.raises(steps.NonFiniteError) as error:
         train.train_and_evaluate(config, tmp_path)
 
-    assert str(error.value).startswith(
+    assert str(error.value) == (
         "Non-finite loss, gradient or update at step 3: stopped without saving it or any "
-        "later step (newest checkpoint: step 2)."
+        "later step (newest checkpoint: step 2). Lower the learning rate (and resume with "
+        "--config.train.allow_config_change=True), or pass "
+        "--config.train.skip_nonfinite=True to skip such steps."
     )
     assert snapshot(tmp_path / "best") == best_before
     assert checkpoints.latest_manager(tmp_path).all_steps() == [2]
