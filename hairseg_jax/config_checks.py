@@ -56,7 +56,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         if not ok:
             value = config
             for part in field.split("."):
-                value = value[part]
+                value = value.get(part)  # None for a missing one
             found.append(f"{field}={value!r} {rule}")
 
     data, model, optim, train, ev = (
@@ -72,6 +72,11 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     need(data.mask_source in MASK_SOURCES, "data.mask_source", f"is not one of {MASK_SOURCES}")
     if data.dataset == "synthetic":
         need("synthetic_size" in data, "data.dataset", "needs data.synthetic_size and _counts")
+        if "synthetic_size" in data:
+            need(data.synthetic_size > 0, "data.synthetic_size", "must be positive")
+            counts = data.get("synthetic_counts") or {}
+            for split in ("train", "val", "test"):
+                need(counts.get(split, 0) > 0, f"data.synthetic_counts.{split}", "must be positive")
     for field in ("max_train_images", "max_val_images"):
         need(data[field] >= 0, f"data.{field}", "must not be negative (0: all)")
     need(data.image_size > 0, "data.image_size", "must be positive")
@@ -100,6 +105,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
             f"must hold a positive rate for each of layer4's {layer4_blocks} blocks",
         )
     need(model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
+    for width in ("aspp_channels", "decoder_channels"):
+        need(model[width] > 0, f"model.{width}", "must be positive")
     need(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)")
     need(optim.name in ("sgd", "adamw"), "optim.name", "must be sgd or adamw")
     need(optim.learning_rate > 0, "optim.learning_rate", "must be positive")

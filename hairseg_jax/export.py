@@ -117,6 +117,15 @@ def export(
     return record
 
 
+# Config fields that export checks or reads, added since training first wrote config.json,
+# with the values that runs before them had.
+ADDED_FIELDS = {
+    "data": {"progressive_sizes": (), "progressive_until": ()},
+    "augment": {"enabled": True, "on_device": False, "device_max_side": 512},
+    "eval": {"tta_sizes": ()},
+}
+
+
 def read_config(workdir: Path) -> ml_collections.ConfigDict:
     """The config training saved in ``workdir/config.json``."""
     saved = config_checks.saved_config(workdir)
@@ -124,8 +133,8 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
         raise FileNotFoundError(
             f"{workdir / 'config.json'} does not exist; pass --config=... for this workdir."
         )
-    defaults = {"image_size": 0, "threshold": -1.0, "tta": "none"}  # workdirs of older versions
-    saved["predict"] = defaults | saved.get("predict", {})
+    for group, defaults in ADDED_FIELDS.items():  # a workdir trained by an older version
+        saved[group] = defaults | saved.get(group, {})
     return ml_collections.ConfigDict(saved)
 
 

@@ -158,17 +158,27 @@ BAD_VALUES = [
     ("augment.hue", 0.6, "augment.hue=0.6 must be in [0, 0.5]"),
     ("augment.hue", -0.01, "augment.hue=-0.01 must be in [0, 0.5]"),
     ("augment.device_max_side", 0, "augment.device_max_side=0 must be positive"),
+    ("model.aspp_channels", 0, "model.aspp_channels=0 must be positive"),
+    ("model.decoder_channels", -8, "model.decoder_channels=-8 must be positive"),
+    # These start from configs/synthetic.py.
+    ("data.synthetic_size", 0, "data.synthetic_size=0 must be positive"),
+    ("data.synthetic_counts.train", 0, "data.synthetic_counts.train=0 must be positive"),
+    ("data.synthetic_counts.val", -1, "data.synthetic_counts.val=-1 must be positive"),
+    ("data.synthetic_counts.test", None, "data.synthetic_counts.test=None must be positive"),
 ]
 
 
 @pytest.mark.parametrize("field, value, message", BAD_VALUES)
 def test_each_bad_value_is_named(field, value, message):
-    config = figaro.get_config()
+    config = (synthetic if field.startswith("data.synthetic") else figaro).get_config()
     *sections, name = field.split(".")
     parent = config
     for section in sections:
         parent = parent[section]
-    parent[name] = value
+    if value is None:
+        del parent[name]
+    else:
+        parent[name] = value
     assert message in problems(config)
     with pytest.raises(ConfigError, match="Bad config") as error:
         check_config(config)

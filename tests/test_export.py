@@ -133,3 +133,15 @@ def test_an_out_folder_that_cannot_be_made_is_named_before_the_conversion(workdi
     taken.write_text("")
     with pytest.raises(config_checks.ConfigError, match="--out=.* cannot be made a folder"):
         export.export(export.read_config(workdir), workdir, taken)
+
+
+def test_a_config_saved_by_an_older_version_gets_the_fields_added_since(tmp_path):
+    saved = json.loads(tiny_config().to_json_best_effort())
+    for group, defaults in export.ADDED_FIELDS.items():
+        for field in defaults:
+            del saved[group][field]
+    files.write_json(tmp_path / "config.json", saved)
+    config = export.read_config(tmp_path)
+    config_checks.check_config(config)
+    for group, defaults in export.ADDED_FIELDS.items():
+        assert {field: config[group][field] for field in defaults} == defaults

@@ -10,7 +10,7 @@ def load_examples(config: ml_collections.ConfigDict, split: str, limit: int = 0)
     """``limit`` examples (0: all) spread over ``split`` of ``config.data``'s dataset."""
     data = config.data
     if data.dataset == "synthetic":
-        count = limit or data.synthetic_counts[split]
+        count = min(limit or data.synthetic_counts[split], data.synthetic_counts[split])
         seed = config.seed + figaro1k.SPLITS.index(split) * 1_000_003
         return synthetic.make_examples(count, size=data.synthetic_size, seed=seed)
     if data.dataset == "figaro1k":

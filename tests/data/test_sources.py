@@ -75,6 +75,7 @@ def test_synthetic_splits_hold_their_counts_and_differ():
     counts = {split: len(load_examples(config, split)) for split in ("train", "val", "test")}
     assert counts == {"train": 3, "val": 2, "test": 1}
     assert len(load_examples(config, "train", limit=2)) == 2
+    assert len(load_examples(config, "train", limit=5)) == 3  # a limit never adds images
     np.testing.assert_array_equal(
         load_examples(config, "val").images[0], load_examples(config, "val").images[0]
     )
