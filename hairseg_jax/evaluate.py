@@ -285,10 +285,12 @@ def read_tuned_threshold(workdir: Path, step: int, settings: dict[str, Any]) -> 
     try:
         tuned = json.loads(path.read_text())
         threshold, tuned_step = float(tuned["threshold"]), int(tuned["step"])
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold {threshold} is not in (0, 1)")
     except (ValueError, KeyError, TypeError) as e:
         logging.warning("Ignoring %s: unreadable (%s).", path, e)
         return None
-    if tuned_step != step or not 0 < threshold < 1:
+    if tuned_step != step:
         logging.warning(
             "Ignoring %s: threshold %s tuned for step %d, but the checkpoint is step %d; "
             "rerun eval with --config.eval.tune_threshold=True.",
@@ -516,7 +518,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     run = scorer(config, state, mesh)
     leader = jax.process_index() == 0
     if leader:
-        workdir.mkdir(parents=True, exist_ok=True)
+        config_checks.make_folder(workdir, "--workdir")
 
     tuned = None
     if config.eval.tune_threshold:

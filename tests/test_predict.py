@@ -244,3 +244,10 @@ def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path):
     assert evaluate.resolve_threshold(-1, tmp_path, 8, plain, just_tuned) == (0.4, "tuned")
     assert json.loads((tmp_path / evaluate.THRESHOLD_FILE).read_text())["threshold"] == 0.3
     assert [p.name for p in tmp_path.iterdir()] == [evaluate.THRESHOLD_FILE]  # no temp left
+
+
+def test_a_threshold_json_outside_0_1_is_named_as_such(tmp_path, caplog):
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 1.5, "step": 3})
+    settings = evaluate.predictor_settings(tiny_config(), "predict")
+    assert evaluate.resolve_threshold(-1, tmp_path, 3, settings) == (0.5, "default")
+    assert "unreadable (threshold 1.5 is not in (0, 1))" in caplog.text
