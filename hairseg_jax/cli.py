@@ -19,6 +19,20 @@ def _one_line(message: str) -> str:
     return " ".join(lines)
 
 
+def innermost(error: BaseException) -> object:
+    """The innermost argument of an error that ml_collections nests in others (for a missing
+    field, the field's quoted name)."""
+    cause: object = error
+    while isinstance(cause, BaseException) and cause.args:
+        cause = cause.args[0]
+    return cause
+
+
+def _names_config(argv: list[str]) -> bool:
+    """Whether ``argv`` gives a ``--config`` file."""
+    return any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:])
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """Parses flags (absl's ``flags_parser``); a bad flag, an unloadable ``--config`` file or a
     bad ``--config.*`` override ends the program with one readable line."""
@@ -28,6 +42,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         if config is not None:
             config.keys()  # a config file that failed to load raises on any use
     except flags.Error as e:
+        if "--config must have a value other than None" in str(e) and _names_config(argv):
+            sys.exit("FATAL Cannot load the --config file: its get_config() returned None.")
         sys.exit(
             f"FATAL Flags parsing error: {_one_line(str(e))}\n"
             "Pass --helpshort or --helpfull for help."
@@ -35,11 +51,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     except OSError as e:  # ml_collections: the config file could not be loaded
         last = str(e).strip().splitlines()[-1].strip()  # the cause, e.g. "[Errno 2] No such ..."
         sys.exit(f"FATAL Cannot load the --config file: {last}")
+    except (SyntaxError, ImportError) as e:  # in the config file's own code
+        hint = ""
+        if isinstance(e, ModuleNotFoundError) and e.name == "configs":
+            hint = " (the shipped configs import configs.figaro: run from the repository's root)"
+        sys.exit(f"FATAL Cannot load the --config file: {type(e).__name__}: {e}{hint}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        while isinstance(e, BaseException) and e.args:  # unwrap ml_collections' nesting
-            e = e.args[0]
+        cause = innermost(e)
         overrides = " ".join(a for a in argv if a.startswith("--config."))
-        what = f"no such field {e}" if isinstance(e, str) and e.startswith("'") else e
+        what = (
+            f"no such field {cause}" if isinstance(cause, str) and cause.startswith("'") else cause
+        )
         sys.exit(f"FATAL Bad config override ({overrides}): {what}".replace("\n", " "))
     return rest
 

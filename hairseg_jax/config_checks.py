@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 from flax import traverse_util
 
+from hairseg_jax import cli
 from hairseg_jax.data.figaro1k import MASK_SOURCES, SPLITS
 from hairseg_jax.models.deeplab import BACKBONE_NAMES
 from hairseg_jax.models.resnet import BACKBONES
@@ -217,7 +218,13 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming every impossible value of ``config``."""
-    found = problems(config)
+    """Raises ConfigError naming every impossible value of ``config``, or a field it lacks."""
+    try:
+        found = problems(config)
+    except (AttributeError, KeyError) as e:  # ConfigDict's, for a missing field
+        raise ConfigError(
+            f"Bad config: it has no field {cli.innermost(e)}. A config file should start "
+            "from one of configs/*.py (e.g. configs.figaro.get_config()) and change fields."
+        ) from None
     if found:
         raise ConfigError("Bad config: " + "; ".join(found) + ".")

@@ -82,15 +82,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def run_python(
-    *args: str, env: dict[str, str | None] | None = None, timeout: float = 600
+    *args: str,
+    env: dict[str, str | None] | None = None,
+    timeout: float = 600,
+    cwd: Path = REPO,
 ) -> subprocess.CompletedProcess:
-    """Runs ``python *args`` in the repo on the CPU (plus ``env``; a None value removes that
-    variable), capturing its output."""
+    """Runs ``python *args`` in ``cwd`` (the repo) on the CPU (plus ``env``; a None value
+    removes that variable), capturing its output."""
     merged = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     env = {name: value for name, value in merged.items() if value is not None}
     command = [sys.executable, *args]
     return subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

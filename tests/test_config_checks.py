@@ -345,3 +345,10 @@ def test_predict_mode_needs_an_input_and_an_output_folder():
 def test_an_unknown_variant_names_the_known_ones():
     with pytest.raises(ValueError, match="known: smoke, scratch"):
         figaro.get_config("fast")
+
+
+def test_a_config_lacking_a_field_names_it():
+    config = figaro.get_config()
+    del config.augment["hue"]
+    with pytest.raises(ConfigError, match="^Bad config: it has no field 'hue'. A config file"):
+        check_config(config)

@@ -140,6 +140,49 @@ def test_a_bad_config_file_gives_one_clear_line(spec, message, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def get_config(:\n", "SyntaxError: invalid syntax (bad.py, line 1)"),
+        ("import nosuchmod\n", "ModuleNotFoundError: No module named 'nosuchmod'"),
+        ("def get_config():\n    return None\n", "its get_config() returned None"),
+    ],
+    ids=["syntax", "import", "none"],
+)
+def test_a_config_file_that_does_not_load_gives_one_clear_line(source, message, tmp_path):
+    (tmp_path / "bad.py").write_text(source)
+    result = run_python("main.py", f"--config={tmp_path / 'bad.py'}", f"--workdir={tmp_path}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"FATAL Cannot load the --config file: {message}" in result.stderr
+
+
+def test_a_shipped_config_loaded_from_elsewhere_says_where_to_run(tmp_path):
+    """configs/synthetic.py imports configs.figaro, found only from the repository's root."""
+    result = run_python(
+        "-m",
+        "hairseg_jax.export",
+        f"--config={REPO / 'configs' / 'synthetic.py'}",
+        f"--workdir={tmp_path}",
+        f"--out={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        "FATAL Cannot load the --config file: ModuleNotFoundError: No module named 'configs' "
+        "(the shipped configs import configs.figaro: run from the repository's root)"
+    ) in result.stderr
+
+
+def test_a_config_lacking_a_section_names_it(tmp_path):
+    (tmp_path / "partial.py").write_text(
+        "import ml_collections\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'mode': 'train'})\n"
+    )
+    result = run_python("main.py", f"--config={tmp_path / 'partial.py'}", f"--workdir={tmp_path}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "FATAL Bad config: it has no field 'data'." in result.stderr
+
+
 def test_a_workdir_that_cannot_be_a_folder_gives_one_clear_line(figaro_dir, tmp_path):
     taken = tmp_path / "a_file"
     taken.write_text("")
