@@ -43,6 +43,10 @@ def stratified_split(
     Each type's frames are sorted, shuffled with ``np.random.default_rng(seed)`` and cut at the
     rounded cumulative fractions, so every frame lands in exactly one split and each split holds
     within one frame of its fraction of every type. Returns bare frame names, sorted.
+
+    Raises:
+      ValueError: bad fractions, repeated frames, or a split with a positive fraction that
+        gets no frame (too few frames of each type).
     """
     fractions = _check_fractions(fractions)
     names = sorted({bare_frame(f) for f in frames})
@@ -56,6 +60,12 @@ def stratified_split(
         bounds = [0, *(int(round(c * len(group))) for c in np.cumsum(fractions)[:-1]), len(group)]
         for name, start, stop in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
             split[name].extend(shuffled[start:stop])
+    empty = [name for name, f in zip(SPLITS, fractions, strict=True) if f > 0 and not split[name]]
+    if empty:
+        raise ValueError(
+            f"The {' and '.join(empty)} split would be empty: {len(names)} frames are too few "
+            f"to cut each hair type by {fractions}."
+        )
     return {name: sorted(split[name]) for name in SPLITS}
 
 

@@ -64,6 +64,13 @@ def test_duplicates():
         stratified_split(["Frame00001", "Frame00001-org.jpg"])
 
 
+def test_a_split_too_small_to_cut_every_type_is_refused():
+    few = SYNTHETIC_FRAMES[::70]  # 15 frames, two or three of each hair type
+    with pytest.raises(ValueError, match="^The test split would be empty: 15 frames are too few"):
+        stratified_split(few)
+    assert not stratified_split(few, (0.8, 0.2, 0.0))["test"]  # asked for no test split
+
+
 def test_split_to_json():
     split = {"train": ["Frame00002"], "val": ["Frame00151-org.jpg"], "test": []}
     assert split_to_json(split) == {
