@@ -4,6 +4,7 @@ augmentation, threshold tuning, and the report (per hair type, worst images, con
 import csv
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -382,10 +383,11 @@ def tune_threshold(run: Callable[..., Scores], examples: Examples, split: str) -
 def write_report(workdir: Path, split: str, summary: dict, rows: list[dict]) -> None:
     """Writes ``eval_<split>.json`` (summary) and ``eval_<split>.csv`` (per image)."""
     files.write_json(workdir / f"eval_{split}.json", summary)
-    with open(workdir / f"eval_{split}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_atomically(workdir / f"eval_{split}.csv", table.getvalue())
 
 
 def worst_contact_sheet(examples: Examples, rows: list[dict], worst: list) -> np.ndarray:
@@ -562,7 +564,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     if leader:
         write_report(workdir, split, summary, rows)
         sheet_pixels = worst_contact_sheet(examples, rows, scores.worst)
-        Image.fromarray(sheet_pixels).save(workdir / sheet)
+        png = io.BytesIO()
+        Image.fromarray(sheet_pixels).save(png, format="PNG")
+        files.write_atomically(workdir / sheet, png.getvalue())
     logging.info(
         "Eval of %s on %s (%d images) at threshold %.2f (%s), TTA %s, sizes %s: Dice %.4f "
         "(pooled %.4f), IoU %.4f, accuracy %.4f.",

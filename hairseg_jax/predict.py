@@ -173,10 +173,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     files = without_outputs(find_inputs(pc.input), output)
     names = output_names(files)
     leader = jax.process_index() == 0
-    if leader:
-        config_checks.make_folder(output, "predict.output")
     mesh = sharding.data_mesh()
     state, weights, step = evaluate.load_state(config, workdir, mesh)
+    if leader:  # after the weights are found: a run that cannot predict makes no folder
+        config_checks.make_folder(output, "predict.output")
     settings = evaluate.predictor_settings(config, "predict")
     threshold, source = evaluate.resolve_threshold(pc.threshold, workdir, step, settings)
     image_size = settings["image_size"]

@@ -189,6 +189,14 @@ def test_output_that_cannot_be_a_folder_is_named(workdir, inputs, tmp_path):
         predict.predict(config, workdir)
 
 
+def test_a_workdir_without_weights_makes_no_output_folder(inputs, tmp_path):
+    config = tiny_config()
+    config.predict.input, config.predict.output = str(inputs), str(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="No best checkpoint"):
+        predict.predict(config, tmp_path / "untrained")
+    assert not (tmp_path / "out").exists()
+
+
 def test_read_photo_applies_exif_orientation_alpha_and_16_bit(inputs):
     assert predict.read_photo(inputs / "large.jpg").shape == (4000, 3000, 3)
     alpha = predict.read_photo(inputs / "alpha.png")

@@ -193,8 +193,9 @@ def read_split(
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
+        what = "is not a folder" if data_dir.exists() else "does not exist"
         raise DataError(
-            f"Data directory {data_dir} does not exist; point config.data.data_dir at a "
+            f"Data directory {data_dir} {what}; point config.data.data_dir at a "
             "Figaro1k folder (see data/README.md)."
         )
     split_path = resolve_split_file(data_dir, split_file)

@@ -124,8 +124,11 @@ def test_generated_folder_reads(folder):
 
 def test_missing_data_dir(tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(DataError, match=str(missing)):
+    with pytest.raises(DataError, match=f"{missing} does not exist"):
         read_split(missing, "train")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match=f"{tmp_path / 'a_file'} is not a folder"):
+        read_split(tmp_path / "a_file", "train")
 
 
 def test_missing_split_file(folder):
