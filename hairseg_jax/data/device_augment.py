@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from hairseg_jax import sharding
+from hairseg_jax.data import whole_images
 from hairseg_jax.data.affine import crop_map_rows
 from hairseg_jax.data.examples import Examples
 
@@ -161,11 +162,21 @@ def augment_example(
     """One padded example -> uint8 (size, size, 3) image and uint8 (size, size) mask."""
     affine_key, colour_key = jax.random.split(key)
     affine = sample_affine(affine_key, size_hw[0], size_hw[1], size, cfg)
-    warped = warp(image, size_hw, affine, size) / 255.0
-    mask = warp(mask[..., None], size_hw, affine, size, nearest=True)[..., 0]
-    if cfg.enabled:
-        warped = colour_jitter(colour_key, warped, cfg)
-    return jnp.round(warped * 255.0).astype(jnp.uint8), mask.astype(jnp.uint8)
+    mask = warp(mask[..., None], size_hw, affine, size, nearest=True)[..., 0].astype(jnp.uint8)
+    if not cfg.enabled:
+        return resize_whole_image(image, size_hw, size), mask
+    warped = colour_jitter(colour_key, warp(image, size_hw, affine, size) / 255.0, cfg)
+    return jnp.round(warped * 255.0).astype(jnp.uint8), mask
+
+
+def resize_whole_image(image: jax.Array, size_hw: jax.Array, size: int) -> jax.Array:
+    """The (h, w) = ``size_hw`` corner of a padded uint8 (S, S, 3) array resized to a uint8
+    (size, size, 3) square, antialiased: ``whole_images.resize_image`` (as evaluation and the
+    host pipeline resize) on the device."""
+    rows = whole_images.resize_weights(size_hw[0], size, image.shape[0], jnp)
+    columns = whole_images.resize_weights(size_hw[1], size, image.shape[1], jnp)
+    square = jnp.einsum("ys,xt,stc->yxc", rows, columns, image.astype(jnp.float32))
+    return jnp.round(jnp.clip(square, 0.0, 255.0)).astype(jnp.uint8)
 
 
 def batch_fn(

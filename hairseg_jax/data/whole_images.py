@@ -10,23 +10,31 @@ to one grey level (rounding).
 import concurrent.futures
 import os
 from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from hairseg_jax.data.examples import Examples
 
 
-def resize_weights(in_size: int, out_size: int) -> np.ndarray:
+def resize_weights(
+    in_size: Any, out_size: int, padded: int | None = None, xp: ModuleType = np
+) -> Any:
     """The (out_size, in_size) float32 matrix of antialiased bilinear resampling along one axis.
 
     Output pixel centres map onto input pixel centres (half-pixel convention); on shrinking,
-    the triangle kernel widens by the shrink factor, so every input pixel contributes.
+    the triangle kernel widens by the shrink factor, so every input pixel contributes. With
+    ``padded``, the matrix has that many columns, those from ``in_size`` on all zero (for an
+    ``in_size`` known only on a device, with ``xp=jax.numpy``).
     """
+    columns = xp.arange(in_size if padded is None else padded)
     scale = out_size / in_size
-    kernel_scale = max(1.0 / scale, 1.0)
-    centres = (np.arange(out_size) + 0.5) / scale - 0.5
-    weights = np.maximum(0.0, 1.0 - np.abs(centres[:, None] - np.arange(in_size)) / kernel_scale)
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+    kernel_scale = xp.maximum(1.0 / scale, 1.0)
+    centres = (xp.arange(out_size) + 0.5) / scale - 0.5
+    weights = xp.maximum(0.0, 1.0 - xp.abs(centres[:, None] - columns) / kernel_scale)
+    weights = xp.where(columns < in_size, weights, 0.0)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(xp.float32)
 
 
 def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from configs import figaro
-from hairseg_jax.data import augment, device_augment
+from hairseg_jax.data import augment, device_augment, whole_images
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.data.synthetic import make_examples
 
@@ -75,6 +75,32 @@ def test_sample_affine_of_a_whole_crop_is_a_plain_resize(augment_config):
     cfg.enabled = False
     affine = device_augment.sample_affine(jax.random.key(0), jnp.array(20), jnp.array(30), 10, cfg)
     np.testing.assert_allclose(affine, [[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("shape", [(300, 400), (41, 23), (17, 17)])
+def test_augmentation_off_resizes_as_evaluation_and_the_host_pipeline_do(shape, augment_config):
+    """Noise shrunk (or enlarged) whole, antialiased: to a grey level of whole_images and of
+    the tf.data path, from a padded canvas whose padding is never read."""
+    augment_config.enabled = False
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), np.uint8)
+    mask = np.ones(shape, np.uint8)
+    canvas = np.full((400, 400, 3), 255, np.uint8)
+    canvas[: shape[0], : shape[1]] = image
+    resized, _ = device_augment.augment_example(
+        jax.random.key(0),
+        jnp.asarray(canvas),
+        jnp.zeros((400, 400), jnp.uint8),
+        jnp.array(shape),
+        32,
+        augment_config,
+    )
+    expected = whole_images.resize_image(image, 32)
+    seed = tf.constant([0, 0], tf.int64)
+    host, _ = augment.train_transform(
+        tf.constant(image), tf.constant(mask), seed, 32, augment_config
+    )
+    for other in (expected, host.numpy()):
+        assert np.abs(np.asarray(resized, int) - other).max() <= 1
 
 
 @pytest.mark.parametrize(
