@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Checks ``config``, then trains, evaluates or predicts as ``config.mode`` says."""
     # Imported after the flags: a mistyped flag or override is answered without loading JAX.
-    from hairseg_jax import config_checks, evaluate, predict, sharding, steps
+    from hairseg_jax import checkpoints, config_checks, evaluate, predict, sharding, steps
     from hairseg_jax.data.figaro1k import DataError
     from hairseg_jax.weights.tensors import ConversionError
 
@@ -53,6 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 config, workdir
             )
     except (
+        checkpoints.UnreadableError,
         config_checks.ConfigError,
         ConversionError,
         DataError,

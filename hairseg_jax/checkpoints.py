@@ -20,6 +20,10 @@ class MismatchError(ValueError):
     """A checkpoint whose arrays are not those of the structure it is restored into."""
 
 
+class UnreadableError(OSError):
+    """A checkpoint whose files cannot be read (truncated or damaged)."""
+
+
 def latest_manager(
     workdir: str | os.PathLike, keep: int = 2, read_only: bool = False
 ) -> ocp.CheckpointManager:
@@ -97,14 +101,31 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {jax.tree_util.keystr(path, simple=True, separator="/"): x.shape for path, x in leaves}
 
 
+def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> UnreadableError:
+    """The UnreadableError for ``error`` (orbax wraps TensorStore's errors in plain ones)."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return UnreadableError(
+        f"The checkpoint at step {step} of {manager.directory} cannot be read "
+        f"({str(cause).splitlines()[0]}): delete {manager.directory / str(step)} to use "
+        "an earlier one, if any."
+    )
+
+
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
     """Restores the checkpoint at ``step`` into the structure of ``target``.
 
     Raises:
       MismatchError: the checkpoint holds other arrays, or other shapes, than ``target``
         (checked on its metadata, before anything is read).
+      UnreadableError: its metadata or arrays cannot be read.
     """
-    stored, wanted = _shapes(manager.item_metadata(step).tree), _shapes(target)
+    try:
+        stored = _shapes(manager.item_metadata(step).tree)
+    except Exception as e:
+        raise _unreadable(manager, step, e) from e
+    wanted = _shapes(target)
     differences = [
         f"{name} is {stored.get(name, 'missing')} there, {wanted.get(name, 'missing')} here"
         for name in sorted(stored.keys() | wanted.keys())
@@ -113,4 +134,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
     if differences:
         more = f" and {len(differences) - 1} more" if len(differences) > 1 else ""
         raise MismatchError(f"{differences[0]}{more}")
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:
+        raise _unreadable(manager, step, e) from e

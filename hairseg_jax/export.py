@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from hairseg_jax import cli, config_checks, evaluate, files, models, sharding, steps
+from hairseg_jax import checkpoints, cli, config_checks, evaluate, files, models, sharding, steps
 from hairseg_jax.weights.tensors import ConversionError
 
 POLYMORPHIC_SHAPE = "(b, h, w, 3)"
@@ -147,7 +147,12 @@ def main(argv: Sequence[str]) -> None:
         config = FLAGS.config or read_config(workdir)
         config_checks.check_config(config)
         export(config, workdir, FLAGS.out, FLAGS.platforms)
-    except (config_checks.ConfigError, ConversionError, FileNotFoundError) as e:
+    except (
+        checkpoints.UnreadableError,
+        config_checks.ConfigError,
+        ConversionError,
+        FileNotFoundError,
+    ) as e:
         sys.exit(f"FATAL {e}")
 
 

@@ -88,3 +88,20 @@ def test_restoring_into_other_shapes_names_the_first_difference_and_reads_nothin
     with pytest.raises(checkpoints.MismatchError) as error:
         checkpoints.restore(manager, 1, other)
     assert str(error.value) == "params/bias is missing there, (3,) here and 2 more"
+
+
+def test_a_damaged_checkpoint_is_named_as_unreadable(tmp_path):
+    manager = checkpoints.latest_manager(tmp_path)
+    checkpoints.save(manager, 3, {**TREE, "params": {"kernel": np.ones((64, 64), np.float32)}})
+    manager.wait_until_finished()
+    for data in (tmp_path / "checkpoints" / "3").rglob("d/*"):  # the arrays' bytes, cut short
+        data.write_bytes(data.read_bytes()[:10])
+    target = {**TREE, "params": {"kernel": np.zeros((64, 64), np.float32)}}
+    with pytest.raises(checkpoints.UnreadableError) as error:
+        checkpoints.restore(manager, 3, target)
+    assert str(error.value).startswith(
+        f"The checkpoint at step 3 of {tmp_path / 'checkpoints'} cannot be read ("
+    )
+    assert str(error.value).endswith(
+        f"): delete {tmp_path / 'checkpoints' / '3'} to use an earlier one, if any."
+    )
