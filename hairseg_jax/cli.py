@@ -44,6 +44,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         if "--config must have a value other than None" in str(e) and _names_config(argv):
             sys.exit("FATAL Cannot load the --config file: its get_config() returned None.")
+        if "Unknown command line flag 'config." in str(e) and not _names_config(argv):
+            sys.exit(
+                "FATAL Flags parsing error: --config.* overrides need a --config file to "
+                "override (e.g. --config=configs/figaro.py)."
+            )
         sys.exit(
             f"FATAL Flags parsing error: {_one_line(str(e))}\n"
             "Pass --helpshort or --helpfull for help."

@@ -415,13 +415,20 @@ def load_state(
     Raises:
       FileNotFoundError: no best checkpoint and no ``config.model.pretrained``.
       config_checks.ConfigError: the checkpoint does not fit ``config.model``.
+      checkpoints.UnreadableError: the checkpoint cannot be read.
       ConversionError: the pretrained file is unreadable or holds only a backbone.
     """
     best = workdir.absolute() / "best"
     step = checkpoints.best_step(workdir)
     if step is None and not config.model.pretrained:
+        started = checkpoints.holds_checkpoints(workdir)  # a run stopped before validating
         raise FileNotFoundError(
-            f"No best checkpoint in {best} and no config.model.pretrained; train there first."
+            f"No best checkpoint in {best} and no config.model.pretrained; "
+            + (
+                "resume training there until its first validation."
+                if started
+                else "train there first."
+            )
         )
     model = models.build_model(config.model)
     replicated = sharding.replicated(mesh)

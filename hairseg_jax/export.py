@@ -121,7 +121,7 @@ def export(
 # with the values that runs before them had.
 ADDED_FIELDS = {
     "data": {"progressive_sizes": (), "progressive_until": ()},
-    "augment": {"enabled": True, "on_device": False, "device_max_side": 512},
+    "augment": {"device_max_side": 512},
     "eval": {"tta_sizes": ()},
 }
 

@@ -144,7 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     Raises:
       config_checks.ConfigError: ``workdir`` holds a config.json that differs in fields that
-        matter, or the batch is larger than the training set (before anything is written).
+        matter, or the batch is larger than the training set (before anything is written),
+        or its newest checkpoint does not fit ``config.model``.
+      checkpoints.UnreadableError: its newest checkpoint cannot be read.
       sharding.ShardingError: the batch size does not divide by the number of devices.
       steps.NonFiniteError: a step had a non-finite loss, gradient, update or BatchNorm
         statistic, and ``config.train.skip_nonfinite`` is False; nothing after the step

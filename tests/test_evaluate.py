@@ -72,6 +72,16 @@ def test_checkpoint_of_another_model_names_the_settings_it_was_trained_with(
     )
 
 
+def test_no_best_checkpoint_says_whether_training_began(tmp_path, trained_variables):
+    mesh = sharding.data_mesh()
+    with pytest.raises(FileNotFoundError, match="config.model.pretrained; train there first."):
+        evaluate.load_state(tiny_config(), tmp_path, mesh)
+    with checkpoints.latest_manager(tmp_path) as latest:  # stopped before its first validation
+        checkpoints.save(latest, 2, trained_variables)
+    with pytest.raises(FileNotFoundError, match="resume training there until its first"):
+        evaluate.load_state(tiny_config(), tmp_path, mesh)
+
+
 def test_whole_pretrained_file_is_loaded_into_shapes(tmp_path, trained_variables, monkeypatch):
     convert.save_variables(trained_variables, tmp_path / "whole.msgpack")
     config = tiny_config()

@@ -118,6 +118,10 @@ def test_unreadable_saved_config_is_named(tmp_path):
             ["--config=configs/figaro.py:smoke", "--config.predict.ttaa=flip"],
             "Bad config override (--config.predict.ttaa=flip): no such field 'ttaa'",
         ),
+        (
+            ["--config.predict.tta=flip"],  # overrides without --config: nothing to override
+            "--config.* overrides need a --config file to override",
+        ),
     ],
 )
 def test_bad_flags_give_one_clear_line_before_any_work(args, message, tmp_path):
