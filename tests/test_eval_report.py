@@ -103,6 +103,13 @@ def test_threshold_is_tuned_on_val_and_saved_for_the_checkpoint(trained, report,
     assert [p.name for p in trained.glob(".*.tmp")] == []
 
 
+def test_the_best_checkpoint_holds_the_weights_that_scored_its_dice(trained, model):
+    """With an EMA, best/ holds the averaged weights, which validation scored."""
+    with checkpoints.best_manager(trained, read_only=True) as best:
+        recorded = best.metrics(best.best_step())[checkpoints.BEST_METRIC]
+    np.testing.assert_allclose(scores(model, "val", "none", 0.5)["dice"], recorded, rtol=1e-6)
+
+
 def test_test_dice_is_reported_at_the_tuned_threshold_and_at_half(report, trained, model):
     tuned = json.loads((trained / evaluate.THRESHOLD_FILE).read_text())
     assert report["threshold"] == tuned["threshold"] and report["threshold_source"] == "tuned"
@@ -114,6 +121,8 @@ def test_test_dice_is_reported_at_the_tuned_threshold_and_at_half(report, traine
     if tuned["threshold"] != 0.5:
         half = scores(model, "test", "flip", 0.5)
         np.testing.assert_allclose(report["dice_at_0.5"], half["dice"], rtol=1e-12)
+    else:  # (test_evaluate checks dice_at_0.5 at another threshold)
+        assert "dice_at_0.5" not in report
     saved = json.loads((trained / "eval_test.json").read_text())
     assert saved["dice"] == report["dice"] and saved["no_tta"] == report["no_tta"]
 

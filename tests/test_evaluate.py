@@ -3,12 +3,14 @@
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from configs import synthetic
 from hairseg_jax import checkpoints, config_checks, evaluate, models, sharding, steps
+from hairseg_jax.data.examples import Examples
 from hairseg_jax.weights import convert
 from hairseg_jax.weights.tensors import ConversionError
 
@@ -126,3 +128,69 @@ def test_settings_other_than_the_trained_ones_are_warned_about(tmp_path, trained
     with caplog.at_level(logging.WARNING):
         evaluate.load_state(config, tmp_path, sharding.data_mesh())
     assert "other settings" not in caplog.text
+
+
+def flat_examples() -> Examples:
+    """Flat images that ``grey_logits`` reads as logits 1, 0.25 and -1, with hair in the first
+    quarter, half and three quarters of each mask's columns."""
+    greys, hair_columns = (160, 136, 96), (5, 10, 15)
+    return Examples(
+        ["Frame00001", "Frame00151", "Frame00152"],
+        [np.full((10, 20, 3), grey, np.uint8) for grey in greys],
+        [np.repeat((np.arange(20) < k).astype(np.uint8)[None], 10, axis=0) for k in hair_columns],
+    )
+
+
+def grey_logits(state, images):
+    """A stand-in predict step: an image's logit is (its mean grey level - 128) / 32."""
+    level = (jnp.mean(images.astype(jnp.float32), axis=(1, 2, 3)) - 128) / 32
+    return jnp.broadcast_to(level[:, None, None, None], (*images.shape[:3], 1))
+
+
+def test_scores_of_known_logits_are_their_dice_iou_and_bce():
+    logits, hair = np.array([1.0, 0.25, -1.0]), np.array([0.25, 0.5, 0.75])
+    scores = evaluate.score_examples(
+        grey_logits, None, flat_examples(), 8, 2, threshold=0.6, mesh=sharding.data_mesh()
+    )
+    # At 0.6 only the first image is all hair (sigmoid(0.25) = 0.56); at 0.5 the second too.
+    dice_at = {0.6: [2 * 0.25 / 1.25, 0.0, 0.0], 0.5: [2 * 0.25 / 1.25, 2 * 0.5 / 1.5, 0.0]}
+    np.testing.assert_allclose([row["dice"] for row in scores.rows], dice_at[0.6], atol=1e-12)
+    np.testing.assert_allclose([row["iou"] for row in scores.rows], [0.25, 0.0, 0.0])
+    bce = np.logaddexp(0.0, logits) - hair * logits  # the mean over each image's pixels
+    np.testing.assert_allclose([row["loss"] for row in scores.rows], bce, rtol=1e-6)
+    np.testing.assert_allclose(scores.summary["loss"], bce.mean(), rtol=1e-6)
+    np.testing.assert_allclose(scores.summary["dice"], np.mean(dice_at[0.6]), rtol=1e-12)
+    np.testing.assert_allclose(scores.summary["dice_at_0.5"], np.mean(dice_at[0.5]), rtol=1e-12)
+
+
+def test_previews_show_image_truth_then_prediction():
+    panels = evaluate.preview_panels(
+        grey_logits, None, flat_examples(), 3, 8, 2, threshold=0.6, mesh=sharding.data_mesh()
+    )
+    box = evaluate.PREVIEW_BOX
+    assert panels.shape == (3, box, 3 * box, 3)
+    row, x = panels[:, box // 2, :, 0], int(0.4 * box)  # 40% across: hair in masks 2 and 3
+    assert list(row[:, box + x]) == [0, 255, 255]  # the truth
+    assert list(row[:, 2 * box + x]) == [255, 0, 0]  # the prediction: image 1 all hair
+
+
+def test_the_tuned_threshold_is_the_best_and_ties_go_nearest_half():
+    dice = np.linspace(0.1, 0.2, len(evaluate.SWEEP_THRESHOLDS))
+    best = evaluate.SWEEP_THRESHOLDS.index(0.3), evaluate.SWEEP_THRESHOLDS.index(0.6)
+    dice[list(best)] = 0.9  # a tie of 0.3 and 0.6
+    run = lambda examples, sweep: evaluate.Scores({}, [], dice)  # noqa: E731
+    tuned = evaluate.tune_threshold(run, flat_examples(), "val")
+    assert (tuned["threshold"], tuned["dice"]) == (0.6, 0.9)
+    assert tuned["dice_at_0.5"] == dice[evaluate.SWEEP_THRESHOLDS.index(0.5)]
+
+
+def test_per_hair_type_means_each_types_scores():
+    rows = [
+        {"hair_type": "wavy", "dice": 0.5, "iou": 0.2},
+        {"hair_type": "straight", "dice": 0.9, "iou": 0.8},
+        {"hair_type": "wavy", "dice": 0.7, "iou": 0.4},
+    ]
+    assert evaluate.per_hair_type(rows) == {
+        "straight": {"dice": 0.9, "iou": 0.8, "num_images": 1},
+        "wavy": {"dice": pytest.approx(0.6), "iou": pytest.approx(0.3), "num_images": 2},
+    }

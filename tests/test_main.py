@@ -183,6 +183,19 @@ def test_a_config_lacking_a_section_names_it(tmp_path):
     assert "FATAL Bad config: it has no field 'data'." in result.stderr
 
 
+def test_a_damaged_checkpoint_gives_one_clear_line(trained, tmp_path):
+    workdir = tmp_path / "damaged"
+    shutil.copytree(trained, workdir)
+    step = next(p for p in (workdir / "best").iterdir() if p.name.isdigit())
+    for data in step.rglob("d/*"):  # the arrays' bytes, cut short
+        data.write_bytes(data.read_bytes()[:10])
+    result = run_main(f"--workdir={workdir}", "--config.mode=eval")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        f"FATAL The checkpoint at step {step.name} of {workdir / 'best'} cannot be read ("
+    ) in result.stderr
+
+
 def test_a_workdir_that_cannot_be_a_folder_gives_one_clear_line(figaro_dir, tmp_path):
     taken = tmp_path / "a_file"
     taken.write_text("")

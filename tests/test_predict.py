@@ -71,6 +71,9 @@ def inputs(figaro_dir, tmp_path_factory) -> Path:
     photo.resize((8, 8)).save(folder / "tiny.png")
     photo.save(folder / "photo.webp")
     photo.save(folder / "photo.bmp")
+    # A lossless copy of the first photo that sorts between the two unreadable files, so it
+    # shares a batch with them, behind one: its mask must still be that photo's.
+    photo.save(folder / "d_copy.bmp")
     large = Image.new("RGB", (4000, 3000), (120, 90, 60))
     exif = large.getexif()
     exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display (portrait 3000x4000)
@@ -90,6 +93,7 @@ EXPECTED_SIZES = {  # output name -> (width, height) of the mask
     "grey16": "Frame00001-org",
     "photo_webp": "Frame00001-org",
     "photo_bmp": "Frame00001-org",
+    "d_copy": "Frame00001-org",
     "tiny": (8, 8),
     "large": (3000, 4000),
 }
@@ -117,7 +121,7 @@ def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, t
     )
 
     assert result.returncode == 2, result.stderr[-3000:]  # two files could not be read
-    assert "FATAL 2 of 12 input files could not be read" in result.stderr
+    assert "FATAL 2 of 13 input files could not be read" in result.stderr
     for bad in ("corrupt.jpg", "empty.png"):
         lines = [line for line in result.stderr.splitlines() if f"Skipping {inputs / bad}" in line]
         assert len(lines) == 1, result.stderr[-3000:]
@@ -140,6 +144,11 @@ def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, t
             np.testing.assert_array_equal(np.asarray(prob) >= 128, is_hair, err_msg=name)
     written = {p.name.rsplit("_", 1)[0] for p in out.iterdir()}
     assert written == set(EXPECTED_SIZES)  # nothing for the corrupt, empty or text files
+    # Each mask is its own image's, whatever failed beside it in its batch.
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "d_copy_prob.png")),
+        np.asarray(Image.open(out / "Frame00001-org_prob.png")),
+    )
 
 
 def test_predict_uses_the_tuned_threshold_tta_and_matches_eval(workdir, inputs, tmp_path):
@@ -208,7 +217,7 @@ def test_read_photo_applies_exif_orientation_alpha_and_16_bit(inputs):
 
 def test_inputs_and_output_names(inputs, tmp_path):
     folder = predict.find_inputs(str(inputs))
-    assert [p.name for p in folder][:3] == list(FRAMES) and len(folder) == 12
+    assert [p.name for p in folder][:3] == list(FRAMES) and len(folder) == 13
     assert predict.find_inputs(str(inputs / "*.png")) == sorted(inputs.glob("*.png"))
     assert predict.find_inputs(str(inputs / "tiny.png")) == [inputs / "tiny.png"]
     with pytest.raises(FileNotFoundError, match="No images at"):
