@@ -134,6 +134,11 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     need(0 < ev.threshold < 1 or ev.threshold == -1, "eval.threshold", threshold_rule)
     need(ev.tta in TTA_MODES, "eval.tta", f"is not one of {TTA_MODES}")
     need(all(size > 0 for size in ev.tta_sizes), "eval.tta_sizes", "must be positive")
+    need(
+        len({ev.image_size, *ev.tta_sizes}) == len(ev.tta_sizes) + 1,
+        "eval.tta_sizes",
+        "must not repeat a size or eval.image_size (each size would count twice)",
+    )
     need(ev.preview_images >= 0, "eval.preview_images", "must not be negative")
     pr = config.predict
     need(0 < pr.threshold < 1 or pr.threshold == -1, "predict.threshold", threshold_rule)

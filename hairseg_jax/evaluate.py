@@ -306,7 +306,8 @@ def read_tuned_threshold(workdir: Path, step: int, settings: dict[str, Any]) -> 
     if tuned_with != used_with:
         logging.warning(
             "Ignoring %s: threshold %s tuned with %s, but predicting with %s; rerun eval with "
-            "--config.eval.tune_threshold=True and these settings.",
+            "--config.eval.tune_threshold=True and eval.image_size, eval.tta and "
+            "eval.tta_sizes set to these.",
             path,
             threshold,
             tuned_with,
@@ -543,6 +544,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
             tuned["dice_at_0.5"],
             workdir / THRESHOLD_FILE,
         )
+        if config.eval.threshold > 0:
+            logging.warning(
+                "eval.threshold=%s is used as given, not the threshold just tuned (%.2f).",
+                config.eval.threshold,
+                tuned["threshold"],
+            )
     # The tuned record as tuned, not read back: only process 0 writes it.
     threshold, source = resolve_threshold(config.eval.threshold, workdir, step, settings, tuned)
 

@@ -230,6 +230,18 @@ def _train_and_evaluate(
     stages = pipeline.size_stages(config.data, total_steps)
     if len(stages) > 1:
         logging.info("Crop side by stage, as (last step, side): %s.", stages)
+    for (end, side), (start, _) in zip(stages, [(0, 0), *stages], strict=False):
+        if end <= start:
+            logging.warning(
+                "The %d px stage has no step: %d steps are too few for it.", side, total_steps
+            )
+    if config.optim.warmup_steps >= total_steps:
+        logging.warning(
+            "optim.warmup_steps=%d is not below the run's %d steps: the learning rate never "
+            "reaches its peak.",
+            config.optim.warmup_steps,
+            total_steps,
+        )
     if config.augment.on_device:  # global batches, drawn on (and split over) the devices
         packed = device_augment.pack(train_data, config.augment.device_max_side)
         batches_from = functools.partial(

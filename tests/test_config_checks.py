@@ -159,6 +159,12 @@ BAD_VALUES = [
     ("augment.hue", -0.01, "augment.hue=-0.01 must be in [0, 0.5]"),
     ("augment.device_max_side", 0, "augment.device_max_side=0 must be positive"),
     ("model.aspp_channels", 0, "model.aspp_channels=0 must be positive"),
+    (
+        "eval.tta_sizes",
+        (96, 227),
+        "eval.tta_sizes=(96, 227) must not repeat a size or eval.image_size (each size would "
+        "count twice)",
+    ),
     ("model.decoder_channels", -8, "model.decoder_channels=-8 must be positive"),
     # These start from configs/synthetic.py.
     ("data.synthetic_size", 0, "data.synthetic_size=0 must be positive"),

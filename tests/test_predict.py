@@ -244,7 +244,7 @@ def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path):
         predict.without_outputs([tmp_path / "a_mask.png"], tmp_path)
 
 
-def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path):
+def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path, caplog):
     plain = evaluate.predictor_settings(tiny_config(), "predict")
     record = {"threshold": 0.3, "step": 7} | plain
     files.write_json(tmp_path / evaluate.THRESHOLD_FILE, record)
@@ -253,6 +253,7 @@ def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path):
     assert evaluate.resolve_threshold(0.6, tmp_path, 7, plain) == (0.6, "config")
     flipped = plain | {"tta": "flip"}  # tuned without TTA, predicting with it
     assert evaluate.resolve_threshold(-1, tmp_path, 7, flipped) == (0.5, "default")
+    assert "rerun eval with --config.eval.tune_threshold=True and eval.image_size" in caplog.text
     larger = plain | {"image_size": plain["image_size"] + 32}
     assert evaluate.resolve_threshold(-1, tmp_path, 7, larger) == (0.5, "default")
     files.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 0.3, "step": 7})

@@ -291,8 +291,8 @@ def test_a_second_ctrl_c_stops_at_once_a_repeated_sigterm_does_not():
     assert {s: signal.getsignal(s) for s in before} == before  # restored
 
 
-def test_a_stop_requested_before_the_first_step_trains_nothing(tmp_path, monkeypatch, caplog):
-    """Ctrl-C while the data load or the model is made: stopped before step 1, no traceback."""
+def interrupt_after_loading(monkeypatch) -> None:
+    """Makes the training set's load end with a Ctrl-C (SIGINT): training stops before step 1."""
     load_examples = sources.load_examples
 
     def load_then_interrupt(config, split, *args, **kwargs):
@@ -302,7 +302,25 @@ def test_a_stop_requested_before_the_first_step_trains_nothing(tmp_path, monkeyp
         return examples
 
     monkeypatch.setattr(sources, "load_examples", load_then_interrupt)
+
+
+def test_a_stop_requested_before_the_first_step_trains_nothing(tmp_path, monkeypatch, caplog):
+    """Ctrl-C while the data load or the model is made: stopped before step 1, no traceback."""
+    interrupt_after_loading(monkeypatch)
     with caplog.at_level(logging.WARNING):
         assert train.train_and_evaluate(tiny_config(), tmp_path) == {}
     assert "SIGINT received" in caplog.text and "Stopped before step 1" in caplog.text
     assert checkpoints.latest_manager(tmp_path).all_steps() == []
+
+
+def test_a_stage_without_steps_and_a_warmup_past_the_end_are_warned_about(
+    tmp_path, monkeypatch, caplog
+):
+    interrupt_after_loading(monkeypatch)  # the warnings come before step 1
+    config = tiny_config()
+    config.data.progressive_sizes, config.data.progressive_until = (24,), (0.1,)
+    config.optim.warmup_steps = 4
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(config, tmp_path)
+    assert "The 24 px stage has no step: 4 steps are too few for it." in caplog.text
+    assert "optim.warmup_steps=4 is not below the run's 4 steps" in caplog.text
