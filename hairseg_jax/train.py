@@ -220,8 +220,8 @@ def _train_and_evaluate(
             "Nothing to train: the checkpoint is at step %d of %d.", start_step, total_steps
         )
         return {}
-    # Written after the resume (a model that cannot resume changes nothing) and only when a
-    # step will run, so config.json describes the checkpoints.
+    # Written after the resume and only when a step will run: a run that cannot resume, or
+    # has nothing left to train, leaves config.json as it was.
     if jax.process_index() == 0:
         write_config(config, workdir)
     parameter_overview.log_parameter_overview(state.params)
