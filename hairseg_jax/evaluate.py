@@ -484,11 +484,12 @@ def trained_with(
     config: ml_collections.ConfigDict, workdir: Path, sections: tuple[str, ...]
 ) -> list[str]:
     """Where ``config``'s ``sections`` (e.g. ``("model",)``) differ from ``workdir``'s
-    config.json, as "field: trained -> now"; empty if that file is missing, unreadable or the
-    same there."""
+    config.json, as "field: trained -> now"; empty if that file is missing, unreadable (a
+    warning) or the same there."""
     try:
         saved = config_checks.saved_config(workdir) or {}
-    except config_checks.ConfigError:
+    except config_checks.ConfigError as e:
+        logging.warning("Not comparing the settings with those trained with: %s", e)
         saved = {}
     changes = config_checks.config_changes(saved, config)  # none against {}
     return [change for change in changes if change.startswith(tuple(f"{s}." for s in sections))]

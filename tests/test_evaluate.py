@@ -128,6 +128,11 @@ def test_settings_other_than_the_trained_ones_are_warned_about(tmp_path, trained
     with caplog.at_level(logging.WARNING):
         evaluate.load_state(config, tmp_path, sharding.data_mesh())
     assert "other settings" not in caplog.text
+    (tmp_path / "config.json").write_text('{"model": ')  # cut short: nothing to compare with
+    with caplog.at_level(logging.WARNING):
+        evaluate.load_state(tiny_config(), tmp_path, sharding.data_mesh())
+    assert "Not comparing the settings with those trained with: " in caplog.text
+    assert "config.json is not readable JSON" in caplog.text
 
 
 def flat_examples() -> Examples:
