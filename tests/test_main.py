@@ -84,10 +84,13 @@ def test_a_compilation_cache_that_cannot_be_a_folder_is_a_warning():
         "import jax, main\n"
         "main.use_compilation_cache('/proc/no/cache')\n"
         "assert jax.config.jax_compilation_cache_dir is None\n"
+        "main.use_compilation_cache('')  # '' keeps none, silently\n"
+        "assert jax.config.jax_compilation_cache_dir is None\n"
     )
     result = run_python("-c", code, env={"JAX_COMPILATION_CACHE_DIR": None})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Compiling without a cache: config.compilation_cache='/proc/no/cache'" in result.stderr
+    assert "config.compilation_cache=''" not in result.stderr
 
 
 def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):

@@ -269,3 +269,15 @@ def test_a_threshold_json_outside_0_1_is_named_as_such(tmp_path, caplog):
     settings = evaluate.predictor_settings(tiny_config(), "predict")
     assert evaluate.resolve_threshold(-1, tmp_path, 3, settings) == (0.5, "default")
     assert "unreadable (threshold 1.5 is not in (0, 1))" in caplog.text
+
+
+def test_the_exit_status_counts_unreadable_files_up_to_100(workdir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(101):
+        (broken / f"{i:03d}.png").write_bytes(b"not a PNG")
+    result = run_predict(
+        workdir, f"--config.predict.input={broken}", f"--config.predict.output={tmp_path / 'o'}"
+    )
+    assert result.returncode == 100 and "Traceback" not in result.stderr
+    assert "FATAL 101 of 101 input files could not be read" in result.stderr
