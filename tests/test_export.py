@@ -102,6 +102,7 @@ def test_signature_and_record(exported):
     record = json.loads((exported / "hairseg.json").read_text())
     assert record["threshold"] == THRESHOLD and record["threshold_source"] == "tuned"
     assert (record["step"], record["image_size"], record["tta"]) == (STEP, SIZE, "flip")
+    assert record["platforms"] == ["cpu", "cuda"]  # the default: lowered for both
 
 
 def test_unreadable_saved_config_is_named(tmp_path):
