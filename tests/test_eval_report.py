@@ -3,6 +3,8 @@ tiny model trained for a few steps on real Figaro1k images."""
 
 import csv
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +199,23 @@ def test_multi_scale_eval_reports_the_plain_model_beside_it(trained, model, figa
     np.testing.assert_allclose(report["dice"], multi["dice"], rtol=1e-12)
     np.testing.assert_allclose(report["no_tta"]["dice"], plain["dice"], rtol=1e-12)
     np.testing.assert_allclose(multi["no_tta"]["dice"], plain["dice"], rtol=1e-12)
+
+
+def test_a_given_threshold_is_used_beside_a_tuned_one_with_a_warning(
+    trained, figaro_dir, tmp_path, caplog
+):
+    workdir = tmp_path / "copy"  # tuning rewrites threshold.json: not the shared workdir's
+    shutil.copytree(trained, workdir)
+    config = tiny_config(figaro_dir)
+    config.eval.tune_threshold, config.eval.threshold = True, 0.3
+    with caplog.at_level(logging.WARNING):
+        summary = evaluate.evaluate(config, workdir)
+    tuned = json.loads((workdir / evaluate.THRESHOLD_FILE).read_text())
+    assert (summary["threshold"], summary["threshold_source"]) == (0.3, "config")
+    assert (
+        f"eval.threshold=0.3 is used as given, not the threshold just tuned "
+        f"({tuned['threshold']:.2f})"
+    ) in caplog.text
 
 
 def test_report_has_hair_types_worst_images_and_a_contact_sheet(report, trained):
