@@ -6,6 +6,8 @@ Standard library and absl only, so a mistyped flag is answered before JAX is loa
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from absl import flags
 from absl import logging as absl_logging
@@ -78,6 +80,21 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def closed_loop_errors_dropped(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that drops "Event loop is closed" errors and passes the rest to
+    ``previous``: TensorStore reads still in flight when orbax gives up a restore (a damaged
+    checkpoint) finish after orbax closed its event loop, and each would print a traceback."""
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    return hook
+
+
 def quiet_libraries() -> None:
-    """Leaves orbax's INFO lines out of absl's log."""
+    """Leaves orbax's INFO lines out of absl's log, and TensorStore's late errors after a
+    failed restore out of stderr (``closed_loop_errors_dropped``)."""
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = closed_loop_errors_dropped(sys.unraisablehook)
