@@ -1,12 +1,12 @@
 """Time to Dice: trains a config from scratch, then scores the test split at original resolution.
 
-Runs on a bare JAX install (JAX, flax, optax, ml-collections, PIL: no TensorFlow, no clu),
-so it measures on accelerator hosts that cannot run ``main.py`` (its training loop imports
-the tf.data pipeline and clu). Batches are drawn and augmented on the accelerator whatever
-``config.augment.on_device`` says (``hairseg_jax.data.device_augment``, from the training
-images shrunk to ``config.augment.device_max_side``); the train and predict steps and the
-scoring are the package's own. It saves no checkpoint and runs no
-validation: the model scored is the one after the last step (its EMA weights if kept).
+Runs on a bare JAX install (JAX, flax, optax, orbax-checkpoint, ml-collections, PIL: no
+TensorFlow, no clu), so it measures on accelerator hosts that cannot run ``main.py`` (its
+training loop imports the tf.data pipeline and clu). Batches are drawn and augmented on the
+accelerator whatever ``config.augment.on_device`` says (``hairseg_jax.data.device_augment``,
+from the training images shrunk to ``config.augment.device_max_side``); the train and predict
+steps and the scoring are the package's own. It saves no checkpoint and runs no validation:
+the model scored is the one after the last step (its EMA weights if kept).
 
     python benchmarks/time_to_dice.py --config=configs/figaro.py:scratch \\
         --config.data.data_dir=/tmp/figaro_small

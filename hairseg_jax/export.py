@@ -1,8 +1,8 @@
 """Exports a workdir's best checkpoint as a TensorFlow SavedModel (jax2tf, native serialization).
 
 Usage:
-    python -m hairseg_jax.export --workdir=runs/x --out=exported/ [--config=configs/figaro.py]
-        [--config.predict.tta=flip] [--platforms=cpu,cuda]
+    python -m hairseg_jax.export --workdir=runs/x --out=exported/ [--platforms=cpu,cuda]
+        [--config=configs/figaro.py [--config.predict.tta=flip ...]]
 
 Without --config the workdir's config.json (written by training) describes the model. The
 SavedModel's ``serving_default`` signature takes ``images``: uint8 RGB (batch, height, width, 3)
