@@ -1,8 +1,10 @@
 """The affine map of a crop, rotation and flips: shared by the tf.data and the JAX augmentation.
 
-Plain arithmetic, so the scalars may be TensorFlow tensors, JAX arrays or floats.
+Plain arithmetic (``crop_map_rows``), or arithmetic through ``xp`` (``prefilter_size``: the
+module ``tensorflow`` or ``jax.numpy``), so one formula serves both.
 """
 
+from types import ModuleType
 from typing import Any
 
 
@@ -34,3 +36,30 @@ def crop_map_rows(
         [b0, b1, cy - (b0 + b1) * half],
         [0.0, 0.0, 1.0],
     ]
+
+
+def prefilter_size(height: Any, width: Any, affine: Any, xp: ModuleType) -> tuple[Any, Any, Any]:
+    """The size a float32 (``height``, ``width``) image shrinks to before it is warped through
+    ``affine``, as float32 scalars, and the 3x3 map from the image onto the shrunk one.
+
+    Along each axis the image shrinks by the input pixels per output pixel of ``affine`` (the
+    length of its x or y column: the crop's side over the output side) when that exceeds 1, to
+    a whole number of pixels; it keeps its size otherwise. Continuous coordinates scale with
+    the side.
+    """
+
+    def shrunk(side: Any, column: int) -> Any:
+        step = xp.sqrt(affine[0, column] ** 2 + affine[1, column] ** 2)
+        return xp.maximum(xp.round(side / xp.maximum(step, 1.0)), 1.0)
+
+    new_height, new_width = shrunk(height, 1), shrunk(width, 0)
+    x_scale, y_scale = new_width / width, new_height / height
+    zero = x_scale * 0.0
+    rescale = xp.stack(
+        [
+            xp.stack([x_scale, zero, zero]),
+            xp.stack([zero, y_scale, zero]),
+            xp.stack([zero, zero, zero + 1.0]),
+        ]
+    )
+    return new_height, new_width, rescale

@@ -12,7 +12,7 @@ import math
 import ml_collections
 import tensorflow as tf
 
-from hairseg_jax.data.affine import crop_map_rows
+from hairseg_jax.data.affine import crop_map_rows, prefilter_size
 
 # TensorFlow runs the host-side input only: keep it off the GPUs JAX uses (set where the
 # package's input modules first import it: pipeline.py imports this one).
@@ -73,6 +73,22 @@ def warp(image: tf.Tensor, affine: tf.Tensor, size: int, interpolation: str) -> 
     )[0]
 
 
+def prefilter(image: tf.Tensor, affine: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """A float (H, W, C) image shrunk, antialiased, to about one input pixel per output pixel
+    of ``affine``, and the map onto the shrunk image (``affine.prefilter_size``).
+
+    Bilinear sampling alone reads 4 pixels per output pixel however much a crop shrinks, so
+    training crops would alias where evaluation's whole-image resize does not; after this
+    resize (evaluation's kernel) the warp resamples at about 1:1.
+    """
+    shape = tf.shape(image)[:2]
+    height, width = tf.unstack(tf.cast(shape, tf.float32))
+    new_height, new_width, rescale = prefilter_size(height, width, affine, tf)
+    new_shape = tf.cast(tf.stack([new_height, new_width]), tf.int32)
+    shrunk = lambda: tf.image.resize(image, new_shape, method="bilinear", antialias=True)  # noqa: E731
+    return tf.cond(tf.reduce_all(new_shape == shape), lambda: image, shrunk), rescale @ affine
+
+
 def colour_jitter(image: tf.Tensor, seeds: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
     """Brightness, contrast, saturation and hue jitter of a float image in [0, 1]."""
     if cfg.brightness:
@@ -117,8 +133,9 @@ def train_transform(
     seeds = tf.random.experimental.stateless_split(seed, num=11)
     shape = tf.shape(image)
     affine = sample_affine(seeds[:7], shape[0], shape[1], size, cfg)
-    image = warp(tf.cast(image, tf.float32), affine, size, "BILINEAR") / 255.0
     mask = warp(mask[..., None], affine, size, "NEAREST")[..., 0]
+    image, affine = prefilter(tf.cast(image, tf.float32), affine)
+    image = warp(image, affine, size, "BILINEAR") / 255.0
     image = colour_jitter(image, seeds[7:], cfg)
     return tf.cast(tf.round(image * 255.0), tf.uint8), mask
 

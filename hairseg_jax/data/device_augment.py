@@ -27,7 +27,7 @@ from PIL import Image
 
 from hairseg_jax import sharding
 from hairseg_jax.data import whole_images
-from hairseg_jax.data.affine import crop_map_rows
+from hairseg_jax.data.affine import crop_map_rows, prefilter_size
 from hairseg_jax.data.examples import Examples
 
 
@@ -165,8 +165,25 @@ def augment_example(
     mask = warp(mask[..., None], size_hw, affine, size, nearest=True)[..., 0].astype(jnp.uint8)
     if not cfg.enabled:
         return resize_whole_image(image, size_hw, size), mask
+    image, size_hw, affine = prefilter(image, size_hw, affine)
     warped = colour_jitter(colour_key, warp(image, size_hw, affine, size) / 255.0, cfg)
     return jnp.round(warped * 255.0).astype(jnp.uint8), mask
+
+
+def prefilter(
+    image: jax.Array, size_hw: jax.Array, affine: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``augment.prefilter`` on the device: the (h, w) = ``size_hw`` corner of a padded uint8
+    (S, S, 3) array shrunk, antialiased, into the corner of a float32 (S, S, 3) array, with its
+    new (h, w) and the map onto it."""
+    height, width = size_hw[0].astype(jnp.float32), size_hw[1].astype(jnp.float32)
+    new_height, new_width, rescale = prefilter_size(height, width, affine, jnp)
+    padded_height, padded_width = image.shape[:2]
+    rows = whole_images.resize_weights(height, new_height, padded_height, jnp, padded_height)
+    columns = whole_images.resize_weights(width, new_width, padded_width, jnp, padded_width)
+    shrunk = jnp.einsum("ys,xt,stc->yxc", rows, columns, image.astype(jnp.float32))
+    new_size = jnp.stack([new_height, new_width]).astype(jnp.int32)
+    return shrunk, new_size, rescale @ affine
 
 
 def resize_whole_image(image: jax.Array, size_hw: jax.Array, size: int) -> jax.Array:

@@ -19,22 +19,29 @@ from hairseg_jax.data.examples import Examples
 
 
 def resize_weights(
-    in_size: Any, out_size: int, padded: int | None = None, xp: ModuleType = np
+    in_size: Any,
+    out_size: Any,
+    padded: int | None = None,
+    xp: ModuleType = np,
+    out_padded: int | None = None,
 ) -> Any:
     """The (out_size, in_size) float32 matrix of antialiased bilinear resampling along one axis.
 
     Output pixel centres map onto input pixel centres (half-pixel convention); on shrinking,
     the triangle kernel widens by the shrink factor, so every input pixel contributes. With
-    ``padded``, the matrix has that many columns, those from ``in_size`` on all zero (for an
-    ``in_size`` known only on a device, with ``xp=jax.numpy``).
+    ``padded``, the matrix has that many columns, those from ``in_size`` on all zero, and with
+    ``out_padded`` that many rows, those from ``out_size`` on all zero (for sizes known only on
+    a device, with ``xp=jax.numpy``).
     """
     columns = xp.arange(in_size if padded is None else padded)
+    rows = xp.arange(out_size if out_padded is None else out_padded)
     scale = out_size / in_size
     kernel_scale = xp.maximum(1.0 / scale, 1.0)
-    centres = (xp.arange(out_size) + 0.5) / scale - 0.5
+    centres = (rows + 0.5) / scale - 0.5
     weights = xp.maximum(0.0, 1.0 - xp.abs(centres[:, None] - columns) / kernel_scale)
-    weights = xp.where(columns < in_size, weights, 0.0)
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(xp.float32)
+    weights = xp.where((columns < in_size) & (rows[:, None] < out_size), weights, 0.0)
+    sums = weights.sum(axis=1, keepdims=True)
+    return (weights / xp.where(sums > 0, sums, 1.0)).astype(xp.float32)
 
 
 def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:

@@ -65,6 +65,47 @@ def test_warp_matches_tensorflow_through_the_same_map(seed, augment_config):
     np.testing.assert_array_equal(warped_mask[..., 0], expected_mask.numpy())
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_prefilter_matches_tensorflow_from_a_padded_canvas(seed, augment_config):
+    """Crops of 8-100% of a 90x120 image drawn for 16 px: both shrink it to the same size,
+    antialiased the same way, and map the crop onto the same pixels of the shrunk image."""
+    augment_config.scale = (0.08, 1.0)
+    image = np.random.default_rng(seed).integers(0, 256, (90, 120, 3), np.uint8)
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, 2], tf.int64), 7)
+    affine = augment.sample_affine(seeds, 90, 120, 16, augment_config)
+    expected, expected_affine = augment.prefilter(tf.constant(image, tf.float32), affine)
+    canvas = np.zeros((128, 128, 3), np.uint8)
+    canvas[:90, :120] = image  # padding must never be read
+    shrunk, size_hw, matrix = device_augment.prefilter(
+        jnp.asarray(canvas), jnp.array([90, 120]), jnp.asarray(affine.numpy())
+    )
+    height, width = expected.shape[:2]
+    assert height < 90 and width < 120
+    np.testing.assert_array_equal(size_hw, [height, width])
+    np.testing.assert_allclose(shrunk[:height, :width], expected.numpy(), atol=0.05)
+    assert not np.asarray(shrunk[height:]).any() and not np.asarray(shrunk[:, width:]).any()
+    np.testing.assert_allclose(matrix, expected_affine.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_shrinking_crops_do_not_alias_on_the_device(augment_config):
+    """A 1-pixel checkerboard cropped, rotated and shrunk comes out an even grey, as in the
+    tf.data pipeline (test_augment.test_shrinking_crops_do_not_alias)."""
+    cfg = no_colour(augment_config)
+    cfg.scale, cfg.rotation = (0.3, 1.0), 15.0
+    y, x = np.mgrid[:192, :192]
+    board = np.where(((y + x) % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+    for seed in range(5):
+        image, _ = device_augment.augment_example(
+            jax.random.key(seed),
+            jnp.asarray(board),
+            jnp.zeros((192, 192), jnp.uint8),
+            jnp.array([192, 192]),
+            32,
+            cfg,
+        )
+        assert np.abs(np.asarray(image, int) - 128).max() <= 4, seed
+
+
 def test_sample_affine_of_a_whole_crop_is_a_plain_resize(augment_config):
     cfg = augment_config
     cfg.scale, cfg.ratio, cfg.rotation, cfg.hflip = (1.0, 1.0), (1.5, 1.5), 0.0, False
