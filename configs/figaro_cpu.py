@@ -3,7 +3,8 @@ BCE + soft Dice.
 
 Budget: training within an hour on 2 CPU cores (no GPU, no pretrained weights). Measured: 55 min
 for the whole command, validation Dice 0.923, test Dice 0.921; with seed 1, 52 min and test Dice
-0.924 (see README, Results).
+0.924 (see README, Results). With the training crops antialiased (2026-12-06), in bfloat16 on
+an Intel Xeon: test Dice 0.930 and 0.928 (seeds 0 and 1) in 48 and 43 min.
 """
 
 import ml_collections
