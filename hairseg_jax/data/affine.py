@@ -1,7 +1,7 @@
 """The affine map of a crop, rotation and flips: shared by the tf.data and the JAX augmentation.
 
-Plain arithmetic (``crop_map_rows``), or arithmetic through ``xp`` (``prefilter_size``: the
-module ``tensorflow`` or ``jax.numpy``), so one formula serves both.
+Plain arithmetic (``prefilter_size`` takes its square roots and rounding from ``xp``: the module
+``tensorflow`` or ``jax.numpy``), so one formula serves both; the maps come back as rows.
 """
 
 from types import ModuleType
@@ -38,9 +38,12 @@ def crop_map_rows(
     ]
 
 
-def prefilter_size(height: Any, width: Any, affine: Any, xp: ModuleType) -> tuple[Any, Any, Any]:
+def prefilter_size(
+    height: Any, width: Any, affine: Any, xp: ModuleType
+) -> tuple[Any, Any, list[list[Any]]]:
     """The size a float32 (``height``, ``width``) image shrinks to before it is warped through
-    ``affine``, as float32 scalars, and the 3x3 map from the image onto the shrunk one.
+    ``affine``, as float32 scalars, and the rows of the 3x3 map from the image onto the shrunk
+    one.
 
     Along each axis the image shrinks by the input pixels per output pixel of ``affine`` (the
     length of its x or y column: the crop's side over the output side) when that exceeds 1, to
@@ -53,13 +56,5 @@ def prefilter_size(height: Any, width: Any, affine: Any, xp: ModuleType) -> tupl
         return xp.maximum(xp.round(side / xp.maximum(step, 1.0)), 1.0)
 
     new_height, new_width = shrunk(height, 1), shrunk(width, 0)
-    x_scale, y_scale = new_width / width, new_height / height
-    zero = x_scale * 0.0
-    rescale = xp.stack(
-        [
-            xp.stack([x_scale, zero, zero]),
-            xp.stack([zero, y_scale, zero]),
-            xp.stack([zero, zero, zero + 1.0]),
-        ]
-    )
+    rescale = [[new_width / width, 0.0, 0.0], [0.0, new_height / height, 0.0], [0.0, 0.0, 1.0]]
     return new_height, new_width, rescale

@@ -86,7 +86,8 @@ def prefilter(image: tf.Tensor, affine: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor
     new_height, new_width, rescale = prefilter_size(height, width, affine, tf)
     new_shape = tf.cast(tf.stack([new_height, new_width]), tf.int32)
     shrunk = lambda: tf.image.resize(image, new_shape, method="bilinear", antialias=True)  # noqa: E731
-    return tf.cond(tf.reduce_all(new_shape == shape), lambda: image, shrunk), rescale @ affine
+    kept = tf.reduce_all(new_shape == shape)
+    return tf.cond(kept, lambda: image, shrunk), tf.stack(rescale) @ affine
 
 
 def colour_jitter(image: tf.Tensor, seeds: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:

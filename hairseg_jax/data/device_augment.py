@@ -17,7 +17,7 @@ nothing crosses from the host per step.
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -178,22 +178,29 @@ def prefilter(
     new (h, w) and the map onto it."""
     height, width = size_hw[0].astype(jnp.float32), size_hw[1].astype(jnp.float32)
     new_height, new_width, rescale = prefilter_size(height, width, affine, jnp)
-    padded_height, padded_width = image.shape[:2]
-    rows = whole_images.resize_weights(height, new_height, padded_height, jnp, padded_height)
-    columns = whole_images.resize_weights(width, new_width, padded_width, jnp, padded_width)
-    shrunk = jnp.einsum("ys,xt,stc->yxc", rows, columns, image.astype(jnp.float32))
+    shrunk = _resize_corner(image, (height, width), (new_height, new_width), image.shape[:2])
     new_size = jnp.stack([new_height, new_width]).astype(jnp.int32)
-    return shrunk, new_size, rescale @ affine
+    return shrunk, new_size, jnp.array(rescale) @ affine
 
 
 def resize_whole_image(image: jax.Array, size_hw: jax.Array, size: int) -> jax.Array:
     """The (h, w) = ``size_hw`` corner of a padded uint8 (S, S, 3) array resized to a uint8
     (size, size, 3) square, antialiased: ``whole_images.resize_image`` (as evaluation and the
     host pipeline resize) on the device."""
-    rows = whole_images.resize_weights(size_hw[0], size, image.shape[0], jnp)
-    columns = whole_images.resize_weights(size_hw[1], size, image.shape[1], jnp)
-    square = jnp.einsum("ys,xt,stc->yxc", rows, columns, image.astype(jnp.float32))
+    square = _resize_corner(image, (size_hw[0], size_hw[1]), (size, size), (size, size))
     return jnp.round(jnp.clip(square, 0.0, 255.0)).astype(jnp.uint8)
+
+
+def _resize_corner(
+    image: jax.Array, in_hw: tuple[Any, Any], out_hw: tuple[Any, Any], out_shape: tuple[int, int]
+) -> jax.Array:
+    """The ``in_hw`` corner of a padded (S, S, C) array resized (antialiased bilinear) to
+    ``out_hw``, in the corner of a float32 ``out_shape`` + (C,) array (zeros elsewhere)."""
+    rows, columns = (
+        whole_images.resize_weights(in_hw[axis], out_hw[axis], image.shape[axis], jnp, padded)
+        for axis, padded in enumerate(out_shape)
+    )
+    return jnp.einsum("ys,xt,stc->yxc", rows, columns, image.astype(jnp.float32))
 
 
 def batch_fn(
