@@ -265,7 +265,9 @@ def _train_and_evaluate(
     batches = pipeline.staged_batches(stages, start_step, batches_from)
     if not config.augment.on_device:
         batches = (sharding.shard_batch(batch, mesh) for batch in batches)
-    report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    report_progress = periodic_actions.ReportProgress(  # a line a minute, and at the end
+        num_train_steps=total_steps, writer=writer, on_steps=[total_steps]
+    )
     train_metrics = None
     val_summary = {}
     unchecked = []  # (step, its "nonfinite" flag on the device) not read yet
@@ -303,7 +305,10 @@ def _train_and_evaluate(
         return val_summary
     for step in range(start_step + 1, total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = next(batches)
+            # The progress line's "input" share: time the loop waited for batches (large when
+            # tf.data cannot feed the accelerator; augment.on_device=True then helps).
+            with report_progress.timed("input", wait_jax_async_dispatch=False):
+                batch = next(batches)
             state, step_metrics = train_step(state, batch)
         check_steps()  # the previous step's flag, read while this step runs
         unchecked.append((step, step_metrics["nonfinite"]))

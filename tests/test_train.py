@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -37,10 +38,13 @@ def tiny_config():
     return config
 
 
-def test_train_and_evaluate_on_synthetic_data(tmp_path):
+def test_train_and_evaluate_on_synthetic_data(tmp_path, caplog):
     config = tiny_config()
     config.train.checkpoint_every_steps, config.train.keep_checkpoints = 1, 3
-    summary = train.train_and_evaluate(config, tmp_path)
+    with caplog.at_level(logging.INFO):
+        summary = train.train_and_evaluate(config, tmp_path)
+    # The last step's progress line splits the time: waiting for batches, validating.
+    assert re.search(r"100\.0% \(4/4\).*\(.*: [0-9.]+% eval, [0-9.]+% input\)", caplog.text)
     assert summary["num_images"] == 4  # the last validation's summary, of step 4
     assert 0.0 <= summary["dice"] <= 1.0
     assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 3, 4]  # the newest 3 of 4
