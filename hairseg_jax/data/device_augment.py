@@ -176,7 +176,7 @@ def prefilter(
     """``augment.prefilter`` on the device: the (h, w) = ``size_hw`` corner of a padded uint8
     (S, S, 3) array shrunk, antialiased, into the corner of a float32 (S, S, 3) array, with its
     new (h, w) and the map onto it."""
-    height, width = size_hw[0].astype(jnp.float32), size_hw[1].astype(jnp.float32)
+    height, width = size_hw.astype(jnp.float32)
     new_height, new_width, rescale = prefilter_size(height, width, affine, jnp)
     shrunk = _resize_corner(image, (height, width), (new_height, new_width), image.shape[:2])
     new_size = jnp.stack([new_height, new_width]).astype(jnp.int32)
@@ -187,15 +187,16 @@ def resize_whole_image(image: jax.Array, size_hw: jax.Array, size: int) -> jax.A
     """The (h, w) = ``size_hw`` corner of a padded uint8 (S, S, 3) array resized to a uint8
     (size, size, 3) square, antialiased: ``whole_images.resize_image`` (as evaluation and the
     host pipeline resize) on the device."""
-    square = _resize_corner(image, (size_hw[0], size_hw[1]), (size, size), (size, size))
+    square = _resize_corner(image, size_hw, (size, size), (size, size))
     return jnp.round(jnp.clip(square, 0.0, 255.0)).astype(jnp.uint8)
 
 
 def _resize_corner(
-    image: jax.Array, in_hw: tuple[Any, Any], out_hw: tuple[Any, Any], out_shape: tuple[int, int]
+    image: jax.Array, in_hw: Any, out_hw: tuple[Any, Any], out_shape: tuple[int, int]
 ) -> jax.Array:
-    """The ``in_hw`` corner of a padded (S, S, C) array resized (antialiased bilinear) to
-    ``out_hw``, in the corner of a float32 ``out_shape`` + (C,) array (zeros elsewhere)."""
+    """The ``in_hw`` (a pair or a (2,) array) corner of a padded (S, S, C) array resized
+    (antialiased bilinear) to ``out_hw``, in the corner of a float32 ``out_shape`` + (C,)
+    array (zeros elsewhere)."""
     rows, columns = (
         whole_images.resize_weights(in_hw[axis], out_hw[axis], image.shape[axis], jnp, padded)
         for axis, padded in enumerate(out_shape)

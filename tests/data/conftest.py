@@ -25,6 +25,13 @@ def random_image(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
 
 
+def checkerboard(side: int) -> np.ndarray:
+    """A uint8 (side, side, 3) board of 1-pixel black and white squares: aliases when shrunk
+    by point sampling, an even grey when shrunk antialiased."""
+    y, x = np.mgrid[:side, :side]
+    return np.where(((y + x) % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+
+
 def random_mask(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).random((height, width)) < 0.4).astype(np.uint8)
 

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from hairseg_jax.data import augment
+from tests.data.conftest import checkerboard
 
 SHAPE_COLOUR = np.array([230, 40, 20], np.uint8)
 BACKGROUND = np.array([20, 60, 200], np.uint8)
@@ -129,8 +130,7 @@ def test_shrinking_crops_do_not_alias():
     """A 1-pixel checkerboard cropped, rotated and shrunk 3-6x comes out an even grey, as
     evaluation's antialiased resize makes it; sampling 4 pixels per output pixel would leave
     it black and white."""
-    y, x = np.mgrid[:192, :192]
-    board = np.where(((y + x) % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+    board = checkerboard(192)
     cfg = augment_config(scale=(0.3, 1.0), rotation=15.0)
     for seed in range(5):
         out_image, _ = transform(board, np.zeros((192, 192), np.uint8), seed, 32, cfg)

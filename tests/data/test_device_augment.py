@@ -10,6 +10,7 @@ from configs import figaro
 from hairseg_jax.data import augment, device_augment, whole_images
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.data.synthetic import make_examples
+from tests.data.conftest import checkerboard
 
 
 @pytest.fixture
@@ -92,8 +93,7 @@ def test_shrinking_crops_do_not_alias_on_the_device(augment_config):
     tf.data pipeline (test_augment.test_shrinking_crops_do_not_alias)."""
     cfg = no_colour(augment_config)
     cfg.scale, cfg.rotation = (0.3, 1.0), 15.0
-    y, x = np.mgrid[:192, :192]
-    board = np.where(((y + x) % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+    board = checkerboard(192)
     for seed in range(5):
         image, _ = device_augment.augment_example(
             jax.random.key(seed),
