@@ -32,7 +32,8 @@ def main(argv: list[str]) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Checks ``config``, then trains, evaluates or predicts as ``config.mode`` says."""
+    """Checks ``config`` and ``workdir`` (``~`` expanded in both), then trains, evaluates or
+    predicts as ``config.mode`` says."""
     # Imported after the flags: a mistyped flag or override is answered without loading JAX.
     from hairseg_jax import checkpoints, config_checks, evaluate, predict, sharding, steps
     from hairseg_jax.data.figaro1k import DataError
@@ -41,16 +42,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     cli.quiet_libraries()
     logging.info("Config:\n%s", config)
     try:
+        folder = config_checks.folder_flag(workdir, "--workdir")
+        config_checks.expand_user(config)
         config_checks.check_config(config)
         use_compilation_cache(config.compilation_cache)
         sharding.initialize_distributed(config.distributed)
+        sharding.start_backend()
         if config.mode == "train":
             from hairseg_jax import train  # TensorFlow and clu: eval and predict run without
 
-            result = train.train_and_evaluate(config, workdir)
+            result = train.train_and_evaluate(config, folder)
         else:
             result = {"eval": evaluate.evaluate, "predict": predict.predict}[config.mode](
-                config, workdir
+                config, folder
             )
     except (
         checkpoints.UnreadableError,
@@ -62,6 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         steps.NonFiniteError,
     ) as e:
         sys.exit(f"FATAL {e}")
+    except MemoryError as e:  # the host's, e.g. NumPy's for a mistyped eval.image_size
+        sys.exit(f"FATAL Out of host memory in {config.mode} mode ({e}): lower the sizes.")
     if config.mode == "predict" and result["failed"]:
         # Exit status: the number of unreadable files (at most 100).
         print(f"FATAL {predict.failure_line(result)}", file=sys.stderr)

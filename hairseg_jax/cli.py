@@ -46,6 +46,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         if "--config must have a value other than None" in str(e) and _names_config(argv):
             sys.exit("FATAL Cannot load the --config file: its get_config() returned None.")
+        if "get_config() takes 0 positional arguments" in str(e):  # e.g. figaro_cpu.py:smoke
+            sys.exit(
+                "FATAL Cannot load the --config file: it has no variants (the ':name' after "
+                "the file's name)."
+            )
         if "Unknown command line flag 'config." in str(e) and not _names_config(argv):
             sys.exit(
                 "FATAL Flags parsing error: --config.* overrides need a --config file to "

@@ -18,19 +18,47 @@ from hairseg_jax.steps import TTA_MODES
 MODES = ("train", "eval", "predict")
 WHOLE_NUMBER_TUPLES = ("data.progressive_sizes", "eval.tta_sizes", "model.multi_grid")
 PROB_FORMATS = ("", "png", "npy")
+# The values of the ``distributed`` settings that leave them to be detected.
+DISTRIBUTED_DETECTED = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 
 
 class ConfigError(ValueError):
     """A config value that cannot work."""
 
 
+# Config fields that name files or folders (``expand_user``).
+PATH_FIELDS = ("data.data_dir", "data.split_file", "model.pretrained", "predict.output")
+
+
+def folder_flag(value: str | None, name: str) -> Path:
+    """The folder that the flag ``name`` gives, ``~`` expanded (a shell leaves ``--flag=~/x``
+    as it is). Raises ConfigError if the flag is empty (e.g. an unset shell variable), which
+    would otherwise mean the current folder."""
+    if not value or not value.strip():
+        raise ConfigError(f"{name} is empty: it must name a folder.")
+    return Path(value).expanduser()
+
+
+def expand_user(config: ml_collections.ConfigDict) -> None:
+    """Expands a leading ``~`` in ``config``'s ``PATH_FIELDS``, in place: a shell leaves
+    ``--config.data.data_dir=~/Figaro1k`` as it is."""
+    for field in PATH_FIELDS:
+        section, name = field.split(".")
+        value = config.get(section, {}).get(name)
+        if isinstance(value, str) and value.startswith("~"):
+            config[section][name] = os.path.expanduser(value)
+
+
 def make_folder(path: str | os.PathLike, name: str) -> Path:
     """Creates the folder ``path`` (and its parents) that ``name`` (a field or flag) gives, or
-    raises ConfigError saying why it cannot be one (a file of that name, no permission, ...)."""
+    raises ConfigError saying why it cannot be one (a file of that name, no permission, ...)
+    or why it cannot be written to (read-only, another user's)."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{name}={str(path)!r} cannot be made a folder ({e}).") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}={str(path)!r} is a folder this user cannot write to.")
     return Path(path)
 
 
@@ -69,6 +97,15 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     )
     aug = config.augment
     need(config.mode in MODES, "mode", f"is not one of {MODES}")
+    dist = config.get("distributed") or {}  # a config.json from before it has none
+    if not dist.get("enabled", False):  # else these settings would be ignored
+        for setting in ("coordinator_address", "num_processes", "process_id"):
+            detected = DISTRIBUTED_DETECTED[setting]
+            need(
+                dist.get(setting, detected) == detected,
+                f"distributed.{setting}",
+                "is set, but distributed.enabled is False: enable it to join the other processes",
+            )
     need(data.dataset in ("figaro1k", "synthetic"), "data.dataset", "is not figaro1k or synthetic")
     need(data.mask_source in MASK_SOURCES, "data.mask_source", f"is not one of {MASK_SOURCES}")
     if data.dataset == "synthetic":

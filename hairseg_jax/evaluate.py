@@ -469,14 +469,16 @@ def misfit(
     weights: str,
     error: checkpoints.MismatchError,
     advice: str,
+    sections: tuple[str, ...] = ("model",),
 ) -> config_checks.ConfigError:
-    """The error for the checkpoint ``weights`` of ``workdir`` that does not fit
-    ``config.model``: it names the model settings it was trained with (else the first array
-    that differs), then ``advice``."""
-    changed = trained_with(config, workdir, ("model",))
+    """The error for the checkpoint ``weights`` of ``workdir`` that does not fit ``config``'s
+    ``sections`` (a train state's: ``model``, ``optim`` and ``train``): it names the settings
+    of those that it was trained with (else the first array that differs), then ``advice``."""
+    changed = trained_with(config, workdir, sections)
     why = f"trained with {'; '.join(changed)}" if changed else str(error)
+    fields = " / ".join(f"config.{section}" for section in sections)
     return config_checks.ConfigError(
-        f"The checkpoint at {weights} does not fit config.model ({why}){advice}"
+        f"The checkpoint at {weights} does not fit {fields} ({why}){advice}"
     )
 
 

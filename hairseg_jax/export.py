@@ -142,11 +142,15 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_libraries()
-    workdir = Path(FLAGS.workdir)
     try:
+        workdir = config_checks.folder_flag(FLAGS.workdir, "--workdir")
+        out = config_checks.folder_flag(FLAGS.out, "--out")
+        if not workdir.is_dir():
+            raise FileNotFoundError(f"--workdir={FLAGS.workdir} is not a folder.")
         config = FLAGS.config or read_config(workdir)
+        config_checks.expand_user(config)
         config_checks.check_config(config)
-        export(config, workdir, FLAGS.out, FLAGS.platforms)
+        export(config, workdir, out, FLAGS.platforms)
     except (
         checkpoints.UnreadableError,
         config_checks.ConfigError,

@@ -5,6 +5,7 @@ step jitted over such global arrays computes BatchNorm statistics and gradients 
 global batch (XLA inserts the all-reduces): synchronised BatchNorm with no explicit ``pmean``.
 """
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,8 @@ DATA_AXIS = "data"
 
 
 class ShardingError(ValueError):
-    """A batch size that the devices cannot split evenly, or processes that cannot join."""
+    """A batch size that the devices cannot split evenly, processes that cannot join, or a
+    backend that cannot start."""
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -41,6 +43,22 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
             "Open MPI, Kubernetes or Cloud TPU pass --config.distributed.coordinator_address, "
             "num_processes and process_id."
         ) from e
+
+
+def start_backend() -> None:
+    """Starts JAX's backend, or raises ShardingError saying why it cannot (e.g.
+    ``$JAX_PLATFORMS`` names a platform this install lacks)."""
+    try:
+        jax.devices()
+    except (AssertionError, RuntimeError) as e:  # AssertionError: an unknown platform
+        platforms = os.environ.get("JAX_PLATFORMS")
+        why = (  # JAX asserts where a platform's plugin is missing
+            str(e).strip().splitlines()[0]
+            if str(e).strip()
+            else "its plugin is not installed (for CUDA: pip install -e '.[cuda]')"
+        )
+        where = f" (JAX_PLATFORMS={platforms!r})" if platforms else ""
+        raise ShardingError(f"JAX cannot start its backend{where}: {why}") from e
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -69,15 +69,18 @@ def resumed_state(
     """``state`` restored from ``manager``'s checkpoint at ``step``.
 
     Raises:
-      config_checks.ConfigError: the checkpoint does not fit ``config.model`` (a model change
-        passed with ``config.train.allow_config_change``).
+      config_checks.ConfigError: the checkpoint does not fit the model, optimizer or EMA of
+        ``config`` (a change passed with ``config.train.allow_config_change``).
     """
     try:
         state = checkpoints.restore(manager, step, state)
     except checkpoints.MismatchError as e:
         weights = f"step {step} of {manager.directory}"
-        advice = ", so training cannot resume from it: train the new model in another workdir."
-        raise evaluate.misfit(config, workdir, weights, e, advice) from e
+        advice = (
+            ", so training cannot resume from it: train with the new settings in another workdir."
+        )
+        sections = ("model", "optim", "train")
+        raise evaluate.misfit(config, workdir, weights, e, advice, sections) from e
     logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
     return state
 
@@ -167,6 +170,8 @@ def _train_and_evaluate(
 ) -> dict:
     """``train_and_evaluate`` under its stop requests; ``closing`` closes what it opens."""
     check_saved_config(config, workdir)
+    if config.model.get("pretrained") and not checkpoints.holds_checkpoints(workdir):
+        convert.check_pretrained(config.model.pretrained)  # a mistyped name before any work
     mesh = sharding.data_mesh()
     batch_size = config.train.batch_size
     sharding.check_batch_size(batch_size, mesh, "config.train.batch_size")

@@ -166,6 +166,19 @@ BAD_VALUES = [
         "count twice)",
     ),
     ("model.decoder_channels", -8, "model.decoder_channels=-8 must be positive"),
+    *(
+        (
+            f"distributed.{setting}",
+            value,
+            f"distributed.{setting}={value!r} is set, but distributed.enabled is False: enable "
+            "it to join the other processes",
+        )
+        for setting, value in (
+            ("coordinator_address", "10.0.0.1:1234"),
+            ("num_processes", 2),
+            ("process_id", 0),
+        )
+    ),
     # These start from configs/synthetic.py.
     ("data.synthetic_size", 0, "data.synthetic_size=0 must be positive"),
     ("data.synthetic_counts.train", 0, "data.synthetic_counts.train=0 must be positive"),
@@ -358,3 +371,38 @@ def test_a_config_lacking_a_field_names_it():
     del config.augment["hue"]
     with pytest.raises(ConfigError, match="^Bad config: it has no field 'hue'. A config file"):
         check_config(config)
+
+
+def test_folder_flags_expand_the_home_and_refuse_an_empty_value(monkeypatch, tmp_path):
+    """A shell leaves ``--workdir=~/x`` as it is; an empty one would mean the current folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert config_checks.folder_flag("~/runs/x", "--workdir") == tmp_path / "runs" / "x"
+    assert config_checks.folder_flag("runs/x", "--workdir") == config_checks.Path("runs/x")
+    for empty in ("", " ", None):
+        with pytest.raises(ConfigError, match="^--out is empty: it must name a folder.$"):
+            config_checks.folder_flag(empty, "--out")
+
+
+def test_path_fields_get_the_home_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = figaro.get_config()
+    config.data.data_dir, config.model.pretrained = "~/Figaro1k", "~/w/resnet101.pth"
+    config.predict.output, config.data.split_file = "~/masks", "train_val_test.json"
+    config_checks.expand_user(config)
+    assert config.data.data_dir == str(tmp_path / "Figaro1k")
+    assert config.model.pretrained == str(tmp_path / "w" / "resnet101.pth")
+    assert config.predict.output == str(tmp_path / "masks")
+    assert config.data.split_file == "train_val_test.json"  # relative to data_dir, as it was
+    for field in config_checks.PATH_FIELDS:  # each one a field of the shipped configs
+        section, name = field.split(".")
+        assert name in config[section]
+
+
+def test_a_folder_that_cannot_be_written_is_named(monkeypatch, tmp_path):
+    """E.g. a read-only mount: found before the work, not at the first file written."""
+    assert config_checks.make_folder(tmp_path / "w", "--workdir") == tmp_path / "w"
+    monkeypatch.setattr(config_checks.os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError) as error:
+        config_checks.make_folder(tmp_path / "w", "--workdir")
+    message = f"--workdir='{tmp_path / 'w'}' is a folder this user cannot write to."
+    assert str(error.value) == message

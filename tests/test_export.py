@@ -123,14 +123,17 @@ def test_unreadable_saved_config_is_named(tmp_path):
             ["--config.predict.tta=flip"],  # overrides without --config: nothing to override
             "--config.* overrides need a --config file to override",
         ),
+        (["--out="], "FATAL --out is empty: it must name a folder."),  # an unset variable
+        (["--workdir={tmp}/gone"], "FATAL --workdir={tmp}/gone is not a folder."),
     ],
 )
 def test_bad_flags_give_one_clear_line_before_any_work(args, message, tmp_path):
+    args = [arg.format(tmp=tmp_path) for arg in args]
     result = run_python(
         "-m", "hairseg_jax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}", *args
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert message in result.stderr and not (tmp_path / "out").exists()
+    assert message.format(tmp=tmp_path) in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_an_out_folder_that_cannot_be_made_is_named_before_the_conversion(workdir, tmp_path):

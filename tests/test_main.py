@@ -134,6 +134,7 @@ def test_bad_input_gives_one_clear_line(override, message, tmp_path):
     [
         ("configs/none.py", "Cannot load the --config file: [Errno 2] No such file or directory"),
         ("configs/figaro.py:smok", "Unknown variant 'smok' of configs/figaro.py"),
+        ("configs/figaro_cpu.py:smoke", "file: it has no variants (the ':name' after the file's"),
     ],
 )
 def test_a_bad_config_file_gives_one_clear_line(spec, message, tmp_path):
@@ -221,6 +222,45 @@ def test_distributed_without_a_cluster_or_coordinator_gives_one_clear_line(tmp_p
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "distributed.enabled=True, but the processes cannot join (" in result.stderr
     assert "pass --config.distributed.coordinator_address" in result.stderr
+
+
+def test_paths_and_settings_that_would_fail_later_are_named_before_any_work(tmp_path):
+    """An empty --workdir (an unset shell variable), ``~`` (which the shell leaves in
+    ``--flag=~/x``), distributed settings without distributed.enabled, and a missing
+    pretrained file: one line each from main.run, in one process, before any folder is made."""
+    code = f"""
+import main
+from configs import figaro
+
+def attempt(workdir, **fields):
+    config = figaro.get_config("smoke")
+    config.update_from_flattened_dict(fields)
+    try:
+        main.run(config, workdir)
+    except SystemExit as e:
+        print(e.code)
+
+attempt("")
+attempt("~/w", mode="eval")
+attempt("{tmp_path / "w"}", **{{"data.data_dir": "~/nofig"}})
+attempt("{tmp_path / "w"}", **{{"distributed.process_id": 0}})
+attempt("{tmp_path / "w"}", **{{"model.pretrained": "~/gone.pth"}})
+"""
+    home = tmp_path / "home"
+    home.mkdir()
+    result = run_python("-c", code, env={"HOME": str(home)})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "FATAL --workdir is empty: it must name a folder.",
+        f"FATAL No best checkpoint in {home / 'w' / 'best'} and no config.model.pretrained; "
+        "train there first.",
+        f"FATAL Data directory {home / 'nofig'} does not exist; point config.data.data_dir "
+        "at a Figaro1k folder (see data/README.md).",
+        "FATAL Bad config: distributed.process_id=0 is set, but distributed.enabled is False: "
+        "enable it to join the other processes.",
+        f"FATAL Pretrained weights not found: {home / 'gone.pth'}",
+    ]
+    assert not (tmp_path / "w").exists() and not (home / "w").exists()  # no folder made
 
 
 def test_missing_workdir_gives_one_clear_line():

@@ -349,3 +349,26 @@ def test_shard_batch_of_a_local_slice_and_of_the_whole_batch_agree():
         sharded = sharding.shard_batch(batch, mesh, whole=whole)
         assert sharded["image"].sharding == sharding.batch_sharded(mesh)
         np.testing.assert_array_equal(sharded["image"], batch["image"])
+
+
+@pytest.mark.parametrize(
+    "error, why",
+    [
+        (AssertionError(), "its plugin is not installed (for CUDA: pip install -e '.[cuda]')"),
+        (RuntimeError("Unable to initialize backend 'tpu': no libtpu\n(more)"), "Unable to init"),
+    ],
+)
+def test_a_backend_that_cannot_start_is_named_in_one_line(monkeypatch, error, why):
+    """JAX asserts, with no message, for a platform whose plugin is missing (JAX_PLATFORMS=cuda
+    on a CPU-only install), and raises a RuntimeError for one that fails to start."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+
+    def devices():
+        raise error
+
+    monkeypatch.setattr(sharding.jax, "devices", devices)
+    with pytest.raises(sharding.ShardingError) as info:
+        sharding.start_backend()
+    message = str(info.value)
+    assert message.startswith(f"JAX cannot start its backend (JAX_PLATFORMS='cuda'): {why}")
+    assert "\n" not in message

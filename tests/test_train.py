@@ -84,9 +84,18 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path, caplog):
         train.train_and_evaluate(config, tmp_path)
     assert str(error.value) == (
         f"The checkpoint at step 4 of {tmp_path.absolute() / 'checkpoints'} does not fit "
-        "config.model (trained with model.aspp_channels: 8 -> 16), so training cannot resume "
-        "from it: train the new model in another workdir."
+        "config.model / config.optim / config.train (trained with model.aspp_channels: 8 -> "
+        "16), so training cannot resume from it: train with the new settings in another workdir."
     )
+    assert (tmp_path / "config.json").read_bytes() == saved
+
+    # So does another optimizer, or EMA where there was none: the line names that change.
+    for field, value in (("optim.name", "adamw"), ("train.ema_decay", 0.5)):
+        config = tiny_config()
+        section, name = field.split(".")
+        config[section][name], config.train.allow_config_change = value, True
+        with pytest.raises(config_checks.ConfigError, match=rf"\(trained with {field}: \S+ -> "):
+            train.train_and_evaluate(config, tmp_path)
     assert (tmp_path / "config.json").read_bytes() == saved
 
 

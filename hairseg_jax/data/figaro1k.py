@@ -44,14 +44,34 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
         raise DataError(f"Unknown split {split!r}; expected one of {SPLITS}.")
     path = Path(split_file)
     if not path.is_file():
-        raise DataError(f"Split file {path} does not exist.")
-    try:
-        entries = json.loads(path.read_text())[split]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"Split file {path} {what}.")
+    try:  # utf-8-sig: a byte order mark, as some Windows editors write, is skipped
+        lists = json.loads(path.read_text(encoding="utf-8-sig"))
+        entries = lists[split]
+    except (KeyError, TypeError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise DataError(f"Split file {path} has no readable {split!r} list: {e}") from e
     if not entries:
         raise DataError(f"Split {split!r} of {path} is empty.")
+    for other in SPLITS:
+        shared = _images(entries) & _images(lists.get(other)) if other != split else set()
+        if shared:  # e.g. a hand-made split: scores on the other split are not held out
+            logging.warning(
+                "Split file %s lists images of %r in %r too (%d, e.g. %s).",
+                path,
+                split,
+                other,
+                len(shared),
+                min(shared),
+            )
     return entries
+
+
+def _images(entries: object) -> set[str]:
+    """The image names of a split's entries (none for anything but a list of entries)."""
+    if not isinstance(entries, list):
+        return set()
+    return {e["image"] for e in entries if isinstance(e, dict) and isinstance(e.get("image"), str)}
 
 
 def frame_name(image_file: str) -> str:

@@ -88,7 +88,10 @@ def _write_json(data: dict, out: Path, overwrite: bool) -> None:
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it.")
     if not out.parent.is_dir():
         raise SystemExit(f"error: output directory {out.parent} does not exist.")
-    files.write_json(out, data)
+    try:
+        files.write_json(out, data)
+    except OSError as e:  # e.g. into the dataset's read-only folder
+        raise SystemExit(f"error: cannot write {out}: {e.strerror}.") from None
 
 
 def _print_counts(split: dict[str, list[str]]) -> None:

@@ -288,6 +288,20 @@ def torchvision_file(name: str) -> Path:
     return path
 
 
+def check_pretrained(spec: str) -> None:
+    """Raises ConversionError if ``spec`` (as ``load_pretrained`` takes it) cannot name
+    weights: an unknown kind of file, or a local file that is not there. Reads nothing."""
+    if spec.startswith("torchvision:"):
+        return
+    if not spec.endswith((".msgpack", *_TORCH_SUFFIXES)):
+        raise ConversionError(
+            f"Unknown pretrained weights {spec!r}: expected a .pth/.pth.tar/.pt file, a "
+            ".msgpack file or torchvision:<name>"
+        )
+    if not Path(spec).is_file():
+        raise ConversionError(f"Pretrained weights not found: {spec}")
+
+
 def load_pretrained(spec: str | None, variables: Variables, model_config: Any) -> Variables:
     """The model's ``variables`` with pretrained weights put in, for the trainer.
 
@@ -308,6 +322,7 @@ def load_pretrained(spec: str | None, variables: Variables, model_config: Any) -
     """
     if not spec:
         return variables
+    check_pretrained(spec)
     backbone = model_config.get("backbone", DeepLabV3Plus.backbone)
     if spec.startswith("torchvision:"):
         name = spec.removeprefix("torchvision:")
@@ -320,13 +335,8 @@ def load_pretrained(spec: str | None, variables: Variables, model_config: Any) -
     elif spec.endswith(".msgpack"):
         loaded = load_variables(spec)
         whole = "backbone" in loaded["params"]
-    elif spec.endswith(_TORCH_SUFFIXES):
+    else:  # a PyTorch file (check_pretrained)
         loaded, whole = convert_file(spec, backbone, template=variables)
-    else:
-        raise ConversionError(
-            f"Unknown pretrained weights {spec!r}: expected a .pth/.pth.tar/.pt file, a "
-            ".msgpack file or torchvision:<name>"
-        )
     loaded = jax.tree.map(jnp.asarray, loaded)
     if whole:
         merged = loaded
@@ -349,6 +359,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     options = flags.FLAGS
+    if not options.out.endswith(".msgpack"):  # config.model.pretrained reads by the suffix
+        sys.exit(f"FATAL --out={options.out} must end in .msgpack.")
     start = time.perf_counter()
     try:
         variables, whole = convert_file(options.torch, options.backbone)

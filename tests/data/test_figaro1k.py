@@ -1,6 +1,7 @@
 """Tests of the Figaro1k folder reader on the real data and on tiny generated folders."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,9 @@ def test_missing_data_dir(tmp_path):
 def test_missing_split_file(folder):
     with pytest.raises(DataError, match="does not exist"):
         read_split(folder, "train", split_file="other.json")
+    (folder / "splits").mkdir()
+    with pytest.raises(DataError, match="splits is a folder, not a file"):
+        read_split(folder, "train", split_file="splits")
 
 
 @pytest.mark.parametrize(
@@ -143,6 +147,31 @@ def test_malformed_split_file(folder, text):
     (folder / "bad.json").write_text(text)
     with pytest.raises(DataError, match="bad.json"):
         read_split(folder, "train", split_file=folder / "bad.json")
+
+
+def test_split_file_in_utf16_is_named_and_a_byte_order_mark_is_read(folder):
+    """As Windows tools may write them: UTF-16 is refused in one line, UTF-8's mark skipped."""
+    text = (folder / "train_val_test.json").read_text()
+    (folder / "utf16.json").write_text(text, encoding="utf-16")
+    with pytest.raises(DataError, match="utf16.json has no readable 'train' list: 'utf-8'"):
+        read_split(folder, "train", split_file="utf16.json")
+    (folder / "bom.json").write_text(text, encoding="utf-8-sig")
+    assert read_split(folder, "train", split_file="bom.json").names == ["Frame00001", "Frame00002"]
+
+
+def test_images_listed_in_two_splits_are_warned_about(folder, caplog):
+    lists = json.loads((folder / "train_val_test.json").read_text())
+    lists["test"] = lists["train"][1:]  # a hand-made split that tests on a training image
+    (folder / "leaky.json").write_text(json.dumps(lists))
+    with caplog.at_level(logging.WARNING):
+        read_split(folder, "train", split_file="leaky.json")
+    assert caplog.messages == [
+        f"Split file {folder / 'leaky.json'} lists images of 'train' in 'test' too (1, e.g. "
+        "Frame00002-org.jpg)."
+    ]
+    caplog.clear()
+    read_split(folder, "train")  # the folder's own split: disjoint, no warning
+    assert not caplog.messages
 
 
 def test_empty_split(folder):

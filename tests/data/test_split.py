@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from hairseg_jax import files
+from hairseg_jax.data import split
 from hairseg_jax.data.figaro1k import HAIR_TYPES, hair_type
 from hairseg_jax.data.split import bare_frame, split_to_json, stratified_split
 from tests.conftest import run_python
@@ -137,3 +139,16 @@ def test_cli_errors(data_dir: Path, tmp_path: Path, args: list[str], error: str)
     assert "Traceback" not in result.stderr
     assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
+
+
+def test_an_out_file_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypatch):
+    """E.g. into the dataset's own folder, read-only for most users."""
+
+    def read_only(path, data):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(files, "write_json", read_only)
+    with pytest.raises(SystemExit) as error:
+        split._write_json({}, tmp_path / "split.json", overwrite=False)
+    out = tmp_path / "split.json"
+    assert str(error.value) == f"error: cannot write {out}: Read-only file system."

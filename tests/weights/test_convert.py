@@ -83,6 +83,15 @@ def test_cli_converts_a_torchvision_file(resnet18_file, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, saved, expected)
 
 
+def test_cli_refuses_an_out_file_that_pretrained_would_not_read_as_msgpack(tmp_path):
+    """config.model.pretrained picks its reader by the suffix: a .pth name would mislead it."""
+    out = tmp_path / "resnet18.pth"
+    result = run_cli(f"--torch={tmp_path / 'any.pth'}", f"--out={out}", "--backbone=resnet18")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"FATAL --out={out} must end in .msgpack."
+    assert not out.exists()
+
+
 def test_cli_refuses_a_resnet50_file_for_resnet101(torch, reference, tmp_path):
     path = tmp_path / "resnet50.pth"
     save_resnet(torch, reference, "resnet50", path)
@@ -113,7 +122,7 @@ def bad_file(kind: str, resnet18_file, tmp_path):
     [
         ("truncated", "is truncated or corrupt"),
         ("text file", "is not a PyTorch checkpoint"),
-        ("missing", "Checkpoint not found"),
+        ("missing", "Pretrained weights not found"),
     ],
 )
 def test_bad_files_give_one_clear_error(torch, resnet18_file, tmp_path, kind, message):
