@@ -50,9 +50,9 @@ def start_backend() -> None:
     ``$JAX_PLATFORMS`` names a platform this install lacks)."""
     try:
         jax.devices()
-    except (AssertionError, RuntimeError) as e:  # AssertionError: an unknown platform
+    except (AssertionError, RuntimeError) as e:
         platforms = os.environ.get("JAX_PLATFORMS")
-        why = (  # JAX asserts where a platform's plugin is missing
+        why = (  # JAX asserts, with no message, where a platform's plugin is missing
             str(e).strip().splitlines()[0]
             if str(e).strip()
             else "its plugin is not installed (for CUDA: pip install -e '.[cuda]')"

@@ -226,11 +226,16 @@ def test_distributed_without_a_cluster_or_coordinator_gives_one_clear_line(tmp_p
 
 def test_paths_and_settings_that_would_fail_later_are_named_before_any_work(tmp_path):
     """An empty --workdir (an unset shell variable), ``~`` (which the shell leaves in
-    ``--flag=~/x``), distributed settings without distributed.enabled, and a missing
-    pretrained file: one line each from main.run, in one process, before any folder is made."""
+    ``--flag=~/x``), distributed settings without distributed.enabled, a missing pretrained
+    file and the host's memory running out: one line each from main.run, in one process,
+    before any folder is made."""
     code = f"""
 import main
 from configs import figaro
+from hairseg_jax import evaluate
+
+def out_of_memory(config, workdir):
+    raise MemoryError("Unable to allocate 37.3 TiB for an array")
 
 def attempt(workdir, **fields):
     config = figaro.get_config("smoke")
@@ -245,6 +250,8 @@ attempt("~/w", mode="eval")
 attempt("{tmp_path / "w"}", **{{"data.data_dir": "~/nofig"}})
 attempt("{tmp_path / "w"}", **{{"distributed.process_id": 0}})
 attempt("{tmp_path / "w"}", **{{"model.pretrained": "~/gone.pth"}})
+evaluate.evaluate = out_of_memory  # as NumPy's for a mistyped eval.image_size=100000
+attempt("{tmp_path / "w"}", mode="eval")
 """
     home = tmp_path / "home"
     home.mkdir()
@@ -259,6 +266,8 @@ attempt("{tmp_path / "w"}", **{{"model.pretrained": "~/gone.pth"}})
         "FATAL Bad config: distributed.process_id=0 is set, but distributed.enabled is False: "
         "enable it to join the other processes.",
         f"FATAL Pretrained weights not found: {home / 'gone.pth'}",
+        "FATAL Out of host memory in eval mode (Unable to allocate 37.3 TiB for an array): "
+        "lower the sizes.",
     ]
     assert not (tmp_path / "w").exists() and not (home / "w").exists()  # no folder made
 
