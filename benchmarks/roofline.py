@@ -4,32 +4,43 @@
         --dtypes=bfloat16 --devices=H100,H200
 
 Nothing is run: the model is traced on the CPU (``jax.eval_shape``), so the figures are the
-same on every machine. Two lower bounds on a train step's time:
+same on every machine. Lower bounds on a train step's time:
 - ``compute_ms``: the model FLOPs (``train_step.py``'s count: 3x the forward convolutions and
   matrix products) at the device's dense bf16 peak, or at ``--conv_efficiency`` of it;
+- ``kernels_ms``: the same work kernel by kernel (each ``Conv2d`` call's forward pass, input
+  gradient, but not for the images, and weight gradient), each taking at least its FLOPs at
+  that rate and at least its own HBM traffic at the memory bandwidth: its operands read and
+  its result written once, in the map's dtype (weight gradients in float32). A 1x1
+  convolution over 64 channels does about 51 FLOP per byte, below the H100's 295 at which
+  its memory keeps up with its peak, so such kernels are bound by memory (``conv_memory_ms``:
+  all the kernels' traffic alone);
 - ``memory_ms``: the HBM traffic of the model's BatchNorms in training at the device's memory
   bandwidth. XLA calls cuDNN and cuBLAS for the convolutions and fuses nothing into them, so
   each BatchNorm over a map of E values moves at least ``--bn_passes`` x E values in the
   dtype of the map: forward, one read for the statistics, one read and one write to
   normalise (ReLU and residual adds fused in); backward, two reads (the output gradient and
   the input) for the sums of ``dy`` and ``dy * x_hat``, then two reads and one write for the
-  input gradient: 8 passes.
-The two kinds of kernels run one after the other on the GPU's stream, so
-``mfu_ceiling = compute_ms / (compute_ms / conv_efficiency + memory_ms)`` bounds the MFU of any
-step of this model whose BatchNorm is not fused into its convolutions. Runs on a bare JAX
-install (JAX, flax, numpy and the package's model code).
+  input gradient: 8 passes;
+- ``optimizer_ms``: SGD with momentum reads the float32 params, gradients and momentum and
+  writes the params and momentum (5 passes over the parameters).
+These kernels run one after the other on the GPU's stream, so
+``mfu_ceiling = compute_ms / (kernels_ms + memory_ms + optimizer_ms)`` bounds the MFU of any
+step of this model whose BatchNorm is not fused into its convolutions, and
+``mfu_ceiling_bn_fused`` (``memory_ms`` left out) that of one whose BatchNorm is. Runs on a
+bare JAX install (JAX, flax, numpy and the package's model code).
 """
 
 import argparse
 import itertools
 
+import conv_rates  # benchmarks/conv_rates.py: the model's Conv2d calls and their FLOPs
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import train_step  # benchmarks/train_step.py: the config helpers; puts the repo on sys.path
 
-from hairseg_jax import models
+from hairseg_jax import models, steps
 from hairseg_jax.models import layers
 
 
@@ -54,6 +65,27 @@ def batch_norm_values(config) -> tuple[int, int]:
     with nn.intercept_methods(record):
         jax.eval_shape(train_forward, variables, images)
     return len(sizes), int(np.sum(sizes, dtype=np.int64))
+
+
+def conv_kernels(config) -> list[tuple[float, float]]:
+    """(FLOPs, HBM bytes) of each convolution kernel of one train step of ``config``'s model:
+    every ``Conv2d`` call's forward pass, input gradient (none for the images) and weight
+    gradient, each reading its operands and writing its result once."""
+    itemsize = jnp.dtype(config.model.dtype).itemsize
+    kernels = []
+    for call, count in conv_rates.model_convs(config).items():
+        flops = conv_rates.conv_flops(call)
+        batch, height, width, channels = call.input_shape
+        out_height, out_width = -(-height // call.strides), -(-width // call.strides)
+        inputs = batch * height * width * channels
+        outputs = batch * out_height * out_width * call.features
+        weights = call.kernel_size**2 * channels // call.groups * call.features
+        maps = itemsize * (inputs + outputs)
+        passes = [(flops, maps + itemsize * weights), (flops, maps + 4 * weights)]
+        if channels != 3:  # the images need no gradient
+            passes.append((flops, maps + itemsize * weights))
+        kernels += passes * count
+    return kernels
 
 
 def parse_args() -> argparse.Namespace:
@@ -104,18 +136,27 @@ def main() -> None:
         step_flops = 3.0 * train_step.image_forward_flops(model, size) * batch
         norms, values = batch_norm_values(config)
         step_bytes = args.bn_passes * values * jnp.dtype(config.model.dtype).itemsize
+        kernels = conv_kernels(config)
+        params = sum(p.size for p in jax.tree.leaves(steps.variable_shapes(model, size)["params"]))
         for name in args.devices:
             spec = train_step.accelerator(name)
+            rate = spec.bf16_peak * args.conv_efficiency
             compute_ms = 1e3 * step_flops / spec.bf16_peak
+            kernels_ms = 1e3 * sum(max(f / rate, b / spec.bandwidth) for f, b in kernels)
+            conv_memory_ms = 1e3 * sum(b for _, b in kernels) / spec.bandwidth
             memory_ms = 1e3 * step_bytes / spec.bandwidth
-            ceiling = compute_ms / (compute_ms / args.conv_efficiency + memory_ms)
+            optimizer_ms = 1e3 * 5 * 4 * params / spec.bandwidth
+            ceiling = compute_ms / (kernels_ms + memory_ms + optimizer_ms)
+            fused = compute_ms / (kernels_ms + optimizer_ms)
             print(
                 f"roofline backbone={backbone} size={size} batch={batch} dtype={dtype} "
                 f"device={name} model_tflop_per_step={step_flops / 1e12:.4g} "
-                f"compute_ms={compute_ms:.3g} batch_norms={norms} "
+                f"compute_ms={compute_ms:.3g} kernels_ms={kernels_ms:.3g} "
+                f"conv_memory_ms={conv_memory_ms:.3g} batch_norms={norms} "
                 f"bn_gvalues_per_step={values / 1e9:.4g} "
                 f"bn_gbytes_per_step={step_bytes / 1e9:.3g} memory_ms={memory_ms:.3g} "
-                f"mfu_ceiling={ceiling:.3f}",
+                f"optimizer_ms={optimizer_ms:.3g} mfu_ceiling={ceiling:.3f} "
+                f"mfu_ceiling_bn_fused={fused:.3f}",
                 flush=True,
             )
 

@@ -251,10 +251,28 @@ def test_roofline_counts_every_batch_norm_and_bounds_the_mfu(monkeypatch):
     assert float(rows[0]["bn_gbytes_per_step"]) == pytest.approx(8 * 2 * values / 1e9, rel=0.01)
     flops = 3 * train_step.image_forward_flops(model, 64) * 2
     assert float(rows[0]["model_tflop_per_step"]) == pytest.approx(flops / 1e12, rel=1e-3)
+    # Each convolution's forward pass and gradients (the stem's input gradient is not taken;
+    # left out too, the 0.1% of jax.image.resize's products in the upsampling), and one
+    # kernel's HBM traffic: the stem's weight gradient reads the images and the output
+    # gradient in bf16 and writes the float32 kernel.
+    kernels = roofline.conv_kernels(config)
+    stem = 2.0 * (2 * 32 * 32 * 64) * (7 * 7 * 3)
+    assert sum(f for f, _ in kernels) == pytest.approx(flops - stem, rel=2e-3)
+    assert (stem, 2 * (2 * 64 * 64 * 3 + 2 * 32 * 32 * 64) + 4 * 7 * 7 * 3 * 64) in kernels
+    params = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     for row in rows:
         compute, memory = float(row["compute_ms"]), float(row["memory_ms"])
-        ceiling = compute / (compute / 0.5 + memory)
+        kernels_ms, optimizer = float(row["kernels_ms"]), float(row["optimizer_ms"])
+        spec = train_step.accelerator(row["device"])
+        assert optimizer == pytest.approx(1e3 * 5 * 4 * params / spec.bandwidth, rel=0.01)
+        # Each kernel takes at least its FLOPs at half the peak and its bytes at the bandwidth.
+        rate = 0.5 * spec.bf16_peak
+        assert kernels_ms >= 0.99 * 1e3 * (flops - stem) * int(row["batch"]) / 2 / rate
+        assert kernels_ms >= 0.99 * float(row["conv_memory_ms"])
+        ceiling = compute / (kernels_ms + memory + optimizer)
         assert float(row["mfu_ceiling"]) == pytest.approx(ceiling, abs=0.002)
+        fused = compute / (kernels_ms + optimizer)
+        assert float(row["mfu_ceiling_bn_fused"]) == pytest.approx(fused, abs=0.002)
     # H200: the same peak, more bandwidth, a higher ceiling; twice the batch, twice the bytes.
     assert float(rows[1]["mfu_ceiling"]) > float(rows[0]["mfu_ceiling"])
     assert float(rows[2]["bn_gvalues_per_step"]) == pytest.approx(
