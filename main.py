@@ -35,7 +35,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Checks ``config`` and ``workdir`` (``~`` expanded in both), then trains, evaluates or
     predicts as ``config.mode`` says."""
     # Imported after the flags: a mistyped flag or override is answered without loading JAX.
-    from hairseg_jax import checkpoints, config_checks, evaluate, predict, sharding, steps
+    from hairseg_jax import config_checks, evaluate, predict, sharding, steps
     from hairseg_jax.data.figaro1k import DataError
     from hairseg_jax.weights.tensors import ConversionError
 
@@ -57,11 +57,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 config, folder
             )
     except (
-        checkpoints.UnreadableError,
         config_checks.ConfigError,
         ConversionError,
         DataError,
-        FileNotFoundError,
+        OSError,  # a file that cannot be read or written (a full disk, ...), checkpoints' too
         sharding.ShardingError,
         steps.NonFiniteError,
     ) as e:

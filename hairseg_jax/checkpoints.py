@@ -6,7 +6,9 @@ restored from, and the next manager on the folder deletes it (in the background,
 before its first save).
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,15 @@ class UnreadableError(OSError):
     """A checkpoint whose files cannot be read (truncated or damaged)."""
 
 
+class UnwritableError(OSError):
+    """A checkpoint that cannot be written (a full disk, a read-only folder, ...)."""
+
+
+# Step folders made by the saving thread itself: where one cannot be made (a full disk), the
+# save fails at once, rather than orbax's background threads each waiting 300 s for it.
+_ASYNC_OPTIONS = ocp.options.AsyncOptions(create_directories_asynchronously=False)
+
+
 def latest_manager(
     workdir: str | os.PathLike, keep: int = 2, read_only: bool = False
 ) -> ocp.CheckpointManager:
@@ -35,7 +46,10 @@ def latest_manager(
         Path(workdir).absolute() / "checkpoints",
         item_handlers=ocp.StandardCheckpointHandler(),  # so its metadata can be read
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only
+            max_to_keep=keep,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
+            async_options=_ASYNC_OPTIONS,
         ),
     )
 
@@ -56,6 +70,7 @@ def best_manager(workdir: str | os.PathLike, read_only: bool = False) -> ocp.Che
             # Not orbax's read_only, which warns three times on every use; this one saves nothing.
             create=not read_only,
             cleanup_tmp_directories=not read_only,
+            async_options=_ASYNC_OPTIONS,
         ),
     )
 
@@ -91,8 +106,55 @@ def best_score(manager: ocp.CheckpointManager) -> float:
 
 
 def save(manager: ocp.CheckpointManager, step: int, item: Any, metrics: Any = None) -> None:
-    """Saves ``item`` (any pytree) at ``step``."""
-    manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics)
+    """Saves ``item`` (any pytree) at ``step``, in the background (see ``check``).
+
+    Raises:
+      UnwritableError: this save, or an earlier one of ``manager``, failed.
+    """
+    try:
+        manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics)
+    except (OSError, RuntimeError, ValueError) as e:  # orbax wraps TensorStore's in ValueError
+        raise _unwritable(manager, e) from e
+
+
+def check(manager: ocp.CheckpointManager, wait: bool = False) -> None:
+    """Raises UnwritableError if a save of ``manager`` failed in the background; with ``wait``,
+    after waiting for the saves in progress (without, it does not wait)."""
+    try:
+        if wait or not manager.is_saving_in_progress():
+            manager.wait_until_finished()  # raises a finished save's failure
+        manager.check_for_errors()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise _unwritable(manager, e) from e
+
+
+@contextlib.contextmanager
+def closed_after(manager: ocp.CheckpointManager) -> Iterator[ocp.CheckpointManager]:
+    """``manager``, closed (its saves finished) when the block ends. A save that fails while
+    closing raises UnwritableError, unless the block is already raising, whose error then
+    stands alone (often the same failure, found first)."""
+    try:
+        yield manager
+    except BaseException:
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            manager.close()
+        raise
+    try:
+        manager.close()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise _unwritable(manager, e) from e
+
+
+def _unwritable(manager: ocp.CheckpointManager, error: Exception) -> UnwritableError:
+    """The UnwritableError for ``error``, naming its innermost cause."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return UnwritableError(
+        f"Cannot write a checkpoint under {manager.directory} ({str(cause).splitlines()[0]}). "
+        "Its complete checkpoints are kept: free space (or fix the folder) and rerun the same "
+        "command to resume from the newest."
+    )
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -578,12 +578,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         ],
         contact_sheet=sheet,
     )
-    if leader:
+    if leader:  # the sheet first: the report never names a sheet that was not written
+        pictures.save(workdir / sheet, worst_contact_sheet(examples, rows, scores.worst))
         write_report(workdir, split, summary, rows)
-        sheet_pixels = worst_contact_sheet(examples, rows, scores.worst)
-        png = io.BytesIO()
-        Image.fromarray(sheet_pixels).save(png, format="PNG")
-        files.write_atomically(workdir / sheet, png.getvalue())
     logging.info(
         "Eval of %s on %s (%d images) at threshold %.2f (%s), TTA %s, sizes %s: Dice %.4f "
         "(pooled %.4f), IoU %.4f, accuracy %.4f.",

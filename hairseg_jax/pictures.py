@@ -1,14 +1,28 @@
 """Pictures of predictions (NumPy and PIL): hair tinted over photos, image | truth | prediction
-panels for TensorBoard and the eval contact sheet."""
+panels for TensorBoard and the eval contact sheet, image files written whole."""
 
+import io
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from hairseg_jax import files
+
 HAIR_COLOUR = (255, 0, 160)
 BACKGROUND = 48  # grey around pictures that do not fill their box
 CAPTION_HEIGHT = 16
+
+
+def save(path: str | os.PathLike, pixels: np.ndarray, **options) -> None:
+    """Writes ``pixels`` (uint8) as an image in the format of ``path``'s suffix (PIL's
+    ``options``, e.g. ``quality``), whole or not at all: a full disk leaves no broken file."""
+    data = io.BytesIO()
+    image_format = Image.registered_extensions()[Path(path).suffix.lower()]
+    Image.fromarray(pixels).save(data, format=image_format, **options)
+    files.write_atomically(path, data.getvalue())
 
 
 def tint(

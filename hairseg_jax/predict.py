@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import glob
+import io
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from PIL import Image, ImageOps
 
 from hairseg_jax import config_checks, evaluate, pictures, sharding, steps
 from hairseg_jax.data import figaro1k, whole_images
+from hairseg_jax.files import write_atomically
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MASK_SUFFIX, OVERLAY_SUFFIX, PROB_SUFFIX = "_mask.png", "_overlay.jpg", "_prob"
@@ -135,16 +137,18 @@ def write_outputs(
     height, width = image.shape[:2]
     logits = evaluate.resize_logits(logits, height, width)
     mask = logits > evaluate.logit(threshold)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(output / f"{name}{MASK_SUFFIX}")
-    overlay = Image.fromarray(pictures.tint(image, mask))
-    overlay.save(output / f"{name}{OVERLAY_SUFFIX}", quality=90)
+    # Each file whole or not at all (pictures.save): a full disk leaves no broken one.
+    pictures.save(output / f"{name}{MASK_SUFFIX}", mask.astype(np.uint8) * 255)
+    pictures.save(output / f"{name}{OVERLAY_SUFFIX}", pictures.tint(image, mask), quality=90)
     if prob:
         probability = 1 / (1 + np.exp(-logits.astype(np.float64)))
         path = output / f"{name}{PROB_SUFFIX}.{prob}"
         if prob == "npy":
-            np.save(path, probability.astype(np.float32))
+            data = io.BytesIO()
+            np.save(data, probability.astype(np.float32))
+            write_atomically(path, data.getvalue())
         else:
-            Image.fromarray(np.round(probability * 255).astype(np.uint8)).save(path)
+            pictures.save(path, np.round(probability * 255).astype(np.uint8))
 
 
 def failure_line(summary: dict[str, Any]) -> str:

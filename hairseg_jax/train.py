@@ -14,7 +14,7 @@ import flax
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from clu import asynclib, metric_writers, metrics, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -154,12 +154,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       steps.NonFiniteError: a step had a non-finite loss, gradient, update or BatchNorm
         statistic, and ``config.train.skip_nonfinite`` is False; nothing after the step
         before it was saved.
+      OSError: a file that cannot be written (a full disk, ...); checkpoints.UnwritableError
+        for a checkpoint. The complete checkpoints are kept.
     """
     # From the start: a SIGTERM or Ctrl-C while the data load or the model is made stops
     # before the first step, as cleanly as one during training.
     # The writer and checkpoint managers are closed however the run ends.
-    with stop_requests() as should_stop, contextlib.ExitStack() as closing:
-        return _train_and_evaluate(config, Path(workdir), should_stop, closing)
+    try:
+        with stop_requests() as should_stop, contextlib.ExitStack() as closing:
+            return _train_and_evaluate(config, Path(workdir), should_stop, closing)
+    except asynclib.AsyncError as e:  # the metric writer's, raised at its next use
+        cause = e.__cause__ or e
+        raise OSError(
+            f"Cannot write the TensorBoard events in {workdir} ({cause}). Its complete "
+            "checkpoints are kept: free space (or fix the folder) and rerun the same command "
+            "to resume from the newest."
+        ) from e
 
 
 def _train_and_evaluate(
@@ -203,9 +213,9 @@ def _train_and_evaluate(
     )
 
     latest = closing.enter_context(
-        checkpoints.latest_manager(workdir, config.train.keep_checkpoints)
+        checkpoints.closed_after(checkpoints.latest_manager(workdir, config.train.keep_checkpoints))
     )
-    best = closing.enter_context(checkpoints.best_manager(workdir))
+    best = closing.enter_context(checkpoints.closed_after(checkpoints.best_manager(workdir)))
     resume_step = latest.latest_step()
     # Resuming, only the state's shapes are made (nothing is initialised) to restore into.
     state, schedule = steps.initial_train_state(
@@ -316,6 +326,7 @@ def _train_and_evaluate(
                 batch = next(batches)
             state, step_metrics = train_step(state, batch)
         check_steps()  # the previous step's flag, read while this step runs
+        checkpoints.check(latest)  # a save that failed in the background stops the run now
         unchecked.append((step, step_metrics["nonfinite"]))
         update = TrainMetrics.single_from_model_output(
             loss=step_metrics["loss"][None], mask=~step_metrics["nonfinite"][None]
@@ -380,10 +391,11 @@ def _train_and_evaluate(
                 )
                 # Committed before the step's train state: a run killed in between
                 # resumes before this step and repeats its evaluation, so no best is lost.
-                best.wait_until_finished()
+                checkpoints.check(best, wait=True)
         if save_now:
             checkpoints.save(latest, step, state)
         if stopping:
             logging.warning("Stopped at step %d; the same command resumes from it.", step)
             break
+    checkpoints.check(latest, wait=True)  # the last save's failure, if any, before returning
     return val_summary

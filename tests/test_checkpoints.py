@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hairseg_jax import checkpoints
+from tests.conftest import run_python
 
 TREE = {
     "params": {"kernel": np.arange(6.0, dtype=np.float32).reshape(2, 3)},
@@ -105,3 +106,86 @@ def test_a_damaged_checkpoint_is_named_as_unreadable(tmp_path):
     assert str(error.value).endswith(
         f"): delete {tmp_path / 'checkpoints' / '3'} to use an earlier one, if any."
     )
+
+
+FULL_DISK = """
+import errno, os, sys
+import numpy as np
+from hairseg_jax import checkpoints
+
+manager = checkpoints.latest_manager(sys.argv[1])
+checkpoints.save(manager, 1, {"x": np.zeros(3)})
+checkpoints.check(manager, wait=True)
+makedirs = os.makedirs
+
+def full_disk(path, *args, **kwargs):
+    if "2.orbax-checkpoint-tmp" in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return makedirs(path, *args, **kwargs)
+
+os.makedirs = full_disk
+try:
+    with checkpoints.closed_after(manager):
+        checkpoints.save(manager, 2, {"x": np.zeros(3)})
+        checkpoints.check(manager, wait=True)
+except checkpoints.UnwritableError as e:
+    print(e)
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_process_exits_at_once(tmp_path):
+    """A full disk when the step's folder is made: one error naming it, the earlier step kept,
+    and the process exits at once (orbax's background threads once held it 300 s, waiting for
+    a folder that was never made)."""
+    start = time.monotonic()
+    result = run_python("-c", FULL_DISK, str(tmp_path), timeout=120)
+    assert time.monotonic() - start < 60
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(
+        f"Cannot write a checkpoint under {tmp_path / 'checkpoints'} ([Errno 28] No space left "
+    )
+    assert result.stdout.strip().endswith("rerun the same command to resume from the newest.")
+    assert checkpoints.latest_manager(tmp_path, read_only=True).all_steps() == [1]
+
+
+class BackgroundSave:
+    """A manager's save state, as ``checkpoints.check`` reads it."""
+
+    def __init__(self, directory, saving: bool, error: Exception | None):
+        self.directory, self.saving, self.error, self.waited = directory, saving, error, False
+
+    def is_saving_in_progress(self) -> bool:
+        return self.saving
+
+    def wait_until_finished(self) -> None:
+        self.waited = True
+        if self.error:
+            raise self.error
+
+    def check_for_errors(self) -> None:
+        pass
+
+
+def test_check_reports_a_failed_background_save_without_waiting_for_one_in_progress(tmp_path):
+    """orbax keeps a finished save's failure for its wait: ``check`` asks for it only once the
+    save is over (each training step), or waits first where asked (the last step)."""
+    failure = ValueError("RESOURCE_EXHAUSTED: Error writing 'params' in OCDBT database\nmore")
+    failed = BackgroundSave(tmp_path, saving=False, error=failure)
+    with pytest.raises(checkpoints.UnwritableError, match=r"\(RESOURCE_EXHAUSTED: [^\n]*\)\."):
+        checkpoints.check(failed)
+    in_progress = BackgroundSave(tmp_path, saving=True, error=None)
+    checkpoints.check(in_progress)
+    assert not in_progress.waited
+    checkpoints.check(in_progress, wait=True)
+    assert in_progress.waited
+
+
+def test_closing_after_a_failure_keeps_that_error(tmp_path):
+    """The close, which waits for the same failed save, does not replace the first error."""
+    failed = BackgroundSave(tmp_path, saving=False, error=OSError("second"))
+    failed.close = failed.wait_until_finished
+    with pytest.raises(KeyError, match="first"), checkpoints.closed_after(failed):
+        raise KeyError("first")
+    closing = checkpoints.closed_after(failed)
+    with pytest.raises(checkpoints.UnwritableError, match=r"\(second\)"), closing:
+        pass

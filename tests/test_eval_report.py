@@ -218,6 +218,22 @@ def test_a_given_threshold_is_used_beside_a_tuned_one_with_a_warning(
     ) in caplog.text
 
 
+def test_a_report_is_written_only_after_its_contact_sheet(
+    trained, figaro_dir, tmp_path, monkeypatch
+):
+    """A sheet that cannot be written (a full disk) leaves no report naming it."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("eval_*"))
+
+    def full_disk(path, pixels, **options):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate.pictures, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device: .*eval_test_worst.png"):
+        evaluate.evaluate(tiny_config(figaro_dir), workdir)
+    assert not list(workdir.glob("eval_*"))
+
+
 def test_report_has_hair_types_worst_images_and_a_contact_sheet(report, trained):
     with open(trained / "eval_test.csv") as f:
         rows = list(csv.DictReader(f))

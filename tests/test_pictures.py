@@ -1,6 +1,7 @@
 """Pictures of predictions: the hair tint and the boxes of TensorBoard panels."""
 
 import numpy as np
+from PIL import Image
 
 from hairseg_jax import pictures
 
@@ -23,3 +24,19 @@ def test_fit_keeps_the_aspect_ratio_centred_on_grey():
     panel = pictures.panel(np.zeros((20, 40, 3), np.uint8), mask, 1 - mask, 10)
     assert panel.shape == (10, 30, 3)
     assert (panel[2:7, :10] == 0).all() and (panel[2:7, 20:] == 0).all()
+
+
+def test_save_writes_the_format_of_the_suffix_whole(tmp_path):
+    """PNG exactly, JPEG with PIL's options; through files.write_atomically, so nothing but
+    the file is left (a full disk leaves no broken one)."""
+    y, x = np.mgrid[:32, :48]
+    pixels = np.stack([4 * y, 5 * x, 2 * (x + y)], axis=-1).astype(np.uint8)  # smooth
+    pictures.save(tmp_path / "a.png", pixels)
+    pictures.save(tmp_path / "b.JPG", pixels, quality=95)
+    pictures.save(tmp_path / "c.jpg", pixels, quality=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.JPG", "c.jpg"]
+    with Image.open(tmp_path / "a.png") as png, Image.open(tmp_path / "b.JPG") as jpeg:
+        assert (png.format, jpeg.format) == ("PNG", "JPEG")
+        np.testing.assert_array_equal(np.asarray(png), pixels)
+        assert np.abs(np.asarray(jpeg).astype(int) - pixels).mean() < 3
+    assert (tmp_path / "c.jpg").stat().st_size < (tmp_path / "b.JPG").stat().st_size

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from clu import asynclib
 from jax import monitoring
 
 from configs import synthetic
@@ -337,3 +338,33 @@ def test_a_stage_without_steps_and_a_warmup_past_the_end_are_warned_about(
         train.train_and_evaluate(config, tmp_path)
     assert "The 24 px stage has no step: 4 steps are too few for it." in caplog.text
     assert "optim.warmup_steps=4 is not below the run's 4 steps" in caplog.text
+
+
+def test_events_that_cannot_be_written_stop_with_one_error_and_keep_the_checkpoints(
+    tmp_path, monkeypatch
+):
+    """clu's writer raises a failed write (a full disk) at its next use, wrapped in AsyncError:
+    training stops with an OSError naming the events, and step 2's checkpoint stays."""
+    create = train.metric_writers.create_default_writer
+
+    def full_disk_at_step_4(*args, **kwargs):
+        writer = create(*args, **kwargs)
+        write_scalars = writer.write_scalars
+
+        def write(step, scalars):
+            if step >= 4:
+                error = asynclib.AsyncError("Error occurred ASYNCHRONOUSLY.")
+                error.__cause__ = OSError(28, "No space left on device")
+                raise error
+            write_scalars(step, scalars)
+
+        writer.write_scalars = write
+        return writer
+
+    monkeypatch.setattr(train.metric_writers, "create_default_writer", full_disk_at_step_4)
+    with pytest.raises(OSError) as error:
+        train.train_and_evaluate(tiny_config(), tmp_path)
+    assert str(error.value).startswith(
+        f"Cannot write the TensorBoard events in {tmp_path} ([Errno 28] No space left on device)."
+    )
+    assert checkpoints.latest_manager(tmp_path, read_only=True).all_steps() == [2]
