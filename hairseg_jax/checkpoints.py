@@ -30,6 +30,12 @@ class UnwritableError(OSError):
     """A checkpoint that cannot be written (a full disk, a read-only folder, ...)."""
 
 
+# After a write that failed: what a user does next.
+RESUME_ADVICE = (
+    "The complete checkpoints are kept: free space (or fix the folder) and rerun the same "
+    "command to resume from the newest."
+)
+
 # Step folders made by the saving thread itself: where one cannot be made (a full disk), the
 # save fails at once, rather than orbax's background threads each waiting 300 s for it.
 _ASYNC_OPTIONS = ocp.options.AsyncOptions(create_directories_asynchronously=False)
@@ -152,8 +158,7 @@ def _unwritable(manager: ocp.CheckpointManager, error: Exception) -> UnwritableE
         cause = cause.__cause__
     return UnwritableError(
         f"Cannot write a checkpoint under {manager.directory} ({str(cause).splitlines()[0]}). "
-        "Its complete checkpoints are kept: free space (or fix the folder) and rerun the same "
-        "command to resume from the newest."
+        + RESUME_ADVICE
     )
 
 

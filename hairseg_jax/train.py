@@ -166,9 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     except asynclib.AsyncError as e:  # the metric writer's, raised at its next use
         cause = e.__cause__ or e
         raise OSError(
-            f"Cannot write the TensorBoard events in {workdir} ({cause}). Its complete "
-            "checkpoints are kept: free space (or fix the folder) and rerun the same command "
-            "to resume from the newest."
+            f"Cannot write the TensorBoard events in {workdir} ({cause}). "
+            + checkpoints.RESUME_ADVICE
         ) from e
 
 

@@ -145,7 +145,8 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_process_exits_at_o
         f"Cannot write a checkpoint under {tmp_path / 'checkpoints'} ([Errno 28] No space left "
     )
     assert result.stdout.strip().endswith("rerun the same command to resume from the newest.")
-    assert checkpoints.latest_manager(tmp_path, read_only=True).all_steps() == [1]
+    with checkpoints.latest_manager(tmp_path, read_only=True) as manager:
+        assert manager.all_steps() == [1]
 
 
 class BackgroundSave:
