@@ -13,14 +13,27 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     file (0666 less the umask), not ``tempfile``'s owner-only 0600."""
     path = Path(path)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise _naming(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(temporary)
+        if isinstance(e, OSError):
+            raise _naming(e, path) from e
         raise
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` (e.g. a full disk's, which names no file, or one naming the temporary file)
+    naming ``path`` instead, of the same kind; as it is if it has no error number."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

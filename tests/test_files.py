@@ -1,5 +1,6 @@
 """Atomic writes: the whole new file, or the old one and no leftovers."""
 
+import io
 import json
 import os
 
@@ -41,3 +42,22 @@ def test_written_files_get_the_permissions_of_any_new_file(tmp_path, umask):
     finally:
         os.umask(old)
     assert (tmp_path / "eval_test.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_failed_write_names_the_file_not_its_temporary_one(tmp_path, monkeypatch):
+    """A full disk's error names no file; a missing folder's names the temporary file."""
+    missing = tmp_path / "gone" / "a.json"
+    with pytest.raises(FileNotFoundError) as error:
+        files.write_atomically(missing, "x")
+    assert error.value.filename == str(missing)
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, mode))
+    path = tmp_path / "report.json"
+    with pytest.raises(OSError) as error:
+        files.write_atomically(path, "x" * 100_000)
+    assert str(error.value) == f"[Errno 28] No space left on device: '{path}'"
+    assert list(tmp_path.iterdir()) == []
