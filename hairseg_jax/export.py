@@ -15,7 +15,9 @@ for this checkpoint, else 0.5), the sizes and the step.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from hairseg_jax import checkpoints, cli, config_checks, evaluate, files, models, sharding, steps
+from hairseg_jax import cli, config_checks, evaluate, files, models, sharding, steps
 from hairseg_jax.weights.tensors import ConversionError
 
 POLYMORPHIC_SHAPE = "(b, h, w, 3)"
@@ -100,7 +102,6 @@ def export(
         return {"probability": converted(module.variables_tree, images)}
 
     module.serving_default = serving_default
-    tf.saved_model.save(module, str(out), signatures={"serving_default": serving_default})
     record = {
         "weights": weights,
         "step": step,
@@ -112,7 +113,22 @@ def export(
         "output": "probability: float32 (batch, height, width); hair where > threshold",
         "platforms": list(platforms),
     }
-    files.write_json(out / "hairseg.json", record)
+    # Written into a folder of its own first: a failure (a full disk) leaves ``out`` as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        try:
+            signatures = {"serving_default": serving_default}
+            tf.saved_model.save(module, str(staging), signatures=signatures)
+        except tf.errors.OpError as e:  # TensorFlow's own, e.g. ResourceExhaustedError
+            raise OSError(f"Cannot write the SavedModel to {out}: {e.message}") from e
+        files.write_json(staging / "hairseg.json", record)
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logging.info("Exported %s to %s: %s", weights, out, record)
     return record
 
@@ -152,10 +168,9 @@ def main(argv: Sequence[str]) -> None:
         config_checks.check_config(config)
         export(config, workdir, out, FLAGS.platforms)
     except (
-        checkpoints.UnreadableError,
         config_checks.ConfigError,
         ConversionError,
-        FileNotFoundError,
+        OSError,  # a file that cannot be read or written (a full disk, ...), checkpoints' too
     ) as e:
         sys.exit(f"FATAL {e}")
 

@@ -143,6 +143,22 @@ def test_an_out_folder_that_cannot_be_made_is_named_before_the_conversion(workdi
         export.export(export.read_config(workdir), workdir, taken)
 
 
+def test_an_export_that_fails_leaves_out_as_it_was(workdir, tmp_path, monkeypatch):
+    """A full disk halfway through the SavedModel: nothing of it is left in --out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "older.txt").write_text("kept")
+
+    def full_disk(module, path, signatures):
+        (Path(path) / "saved_model.pb.tmp0123").write_bytes(b"partial")
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", full_disk)
+    with pytest.raises(OSError, match=f"^Cannot write the SavedModel to {out}: No space left"):
+        export.export(export.read_config(workdir), workdir, out)
+    assert [p.name for p in out.iterdir()] == ["older.txt"]
+
+
 def test_a_config_saved_by_an_older_version_gets_the_fields_added_since(tmp_path):
     saved = json.loads(tiny_config().to_json_best_effort())
     for group, defaults in export.ADDED_FIELDS.items():
