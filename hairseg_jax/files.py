@@ -29,10 +29,10 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
 
 
 def _naming(error: OSError, path: Path) -> OSError:
-    """``error`` (e.g. a full disk's, which names no file, or one naming the temporary file)
-    naming ``path`` instead, of the same kind; as it is if it has no error number."""
+    """A new ``error`` (e.g. a full disk's, which names no file, or one naming the temporary
+    file) that names ``path``, of the same kind where it has an error number."""
     if error.errno is None:
-        return error
+        return OSError(f"{error}: {str(path)!r}")
     return OSError(error.errno, error.strerror, str(path))
 
 
