@@ -36,6 +36,10 @@ RESUME_ADVICE = (
     "command to resume from the newest."
 )
 
+# What orbax raises for a failed write: OSError, and TensorStore's errors wrapped in ValueError
+# or RuntimeError.
+_WRITE_ERRORS = (OSError, RuntimeError, ValueError)
+
 # Step folders made by the saving thread itself: where one cannot be made (a full disk), the
 # save fails at once, rather than orbax's background threads each waiting 300 s for it.
 _ASYNC_OPTIONS = ocp.options.AsyncOptions(create_directories_asynchronously=False)
@@ -119,7 +123,7 @@ def save(manager: ocp.CheckpointManager, step: int, item: Any, metrics: Any = No
     """
     try:
         manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics)
-    except (OSError, RuntimeError, ValueError) as e:  # orbax wraps TensorStore's in ValueError
+    except _WRITE_ERRORS as e:
         raise _unwritable(manager, e) from e
 
 
@@ -130,7 +134,7 @@ def check(manager: ocp.CheckpointManager, wait: bool = False) -> None:
         if wait or not manager.is_saving_in_progress():
             manager.wait_until_finished()  # raises a finished save's failure
         manager.check_for_errors()
-    except (OSError, RuntimeError, ValueError) as e:
+    except _WRITE_ERRORS as e:
         raise _unwritable(manager, e) from e
 
 
@@ -142,12 +146,12 @@ def closed_after(manager: ocp.CheckpointManager) -> Iterator[ocp.CheckpointManag
     try:
         yield manager
     except BaseException:
-        with contextlib.suppress(OSError, RuntimeError, ValueError):
+        with contextlib.suppress(*_WRITE_ERRORS):
             manager.close()
         raise
     try:
         manager.close()
-    except (OSError, RuntimeError, ValueError) as e:
+    except _WRITE_ERRORS as e:
         raise _unwritable(manager, e) from e
 
 

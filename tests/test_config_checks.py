@@ -4,6 +4,7 @@ import ast
 import inspect
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -377,7 +378,7 @@ def test_folder_flags_expand_the_home_and_refuse_an_empty_value(monkeypatch, tmp
     """A shell leaves ``--workdir=~/x`` as it is; an empty one would mean the current folder."""
     monkeypatch.setenv("HOME", str(tmp_path))
     assert config_checks.folder_flag("~/runs/x", "--workdir") == tmp_path / "runs" / "x"
-    assert config_checks.folder_flag("runs/x", "--workdir") == config_checks.Path("runs/x")
+    assert config_checks.folder_flag("runs/x", "--workdir") == Path("runs/x")
     for empty in ("", " ", None):
         with pytest.raises(ConfigError, match="^--out is empty: it must name a folder.$"):
             config_checks.folder_flag(empty, "--out")

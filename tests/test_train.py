@@ -367,4 +367,5 @@ def test_events_that_cannot_be_written_stop_with_one_error_and_keep_the_checkpoi
     assert str(error.value).startswith(
         f"Cannot write the TensorBoard events in {tmp_path} ([Errno 28] No space left on device)."
     )
-    assert checkpoints.latest_manager(tmp_path, read_only=True).all_steps() == [2]
+    with checkpoints.latest_manager(tmp_path, read_only=True) as manager:
+        assert manager.all_steps() == [2]

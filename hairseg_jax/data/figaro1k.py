@@ -53,8 +53,9 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
         raise DataError(f"Split file {path} has no readable {split!r} list: {e}") from e
     if not entries:
         raise DataError(f"Split {split!r} of {path} is empty.")
+    images = _images(entries)
     for other in SPLITS:
-        shared = _images(entries) & _images(lists.get(other)) if other != split else set()
+        shared = images & _images(lists.get(other)) if other != split else set()
         if shared:  # e.g. a hand-made split: scores on the other split are not held out
             logging.warning(
                 "Split file %s lists images of %r in %r too (%d, e.g. %s).",
