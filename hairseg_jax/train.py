@@ -314,87 +314,110 @@ def _train_and_evaluate(
             )
         unchecked.clear()
 
+    def keep_step_before_stopping(step: int, state: steps.TrainState, evaluated: int) -> None:
+        """Saves ``step`` when TensorBoard's events cannot be written, so that stopping loses no
+        trained step: not a step whose evaluation did not end (a resume repeats it, and keeps
+        a better model it finds), nor with several processes (a save needs them all). A save
+        that fails too is logged; the events' error is the one reported."""
+        unevaluated = (step % eval_every == 0 or step == total_steps) and evaluated != step
+        if unevaluated or jax.process_count() > 1:
+            return
+        check_steps()  # a bad step is not saved (and its error is reported instead)
+        try:
+            checkpoints.save(latest, step, state)
+            checkpoints.check(latest, wait=True)
+        except checkpoints.UnwritableError as e:
+            logging.error("Step %d could not be saved either: %s", step, e)
+            return
+        logging.warning("Saved step %d before stopping.", step)
+
     if should_stop(start_step):
         logging.warning("Stopped before step %d; the same command starts it.", start_step + 1)
         return val_summary
-    for step in range(start_step + 1, total_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            # The progress line's "input" share: time the loop waited for batches (large when
-            # tf.data cannot feed the accelerator; augment.on_device=True then helps).
-            with report_progress.timed("input", wait_jax_async_dispatch=False):
-                batch = next(batches)
-            state, step_metrics = train_step(state, batch)
-        check_steps()  # the previous step's flag, read while this step runs
-        checkpoints.check(latest)  # a save that failed in the background stops the run now
-        unchecked.append((step, step_metrics["nonfinite"]))
-        update = TrainMetrics.single_from_model_output(
-            loss=step_metrics["loss"][None], mask=~step_metrics["nonfinite"][None]
-        )
-        train_metrics = update if train_metrics is None else train_metrics.merge(update)
-        report_progress(step)
-
-        stopping = should_stop(step)
-        log_now = step % config.train.log_every_steps == 0 or step == total_steps
-        eval_now = step % eval_every == 0 or step == total_steps
-        save_now = eval_now or step % checkpoint_every == 0 or stopping
-        if log_now or save_now:
-            check_steps()  # nothing is logged or saved past a bad step
-
-        if log_now:
-            skip_count = {"train_skipped_steps": skipped} if config.train.skip_nonfinite else {}
-            # No mean loss when every step since the last log was skipped (not NaN).
-            losses = train_metrics.compute() if train_metrics.loss.count else {}
-            writer.write_scalars(
-                step,
-                {f"train_{k}": v for k, v in losses.items()}
-                # The step's rate: the optimizer's count leaves out skipped steps.
-                | {"learning_rate": schedule(step - 1 - skipped)}
-                | skip_count,
+    step, evaluated = start_step, start_step  # evaluated: the last step whose evaluation ended
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                # The progress line's "input" share: time the loop waited for batches (large when
+                # tf.data cannot feed the accelerator; augment.on_device=True then helps).
+                with report_progress.timed("input", wait_jax_async_dispatch=False):
+                    batch = next(batches)
+                state, step_metrics = train_step(state, batch)
+            check_steps()  # the previous step's flag, read while this step runs
+            checkpoints.check(latest)  # a save that failed in the background stops the run now
+            unchecked.append((step, step_metrics["nonfinite"]))
+            update = TrainMetrics.single_from_model_output(
+                loss=step_metrics["loss"][None], mask=~step_metrics["nonfinite"][None]
             )
-            train_metrics = None
+            train_metrics = update if train_metrics is None else train_metrics.merge(update)
+            report_progress(step)
 
-        if eval_now:
-            with report_progress.timed("eval"):
-                val_summary = evaluate.score_examples(
-                    predict_step,
-                    state,
-                    val_data,
-                    config.eval.image_size,
-                    config.eval.batch_size,
-                    config.eval.threshold,
-                    mesh,
-                ).summary
-            writer.write_scalars(
-                step,
-                {f"val_{k}": val_summary[k] for k in ("loss", "dice", "pooled_dice", "iou")},
-            )
-            if config.eval.preview_images:  # every process predicts, process 0 writes
-                previews = evaluate.preview_panels(
-                    predict_step,
-                    state,
-                    val_data,
-                    config.eval.preview_images,
-                    config.eval.image_size,
-                    config.eval.batch_size,
-                    config.eval.threshold,
-                    mesh,
-                )
-                if jax.process_index() == 0:
-                    writer.write_images(step, {"val_image_truth_prediction": previews})
-            if val_summary["dice"] > checkpoints.best_score(best):
-                checkpoints.save(
-                    best,
+            stopping = should_stop(step)
+            log_now = step % config.train.log_every_steps == 0 or step == total_steps
+            eval_now = step % eval_every == 0 or step == total_steps
+            save_now = eval_now or step % checkpoint_every == 0 or stopping
+            if log_now or save_now:
+                check_steps()  # nothing is logged or saved past a bad step
+
+            if log_now:
+                skip_count = {"train_skipped_steps": skipped} if config.train.skip_nonfinite else {}
+                # No mean loss when every step since the last log was skipped (not NaN).
+                losses = train_metrics.compute() if train_metrics.loss.count else {}
+                writer.write_scalars(
                     step,
-                    steps.inference_variables(state),
-                    metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
+                    {f"train_{k}": v for k, v in losses.items()}
+                    # The step's rate: the optimizer's count leaves out skipped steps.
+                    | {"learning_rate": schedule(step - 1 - skipped)}
+                    | skip_count,
                 )
-                # Committed before the step's train state: a run killed in between
-                # resumes before this step and repeats its evaluation, so no best is lost.
-                checkpoints.check(best, wait=True)
-        if save_now:
-            checkpoints.save(latest, step, state)
-        if stopping:
-            logging.warning("Stopped at step %d; the same command resumes from it.", step)
-            break
+                train_metrics = None
+
+            if eval_now:
+                with report_progress.timed("eval"):
+                    val_summary = evaluate.score_examples(
+                        predict_step,
+                        state,
+                        val_data,
+                        config.eval.image_size,
+                        config.eval.batch_size,
+                        config.eval.threshold,
+                        mesh,
+                    ).summary
+                if val_summary["dice"] > checkpoints.best_score(best):
+                    checkpoints.save(
+                        best,
+                        step,
+                        steps.inference_variables(state),
+                        metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
+                    )
+                    # Committed before the step's train state: a run killed in between
+                    # resumes before this step and repeats its evaluation, so no best is lost.
+                    checkpoints.check(best, wait=True)
+                evaluated = step
+                writer.write_scalars(
+                    step,
+                    {f"val_{k}": val_summary[k] for k in ("loss", "dice", "pooled_dice", "iou")},
+                )
+                if config.eval.preview_images:  # every process predicts, process 0 writes
+                    previews = evaluate.preview_panels(
+                        predict_step,
+                        state,
+                        val_data,
+                        config.eval.preview_images,
+                        config.eval.image_size,
+                        config.eval.batch_size,
+                        config.eval.threshold,
+                        mesh,
+                    )
+                    if jax.process_index() == 0:
+                        writer.write_images(step, {"val_image_truth_prediction": previews})
+            if save_now:
+                checkpoints.save(latest, step, state)
+            if stopping:
+                logging.warning("Stopped at step %d; the same command resumes from it.", step)
+                break
+    except asynclib.AsyncError:  # TensorBoard's events of an earlier write cannot be written
+        keep_step_before_stopping(step, state, evaluated)
+        raise
     checkpoints.check(latest, wait=True)  # the last save's failure, if any, before returning
     return val_summary

@@ -340,19 +340,31 @@ def test_a_stage_without_steps_and_a_warmup_past_the_end_are_warned_about(
     assert "optim.warmup_steps=4 is not below the run's 4 steps" in caplog.text
 
 
-def test_events_that_cannot_be_written_stop_with_one_error_and_keep_the_checkpoints(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "failing, kept",
+    [
+        ("train_loss", [2, 3]),  # step 3 (no evaluation) is saved before stopping
+        ("learning_rate@4", [2]),  # step 4's evaluation did not run: a resume repeats it
+        ("val_dice", [2, 4]),  # step 4's evaluation ended (its best model kept): saved
+        ("train_loss+full", [2]),  # step 3's save fails too: logged, the events' error stands
+    ],
+)
+def test_events_that_cannot_be_written_stop_with_one_error_and_keep_the_steps(
+    tmp_path, monkeypatch, caplog, failing, kept
 ):
     """clu's writer raises a failed write (a full disk) at its next use, wrapped in AsyncError:
-    training stops with an OSError naming the events, and step 2's checkpoint stays."""
+    training saves the step it is at where it can, then stops with an OSError naming the
+    events. Steps 1-4, evaluated at 2 and 4; the writer fails from step 3 (``failing``: the
+    scalar whose write fails, from its step on)."""
     create = train.metric_writers.create_default_writer
+    key, _, at = failing.partition("+")[0].partition("@")
 
-    def full_disk_at_step_4(*args, **kwargs):
+    def full_disk(*args, **kwargs):
         writer = create(*args, **kwargs)
         write_scalars = writer.write_scalars
 
         def write(step, scalars):
-            if step >= 4:
+            if step >= int(at or 3) and key in scalars:
                 error = asynclib.AsyncError("Error occurred ASYNCHRONOUSLY.")
                 error.__cause__ = OSError(28, "No space left on device")
                 raise error
@@ -361,11 +373,26 @@ def test_events_that_cannot_be_written_stop_with_one_error_and_keep_the_checkpoi
         writer.write_scalars = write
         return writer
 
-    monkeypatch.setattr(train.metric_writers, "create_default_writer", full_disk_at_step_4)
-    with pytest.raises(OSError) as error:
-        train.train_and_evaluate(tiny_config(), tmp_path)
+    monkeypatch.setattr(train.metric_writers, "create_default_writer", full_disk)
+    if failing.endswith("+full"):
+        save = checkpoints.save
+
+        def save_until_step_3(manager, step, *args, **kwargs):
+            if step >= 3:
+                raise checkpoints.UnwritableError("Cannot write a checkpoint under ... (full)")
+            save(manager, step, *args, **kwargs)
+
+        monkeypatch.setattr(train.checkpoints, "save", save_until_step_3)
+    config = tiny_config()
+    config.train.log_every_steps = 1
+    with pytest.raises(OSError) as error, caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(config, tmp_path)
     assert str(error.value).startswith(
         f"Cannot write the TensorBoard events in {tmp_path} ([Errno 28] No space left on device)."
     )
     with checkpoints.latest_manager(tmp_path, read_only=True) as manager:
-        assert manager.all_steps() == [2]
+        assert manager.all_steps() == kept
+    if failing.endswith("+full"):
+        assert "Step 3 could not be saved either: Cannot write a checkpoint" in caplog.text
+    elif kept[-1] > 2:
+        assert f"Saved step {kept[-1]} before stopping." in caplog.text
