@@ -1,5 +1,6 @@
 """What main.py and the package's command-line tools share: a bad flag, config file or config
-override answered in one line, and orbax's INFO chatter left out of the log.
+override answered in one line, and orbax's INFO chatter and tracebacks left out of the
+log.
 
 Standard library and absl only, so a mistyped flag is answered before JAX is loaded.
 """
@@ -79,10 +80,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class _QuietLibraries(logging.Filter):
-    """Drops orbax's per-save INFO chatter; its warnings and errors still pass."""
+    """Drops orbax's per-save INFO chatter; its warnings and errors still pass, without their
+    tracebacks unless ``--verbosity=1`` or more (a failed background save logs several, and
+    the run reports the same error in its FATAL line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.exc_info and absl_logging.get_verbosity() < 1:
+            record.exc_info = record.exc_text = None
+        return record.levelno >= logging.WARNING
 
 
 def closed_loop_errors_dropped(previous: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -99,7 +106,8 @@ def closed_loop_errors_dropped(previous: Callable[[Any], None]) -> Callable[[Any
 
 
 def quiet_libraries() -> None:
-    """Leaves orbax's INFO lines out of absl's log, and TensorStore's late errors after a
-    failed restore out of stderr (``closed_loop_errors_dropped``)."""
+    """Leaves orbax's INFO lines and tracebacks out of absl's log (``_QuietLibraries``), and
+    TensorStore's late errors after a failed restore out of stderr
+    (``closed_loop_errors_dropped``)."""
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
     sys.unraisablehook = closed_loop_errors_dropped(sys.unraisablehook)

@@ -1,7 +1,10 @@
 """What the command-line tools share (``hairseg_jax.cli``); its flag handling is tested
 through main.py in test_main.py."""
 
+import logging
 import types
+
+from absl import logging as absl_logging
 
 from hairseg_jax import cli
 
@@ -15,3 +18,32 @@ def test_closed_loop_errors_are_dropped_and_others_passed_on():
     for unraisable in (closed, other, value):
         hook(unraisable)
     assert seen == [other, value]
+
+
+def record(pathname: str, level: int, error: Exception | None = None) -> logging.LogRecord:
+    exc_info = (type(error), error, error.__traceback__) if error else None
+    return logging.LogRecord("absl", level, pathname, 1, "message", None, exc_info)
+
+
+def test_orbax_info_lines_are_dropped_and_its_errors_kept_without_tracebacks():
+    """A failed background save: orbax logs it with tracebacks, several times; the FATAL line
+    reports it. ``--verbosity=1`` keeps the tracebacks."""
+    quiet = cli._QuietLibraries()
+    orbax = "/venv/site-packages/orbax/checkpoint/_src/futures/future.py"
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError as e:
+        failed = e
+    assert not quiet.filter(record(orbax, logging.INFO))
+    error = record(orbax, logging.ERROR, failed)
+    assert quiet.filter(error) and error.exc_info is None
+    assert "Traceback" not in logging.Formatter().format(error)
+    ours = record("/repo/hairseg_jax/train.py", logging.ERROR, failed)
+    assert quiet.filter(ours) and "Traceback" in logging.Formatter().format(ours)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(1)
+    try:
+        kept = record(orbax, logging.ERROR, failed)
+        assert quiet.filter(kept) and "Traceback" in logging.Formatter().format(kept)
+    finally:
+        absl_logging.set_verbosity(verbosity)
