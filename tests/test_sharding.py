@@ -7,6 +7,7 @@ takes effect before JAX initialises.
 
 import os
 import pickle
+import random
 import re
 import signal
 import socket
@@ -238,9 +239,19 @@ def process_worker(process_id: int, port: int, out: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as free:
-        free.bind(("localhost", 0))
-        return free.getsockname()[1]
+    """A free port for a coordinator, below the ephemeral range: one that bind(0) draws there can
+    be drawn again for another connection before the coordinator binds it (it then waits for
+    its clients until the test times out)."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    first = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for port in random.sample(range(10000, first), 200):
+        with socket.socket() as free:
+            try:
+                free.bind(("localhost", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"No free port in 10000-{first - 1}.")
 
 
 def test_two_processes_train_and_predict_like_one_device(tmp_path):
