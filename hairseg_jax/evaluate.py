@@ -41,9 +41,11 @@ SHEET_BOX = 160  # side of each picture of the contact sheet
 PREVIEW_BOX = 128  # side of each picture of the TensorBoard previews
 
 
-def logit(probability: float) -> float:
-    """The logit above which the sigmoid exceeds ``probability``."""
-    return float(np.log(probability / (1 - probability)))
+def logit(probability: float) -> np.float64:
+    """The logit above which the sigmoid exceeds ``probability``: a float64 scalar, so that
+    float32 logits are compared with it in float64, as ``dice_per_threshold`` compares them
+    (with a Python float NumPy would round the cut to float32)."""
+    return np.log(np.float64(probability) / (1 - np.float64(probability)))
 
 
 def resize_logits(logits: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -268,3 +268,9 @@ def test_dice_per_threshold_is_the_dice_of_each_threshold():
     np.testing.assert_allclose(evaluate.dice_per_threshold(logits, mask), expected, rtol=1e-12)
     empty = evaluate.dice_per_threshold(np.full((4, 4), -9.0), np.zeros((4, 4)))
     np.testing.assert_array_equal(empty, np.ones(len(thresholds)))
+    # float32 logits nearest each cut (9 of the 19 round above it): the same side in both.
+    at_cuts = np.array([evaluate.logit(t) for t in thresholds], np.float32)
+    hair = np.ones_like(at_cuts, np.uint8)
+    counts = [evaluate.metrics.confusion(at_cuts > evaluate.logit(t), hair) for t in thresholds]
+    scored = [evaluate.metrics.dice(c["tp"], c["fp"], c["fn"]) for c in counts]
+    np.testing.assert_array_equal(evaluate.dice_per_threshold(at_cuts, hair), scored)
