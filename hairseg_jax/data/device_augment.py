@@ -115,7 +115,9 @@ def warp(
     y = affine[1, 0] * xo + affine[1, 1] * yo + affine[1, 2] - 0.5
     height, width = size_hw[0], size_hw[1]
     if nearest:
-        rows, columns = jnp.round(y).astype(jnp.int32), jnp.round(x).astype(jnp.int32)
+        # Ties (an exact 2x shrink) rounded up, as TensorFlow's nearest-neighbour paths do,
+        # not to even: the host pipeline's pixel.
+        rows, columns = (jnp.floor(c + 0.5).astype(jnp.int32) for c in (y, x))
         return image[_reflect(rows, height), _reflect(columns, width)].astype(jnp.float32)
     top, left = jnp.floor(y), jnp.floor(x)
     dy, dx = (y - top)[..., None], (x - left)[..., None]

@@ -81,6 +81,8 @@ def train_batches(
     count = len(examples)
     if count < batch_size:
         raise ValueError(f"Batch size {batch_size} is larger than the {count} training examples.")
+    if batch_size % process_count:
+        raise ValueError(f"Batch size {batch_size} does not divide by {process_count} processes.")
     local_size = batch_size // process_count
     lookup = _lookup(examples)
 

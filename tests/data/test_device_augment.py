@@ -144,6 +144,31 @@ def test_augmentation_off_resizes_as_evaluation_and_the_host_pipeline_do(shape, 
         assert np.abs(np.asarray(resized, int) - other).max() <= 1
 
 
+def test_nearest_ties_take_the_pixel_the_host_pipeline_takes(augment_config):
+    """An exact 2x shrink puts every output centre between two mask pixels: the device takes
+    the one the tf.data path takes (ties rounded up), here the set odd rows and columns."""
+    augment_config.enabled = False
+    mask = np.zeros((64, 64), np.uint8)
+    mask[1::2, 1::2] = 1
+    _, device_mask = device_augment.augment_example(
+        jax.random.key(0),
+        jnp.zeros((64, 64, 3), jnp.uint8),
+        jnp.asarray(mask),
+        jnp.array([64, 64]),
+        32,
+        augment_config,
+    )
+    _, host_mask = augment.train_transform(
+        tf.zeros((64, 64, 3), tf.uint8),
+        tf.constant(mask),
+        tf.constant([0, 0], tf.int64),
+        32,
+        augment_config,
+    )
+    np.testing.assert_array_equal(host_mask.numpy(), np.ones((32, 32)))
+    np.testing.assert_array_equal(device_mask, host_mask.numpy())
+
+
 @pytest.mark.parametrize(
     "hflip, vflip", [(True, False), (False, False), (False, True), (True, True)]
 )

@@ -154,6 +154,12 @@ def test_batch_larger_than_dataset_raises(examples, augment_config):
         train_batches(examples, 13, SIZE, augment_config, seed=0)
 
 
+def test_batch_that_processes_cannot_share_raises(examples, augment_config):
+    # 6 rows over 4 processes: slices of 1 would leave 2 rows of every batch unread.
+    with pytest.raises(ValueError, match="Batch size 6 does not divide by 4 processes."):
+        train_batches(examples, 6, SIZE, augment_config, seed=0, process_count=4)
+
+
 def test_batch_as_large_as_dataset(examples, augment_config):
     batch = next(train_batches(examples, 12, 16, augment_config, seed=0))
     assert batch["image"].shape == (12, 16, 16, 3)
