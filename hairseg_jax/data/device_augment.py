@@ -206,6 +206,12 @@ def _resize_corner(
     return jnp.einsum("ys,xt,stc->yxc", rows, columns, image.astype(jnp.float32))
 
 
+def stream_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """The keys of the stream's order and of its augmentation draws, from ``seed``'s key
+    folded with 1: the train state's init and dropout keys are split from ``seed``'s key."""
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), 1)))
+
+
 def batch_fn(
     batch_size: int, image_size: int, augment_config: ml_collections.ConfigDict, seed: int
 ) -> Callable[[Packed, jax.Array], dict[str, jax.Array]]:
@@ -215,7 +221,7 @@ def batch_fn(
     Positions ``step * B ... step * B + B - 1`` of the stream are read, position p being
     example ``permutation(epoch p // N)[p % N]``, augmented with a key folded from p.
     """
-    order_key, draw_key = jax.random.split(jax.random.key(seed))
+    order_key, draw_key = stream_keys(seed)
 
     def batch(packed: Packed, step: jax.Array) -> dict[str, jax.Array]:
         count = packed.images.shape[0]

@@ -3,13 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow as tf
 
 from configs import figaro
+from hairseg_jax import steps
 from hairseg_jax.data import augment, device_augment, whole_images
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.data.synthetic import make_examples
+from tests.conftest import TinyNet
 from tests.data.conftest import checkerboard
 
 
@@ -224,6 +227,15 @@ def test_batches_depend_on_seed_and_step_alone(augment_config):
     assert not np.array_equal(first["image"], batch(packed, 4)["image"])
     other_seed = jax.jit(device_augment.batch_fn(4, 24, augment_config, seed=1))(packed, 3)
     assert not np.array_equal(first["image"], other_seed["image"])
+
+
+def test_the_stream_has_keys_of_its_own():
+    """Not the train state's dropout key (it was the draw key, and each step's dropout key the
+    key of that step's first draw)."""
+    state = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 8, optax.identity())
+    for key in device_augment.stream_keys(0):
+        assert not np.array_equal(jax.random.key_data(key), state.rng)
+    assert not np.array_equal(*map(jax.random.key_data, device_augment.stream_keys(0)))
 
 
 def test_every_example_once_per_epoch_in_a_new_order(augment_config):
