@@ -1,6 +1,5 @@
 """What main.py and the package's command-line tools share: a bad flag, config file or config
-override answered in one line, and orbax's INFO chatter and tracebacks left out of the
-log.
+override answered in one line; orbax's INFO chatter and tracebacks left out of the log.
 
 Standard library and absl only, so a mistyped flag is answered before JAX is loaded.
 """
