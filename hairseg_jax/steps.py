@@ -256,10 +256,10 @@ def train_step(
     The loss is BCE plus ``dice_weight`` times soft Dice. With an EMA kept, its decay ramps
     up as ``min(ema_decay, (1 + step) / (10 + step))`` so early averages are not stale.
 
-    A bad step, one whose loss, gradients, updated params or BatchNorm statistics are not all
-    finite, changes nothing but the step count: params, optimizer state, BatchNorm statistics
-    and EMA stay as they were, and the returned ``"nonfinite"`` flag is True (the caller
-    stops or skips).
+    A bad step, one whose loss, gradients, updated params, optimizer state or BatchNorm
+    statistics are not all finite, changes nothing but the step count: params, optimizer
+    state, BatchNorm statistics and EMA stay as they were, and the returned ``"nonfinite"``
+    flag is True (the caller stops or skips).
     """
     images = preprocess(batch["image"])
     # The same dropout masks as the plain key gives, drawn in one fused pass on CPU.
@@ -287,7 +287,9 @@ def train_step(
         new = new.replace(
             ema_params=optax.incremental_update(new.params, new.ema_params, 1.0 - decay)
         )
-    finite = all_finite((loss, grads, new.params, new.batch_stats))
+    # The optimizer state too: AdamW's second moment of a huge but finite gradient overflows
+    # to inf while the update (m / sqrt(inf) = 0) and the params stay finite.
+    finite = all_finite((loss, grads, new.params, new.opt_state, new.batch_stats))
     # One branch for the whole state: a select per leaf made XLA:CPU compile a ResNet-101
     # train step for minutes instead of seconds.
     kept = new.replace(

@@ -460,6 +460,27 @@ def test_an_overflowing_update_is_refused_like_a_nonfinite_loss():
     jax.tree.map(np.testing.assert_array_equal, state.params, before)
 
 
+def test_an_overflowing_adam_moment_is_refused_though_the_update_is_finite():
+    """A gradient of 1e20 squares to inf in AdamW's second moment: the update m / sqrt(inf) is
+    0 and the params finite, but committing that state would freeze the weight for good."""
+    optim = optim_config(name="adamw", learning_rate=0.1, schedule="constant")
+    tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
+    state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, tx)
+    params = state.params
+    params["Conv_1"]["kernel"] = params["Conv_1"]["kernel"] * 1e26
+    state = state.replace(params=params)
+    before = jax.tree.map(np.array, (state.params, state.opt_state))
+    batch = {
+        "image": np.full((2, 4, 4, 3), 100, np.uint8),
+        "mask": np.ones((2, 4, 4), np.uint8),
+    }
+    state, metrics = jax.jit(lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0))(
+        state, batch
+    )
+    assert np.isfinite(metrics["loss"]) and metrics["nonfinite"]
+    jax.tree.map(np.testing.assert_array_equal, (state.params, state.opt_state), before)
+
+
 def test_nonfinite_batch_norm_statistics_are_refused_though_the_loss_is_finite():
     """Training normalises by the batch's own statistics, so an infinite running variance
     leaves the loss finite; the step must still be refused rather than committed."""
