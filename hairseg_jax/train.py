@@ -286,10 +286,11 @@ def _train_and_evaluate(
     val_summary = {}
     unchecked = []  # (step, its "nonfinite" flag on the device) not read yet
     skipped = start_step - steps.optimizer_count(state.opt_state)  # by earlier runs too
+    last_skipped = 0  # the newest skipped step
 
     def check_steps() -> None:
         """Stops at the first bad step among the unchecked ones, or counts them as skipped."""
-        nonlocal skipped
+        nonlocal skipped, last_skipped
         for bad_step, nonfinite in unchecked:
             if not bool(nonfinite):
                 continue
@@ -306,7 +307,7 @@ def _train_and_evaluate(
                     f"learning rate{resume}, or pass --config.train.skip_nonfinite=True to skip "
                     "such steps."
                 )
-            skipped += 1
+            skipped, last_skipped = skipped + 1, bad_step
             logging.warning(
                 "Step %d: non-finite loss, gradient or update; skipped (%d so far).",
                 bad_step,
@@ -366,8 +367,9 @@ def _train_and_evaluate(
                 writer.write_scalars(
                     step,
                     {f"train_{k}": v for k, v in losses.items()}
-                    # The step's rate: the optimizer's count leaves out skipped steps.
-                    | {"learning_rate": schedule(step - 1 - skipped)}
+                    # The rate the step computed its update with: the optimizer's count
+                    # before it, which leaves out the skipped steps before it.
+                    | {"learning_rate": schedule(step - 1 - skipped + (last_skipped == step))}
                     | skip_count,
                 )
                 train_metrics = None
