@@ -155,7 +155,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     need(optim.head_lr_multiplier > 0, "optim.head_lr_multiplier", "must be positive")
     need(optim.warmup_steps >= 0, "optim.warmup_steps", "must not be negative")
     need(config.loss.dice_weight >= 0, "loss.dice_weight", "must not be negative")
-    need(train.batch_size > 0, "train.batch_size", "must be positive")
+    # As torch refuses: ASPP's image-pooling BatchNorm normalises over the batch alone.
+    need(train.batch_size > 1, "train.batch_size", "must be at least 2 (BatchNorm over the batch)")
     need(train.num_steps >= 0, "train.num_steps", "must not be negative")
     need(train.num_steps > 0 or train.num_epochs > 0, "train.num_epochs", "must be positive")
     need(train.log_every_steps > 0, "train.log_every_steps", "must be positive")
