@@ -158,8 +158,14 @@ def _channels_major(x: jax.Array) -> jax.Array:
     return _copied_as_bits(x, lambda m: m.transpose(3, 0, 1, 2).reshape(x.shape[-1], -1))
 
 
+def _wide(dtype: Any) -> Any:
+    """The dtype products of ``dtype`` operands accumulate in: float32, or float64 for float64
+    (the model's mode for numerical checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def pixel_products(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """``x^T @ dy`` over every pixel of two NHWC maps of one batch and size, in float32: the
+    """``x^T @ dy`` over every pixel of two NHWC maps of one batch and size, in ``_wide``: the
     (in, out) kernel gradient of ``pixel_matmul(x, kernel)`` whose output gradient is ``dy``.
 
     In bfloat16 (on CPU), the map with fewer channels is first copied channels-major, so the
@@ -170,7 +176,7 @@ def pixel_products(x: jax.Array, dy: jax.Array) -> jax.Array:
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     if x.dtype != jnp.bfloat16:
         return jax.lax.dot_general(
-            x2, dy2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            x2, dy2, (((0,), (0,)), ((), ())), preferred_element_type=_wide(x.dtype)
         )
     if x2.shape[1] <= dy2.shape[1]:
         return jnp.dot(_channels_major(x), dy2, preferred_element_type=jnp.float32)
@@ -235,9 +241,10 @@ def _sum_shifted(parts: Iterable[tuple[jax.Array, int, int]], height: int, width
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     """A stride-1 ``same`` conv (odd kernel, no groups) as a sum of one matrix product per tap,
-    each over only the input pixels the tap reaches, accumulated in float32.
+    each over only the input pixels the tap reaches, accumulated in ``_wide`` (float32 or
+    float64).
 
-    Its gradients are tap products too, accumulated in float32 (autodiff's would sum the
+    Its gradients are tap products too, accumulated likewise (autodiff's would sum the
     input gradient in the input's dtype and scatter each tap's kernel gradient into a
     zero kernel): the input gradient one product per tap by the tap's transposed kernel,
     the kernel's one ``pixel_products`` per tap.
@@ -245,7 +252,7 @@ def tap_products(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     _, height, width, _ = x.shape
     parts = (
         (
-            pixel_matmul(x[:, r0:r1, c0:c1], kernel[i, j], preferred_element_type=jnp.float32),
+            pixel_matmul(x[:, r0:r1, c0:c1], kernel[i, j], preferred_element_type=_wide(x.dtype)),
             r0 - oy,
             c0 - ox,
         )
@@ -265,7 +272,7 @@ def _tap_products_backward(dilation: int, residuals: tuple[jax.Array, jax.Array]
     for i, j, oy, ox, (r0, r1), (c0, c1) in _taps(kernel.shape, dilation, height, width):
         g_tap = g[:, r0 - oy : r1 - oy, c0 - ox : c1 - ox]
         dx_tap = pixel_matmul(
-            g_tap, _product_transpose(kernel[i, j]), preferred_element_type=jnp.float32
+            g_tap, _product_transpose(kernel[i, j]), preferred_element_type=_wide(x.dtype)
         )
         dx_parts.append((dx_tap, r0, c0))
         kernel_grads.append(pixel_products(x[:, r0:r1, c0:c1], g_tap))
@@ -300,7 +307,7 @@ def column_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     (``_columns``) by the kernel's taps stacked, and its gradients are one such product
     each: the input's of the output gradient's columns (at the opposite offsets) by the
     transposed taps, the kernel's ``pixel_products`` of the columns and the output gradient;
-    all in float32. Not differentiated, it is ``tap_products``, which copies no columns.
+    all in ``_wide``. Not differentiated, it is ``tap_products``, which copies no columns.
     """
     return tap_products(x, kernel, dilation)
 
@@ -308,7 +315,7 @@ def column_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
 def _column_conv_forward(x: jax.Array, kernel: jax.Array, dilation: int):
     columns = _columns(x, _tap_offsets(kernel.shape, dilation))
     matrix = kernel.reshape(-1, kernel.shape[-1])
-    y = pixel_matmul(columns, matrix, preferred_element_type=jnp.float32).astype(x.dtype)
+    y = pixel_matmul(columns, matrix, preferred_element_type=_wide(x.dtype)).astype(x.dtype)
     return y, (columns, kernel)
 
 
@@ -318,7 +325,7 @@ def _column_conv_backward(dilation: int, residuals: tuple[jax.Array, jax.Array],
     opposite = [(-oy, -ox) for oy, ox in offsets]
     transposed = kernel.transpose(0, 1, 3, 2).reshape(-1, kernel.shape[2])
     g_columns = _columns(g, opposite)
-    dx = pixel_matmul(g_columns, transposed, preferred_element_type=jnp.float32)
+    dx = pixel_matmul(g_columns, transposed, preferred_element_type=_wide(columns.dtype))
     dk = pixel_products(columns, g).reshape(kernel.shape)
     return dx.astype(columns.dtype), dk.astype(kernel.dtype)
 
@@ -690,7 +697,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     if jax.default_backend() != "cpu":
         pads = ((padding, padding), (padding, padding))
         return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
-    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    wide = x.astype(_wide(x.dtype))
     return _max_pool_taps(wide, window, stride, padding).astype(x.dtype)
 
 
@@ -699,7 +706,7 @@ def _batch_moments(x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array
     over ``d = x - shift``: ``E[d^2] - E[d]^2``. With ``shift`` near the batch's mean (the
     running mean, once it has run) few digits cancel; flax's fast variance (no shift) loses
     them wherever the mean is large beside the spread (mean 100, std 1: 1e-2 off)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(_wide(x.dtype))
     axes = tuple(range(x.ndim - 1))
     d = x - shift.astype(x.dtype)
     mean_d = jnp.mean(d, axes)

@@ -626,3 +626,35 @@ def test_batch_norm_running_statistics_update_as_torch_does(torch):
         stats = variables["batch_stats"]
         np.testing.assert_allclose(stats["mean"], reference.running_mean.numpy(), rtol=1e-5)
         np.testing.assert_allclose(stats["var"], reference.running_var.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("formulation", ["tap_products", "column_conv"])
+def test_float64_convolutions_are_float64_through_and_through(formulation):
+    """The model's float64 mode (for numerical checks): the CPU formulations accumulate in
+    float64 too, forward and both gradients, as XLA's float64 convolution does."""
+    conv = getattr(layers, formulation)
+    with jax.enable_x64(True):
+        x = jax.random.normal(key(0), (2, 9, 7, 16), jnp.float64)
+        kernel = jax.random.normal(key(1), (3, 3, 16, 8), jnp.float64)
+        weights = jax.random.normal(key(2), (2, 9, 7, 8), jnp.float64)
+
+        def reference(x, kernel):
+            return jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (1, 1),
+                ((4, 4), (4, 4)),
+                rhs_dilation=(4, 4),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+
+        for ours, ref in [
+            (conv(x, kernel, 4), reference(x, kernel)),
+            *zip(
+                jax.grad(lambda x, k: jnp.sum(conv(x, k, 4) * weights), (0, 1))(x, kernel),
+                jax.grad(lambda x, k: jnp.sum(reference(x, k) * weights), (0, 1))(x, kernel),
+                strict=True,
+            ),
+        ]:
+            assert ours.dtype == jnp.float64
+            np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-12)
