@@ -446,16 +446,17 @@ def test_a_nonfinite_step_changes_nothing_but_the_step_count():
     assert not np.array_equal(kernel, before["params"]["Conv_0"]["kernel"])
 
 
+def step_on_grey_images(state: steps.TrainState) -> tuple[steps.TrainState, dict]:
+    """One jitted train step on two grey 4x4 images, all hair."""
+    batch = {"image": np.full((2, 4, 4, 3), 100, np.uint8), "mask": np.ones((2, 4, 4), np.uint8)}
+    train = jax.jit(lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0))
+    return train(state, batch)
+
+
 def test_an_overflowing_update_is_refused_like_a_nonfinite_loss():
     state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, optax.sgd(float("inf")))
     before = jax.tree.map(np.array, state.params)
-    batch = {
-        "image": np.full((2, 4, 4, 3), 100, np.uint8),
-        "mask": np.ones((2, 4, 4), np.uint8),
-    }
-    state, metrics = jax.jit(lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0))(
-        state, batch
-    )
+    state, metrics = step_on_grey_images(state)
     assert np.isfinite(metrics["loss"]) and metrics["nonfinite"]
     jax.tree.map(np.testing.assert_array_equal, state.params, before)
 
@@ -470,13 +471,7 @@ def test_an_overflowing_adam_moment_is_refused_though_the_update_is_finite():
     params["Conv_1"]["kernel"] = params["Conv_1"]["kernel"] * 1e26
     state = state.replace(params=params)
     before = jax.tree.map(np.array, (state.params, state.opt_state))
-    batch = {
-        "image": np.full((2, 4, 4, 3), 100, np.uint8),
-        "mask": np.ones((2, 4, 4), np.uint8),
-    }
-    state, metrics = jax.jit(lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0))(
-        state, batch
-    )
+    state, metrics = step_on_grey_images(state)
     assert np.isfinite(metrics["loss"]) and metrics["nonfinite"]
     jax.tree.map(np.testing.assert_array_equal, (state.params, state.opt_state), before)
 
@@ -488,14 +483,8 @@ def test_nonfinite_batch_norm_statistics_are_refused_though_the_loss_is_finite()
     state = state.replace(
         batch_stats=jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.inf), state.batch_stats)
     )
-    batch = {
-        "image": np.full((2, 4, 4, 3), 100, np.uint8),
-        "mask": np.ones((2, 4, 4), np.uint8),
-    }
     before = jax.tree.map(np.array, state.params)
-    state, metrics = jax.jit(lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0))(
-        state, batch
-    )
+    state, metrics = step_on_grey_images(state)
     assert np.isfinite(metrics["loss"]) and metrics["nonfinite"]
     jax.tree.map(np.testing.assert_array_equal, state.params, before)
 

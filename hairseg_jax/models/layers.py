@@ -705,10 +705,12 @@ def _batch_moments(x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array
     """Per-channel mean and biased variance of an NHWC map, in at least float32, in one pass
     over ``d = x - shift``: ``E[d^2] - E[d]^2``. With ``shift`` near the batch's mean (the
     running mean, once it has run) few digits cancel; flax's fast variance (no shift) loses
-    them wherever the mean is large beside the spread (mean 100, std 1: 1e-2 off)."""
+    them wherever the mean is large beside the spread (mean 100, std 1: 1e-2 off). A
+    non-finite shift counts as 0, so broken running statistics leave the batch's intact."""
     x = x.astype(_wide(x.dtype))
     axes = tuple(range(x.ndim - 1))
-    d = x - shift.astype(x.dtype)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0).astype(x.dtype)
+    d = x - shift
     mean_d = jnp.mean(d, axes)
     return shift + mean_d, jnp.maximum(0.0, jnp.mean(jnp.square(d), axes) - jnp.square(mean_d))
 
