@@ -723,7 +723,7 @@ def normalize_batch(
     shifted (BatchNorm in training), with the statistics it used (``_batch_moments``, about
     ``shift``; no gradient flows to it).
 
-    The same values as ``nn.BatchNorm``; its gradient is written out as two passes over the
+    The values of ``nn.BatchNorm`` to rounding; its gradient is written out as two passes over the
     map (the per-channel sums of ``dy`` and ``dy * x_hat``, then ``dx``), which XLA:CPU runs
     1.4-2x faster than autodiff's through flax's normalisation (forward and backward of a
     4x57x57x256 BatchNorm + ReLU: 6.5-8.1 vs 4.0-4.2 ms).
