@@ -315,13 +315,15 @@ def _train_and_evaluate(
             )
         unchecked.clear()
 
+    def is_eval_step(step: int) -> bool:
+        return step % eval_every == 0 or step == total_steps
+
     def keep_step_before_stopping(step: int, state: steps.TrainState, evaluated: int) -> None:
         """Saves ``step`` when TensorBoard's events cannot be written, so that stopping loses no
         trained step: not a step whose evaluation did not end (a resume repeats it, and keeps
         a better model it finds), nor with several processes (a save needs them all). A save
         that fails too is logged; the events' error is the one reported."""
-        unevaluated = (step % eval_every == 0 or step == total_steps) and evaluated != step
-        if unevaluated or jax.process_count() > 1:
+        if (is_eval_step(step) and evaluated != step) or jax.process_count() > 1:
             return
         check_steps()  # a bad step is not saved (and its error is reported instead)
         try:
@@ -355,7 +357,7 @@ def _train_and_evaluate(
 
             stopping = should_stop(step)
             log_now = step % config.train.log_every_steps == 0 or step == total_steps
-            eval_now = step % eval_every == 0 or step == total_steps
+            eval_now = is_eval_step(step)
             save_now = eval_now or step % checkpoint_every == 0 or stopping
             if log_now or save_now:
                 check_steps()  # nothing is logged or saved past a bad step

@@ -115,7 +115,7 @@ def test_a_damaged_checkpoint_is_named_as_unreadable(tmp_path, monkeypatch):
 FULL_DISK = """
 import errno, os, sys
 import numpy as np
-from hairseg_jax import checkpoints, cli
+from hairseg_jax import checkpoints
 
 manager = checkpoints.latest_manager(sys.argv[1])
 checkpoints.save(manager, 1, {"x": np.zeros(3)})
