@@ -97,6 +97,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     )
     aug = config.augment
     need(config.mode in MODES, "mode", f"is not one of {MODES}")
+    # JAX keys take 32 bits of the seed: a larger one would repeat a smaller one's draws.
+    need(0 <= config.seed < 2**32, "seed", "must be in [0, 2**32)")
     dist = config.get("distributed") or {}  # a config.json from before it has none
     if not dist.get("enabled", False):  # else these settings would be ignored
         for setting in ("coordinator_address", "num_processes", "process_id"):
