@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 BEST_METRIC = "dice"
 
@@ -115,14 +116,35 @@ def best_score(manager: ocp.CheckpointManager) -> float:
     return -float("inf") if step is None else float(manager.metrics(step)[BEST_METRIC])
 
 
-def save(manager: ocp.CheckpointManager, step: int, item: Any, metrics: Any = None) -> None:
-    """Saves ``item`` (any pytree) at ``step``, in the background (see ``check``).
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    item: Any,
+    metrics: Any = None,
+    custom_metadata: dict[str, Any] | None = None,
+) -> None:
+    """Saves ``item`` (any pytree) at ``step``, in the background (see ``check``), with
+    ``custom_metadata`` (see ``step_metadata``).
+
+    A step below the manager's newest is saved too (orbax would skip it), and a step the
+    manager holds already is replaced, deleted first (orbax cannot replace one whole):
+    ``best/`` may hold the same or a later step of an earlier run whose ``checkpoints/`` were
+    deleted, or of a repeated evaluation.
 
     Raises:
       UnwritableError: this save, or an earlier one of ``manager``, failed.
     """
+    if step in manager.all_steps():
+        logging.info("Replacing step %d of %s.", step, manager.directory)
+        manager.delete(step)
     try:
-        manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics)
+        manager.save(
+            step,
+            args=ocp.args.StandardSave(item),
+            metrics=metrics,
+            force=True,
+            custom_metadata=custom_metadata,
+        )
     except _WRITE_ERRORS as e:
         raise _unwritable(manager, e) from e
 

@@ -394,8 +394,9 @@ def _train_and_evaluate(
                         steps.inference_variables(state),
                         metrics={checkpoints.BEST_METRIC: val_summary["dice"]},
                     )
-                    # Committed before the step's train state: a run killed in between
-                    # resumes before this step and repeats its evaluation, so no best is lost.
+                    # Committed before the step's train state: a run killed in between (or
+                    # while a repeat replaces it) resumes before this step and repeats its
+                    # evaluation, so no best is lost.
                     checkpoints.check(best, wait=True)
                 evaluated = step
                 writer.write_scalars(

@@ -41,6 +41,21 @@ def test_best_holds_one_model_and_its_dice(tmp_path):
     assert checkpoints.best_score(reopened) == 0.75
 
 
+def test_best_takes_a_better_model_at_an_earlier_or_the_same_step(tmp_path):
+    """best/ can hold a later step of an earlier run (its checkpoints/ deleted, then trained
+    again) or the step a resumed run evaluates again: orbax skipped such saves silently."""
+    with checkpoints.closed_after(checkpoints.best_manager(tmp_path)) as manager:
+        checkpoints.save(manager, 8, TREE, metrics={checkpoints.BEST_METRIC: 0.1})
+    for step, dice, value in ((4, 0.5, 1.0), (4, 0.7, 2.0)):
+        tree = {**TREE, "params": {"kernel": np.full((2, 3), value, np.float32)}}
+        with checkpoints.closed_after(checkpoints.best_manager(tmp_path)) as manager:
+            checkpoints.save(manager, step, tree, metrics={checkpoints.BEST_METRIC: dice})
+        with checkpoints.best_manager(tmp_path, read_only=True) as reopened:
+            assert reopened.all_steps() == [4] and checkpoints.best_score(reopened) == dice
+        restored = checkpoints.restore_best(tmp_path, 4, TREE)
+        np.testing.assert_array_equal(restored["params"]["kernel"], tree["params"]["kernel"])
+
+
 def test_a_half_written_checkpoint_is_never_restored_and_is_deleted(tmp_path):
     manager = checkpoints.latest_manager(tmp_path)
     checkpoints.save(manager, 2, TREE)
