@@ -149,6 +149,11 @@ def save(
         raise _unwritable(manager, e) from e
 
 
+def step_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The ``custom_metadata`` saved with ``step`` (empty if none)."""
+    return dict(manager.metadata(step).custom_metadata or {})
+
+
 def check(manager: ocp.CheckpointManager, wait: bool = False) -> None:
     """Raises UnwritableError if a save of ``manager`` failed in the background; with ``wait``,
     after waiting for the saves in progress (without, it does not wait)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from clu import asynclib, metric_writers, metrics, parameter_overview, periodic_actions
@@ -26,6 +27,27 @@ from hairseg_jax.weights import convert
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")  # over the steps whose "mask" is True
+
+
+def loss_window(train_metrics: TrainMetrics | None) -> dict[str, Any]:
+    """The train loss's sum and count since the last log, for a checkpoint's metadata: a run
+    resumed from it logs the mean a run never stopped logs (``resumed_loss_window``)."""
+    if train_metrics is None:
+        return {}
+    loss = train_metrics.loss
+    return {"train_loss_total": float(loss.total), "train_loss_count": int(loss.count)}
+
+
+def resumed_loss_window(metadata: dict[str, Any]) -> TrainMetrics | None:
+    """The train loss since the last log, from a checkpoint's metadata (``loss_window``)."""
+    if "train_loss_count" not in metadata:  # a log step, or a checkpoint saved before them
+        return None
+    return TrainMetrics.empty().replace(
+        loss=metrics.Average(
+            total=jnp.float32(metadata["train_loss_total"]),
+            count=jnp.int32(metadata["train_loss_count"]),
+        )
+    )
 
 
 def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -282,7 +304,9 @@ def _train_and_evaluate(
     report_progress = periodic_actions.ReportProgress(  # a line a minute, and at the end
         num_train_steps=total_steps, writer=writer, on_steps=[total_steps]
     )
-    train_metrics = None
+    train_metrics = None  # the loss since the last log: a checkpoint keeps it
+    if resume_step is not None:
+        train_metrics = resumed_loss_window(checkpoints.step_metadata(latest, resume_step))
     val_summary = {}
     unchecked = []  # (step, its "nonfinite" flag on the device) not read yet
     skipped = start_step - steps.optimizer_count(state.opt_state)  # by earlier runs too
@@ -318,6 +342,9 @@ def _train_and_evaluate(
     def is_eval_step(step: int) -> bool:
         return step % eval_every == 0 or step == total_steps
 
+    def is_log_step(step: int) -> bool:
+        return step % config.train.log_every_steps == 0 or step == total_steps
+
     def keep_step_before_stopping(step: int, state: steps.TrainState, evaluated: int) -> None:
         """Saves ``step`` when TensorBoard's events cannot be written, so that stopping loses no
         trained step: not a step whose evaluation did not end (a resume repeats it, and keeps
@@ -326,8 +353,9 @@ def _train_and_evaluate(
         if (is_eval_step(step) and evaluated != step) or jax.process_count() > 1:
             return
         check_steps()  # a bad step is not saved (and its error is reported instead)
+        window = {} if is_log_step(step) else loss_window(train_metrics)
         try:
-            checkpoints.save(latest, step, state)
+            checkpoints.save(latest, step, state, custom_metadata=window)
             checkpoints.check(latest, wait=True)
         except checkpoints.UnwritableError as e:
             logging.error("Step %d could not be saved either: %s", step, e)
@@ -356,7 +384,7 @@ def _train_and_evaluate(
             report_progress(step)
 
             stopping = should_stop(step)
-            log_now = step % config.train.log_every_steps == 0 or step == total_steps
+            log_now = is_log_step(step)
             eval_now = is_eval_step(step)
             save_now = eval_now or step % checkpoint_every == 0 or stopping
             if log_now or save_now:
@@ -416,8 +444,8 @@ def _train_and_evaluate(
                     )
                     if jax.process_index() == 0:
                         writer.write_images(step, {"val_image_truth_prediction": previews})
-            if save_now:
-                checkpoints.save(latest, step, state)
+            if save_now:  # with the loss since the last log, which a resume logs with its own
+                checkpoints.save(latest, step, state, custom_metadata=loss_window(train_metrics))
             if stopping:
                 logging.warning("Stopped at step %d; the same command resumes from it.", step)
                 break

@@ -33,7 +33,7 @@ TINY = [
     "--config.data.max_val_images=4",
     "--config.train.eval_every_steps=4",
     "--config.train.checkpoint_every_steps=2",
-    "--config.train.log_every_steps=1",
+    "--config.train.log_every_steps=4",  # the loss of steps 1-2 and 5-6 is saved with them
     "--config.eval.batch_size=2",
     "--config.eval.preview_images=0",
 ]
@@ -148,7 +148,7 @@ def test_changed_config_stops_with_one_line_and_the_flag_allows_it(reference, fi
         "--config.seed=1",
         "--config.data.max_train_images=6",
         "--config.eval.batch_size=4",  # may change on resume: not listed
-        "--config.train.log_every_steps=4",
+        "--config.train.log_every_steps=2",
     ]
 
     result = run(workdir, *changed)
