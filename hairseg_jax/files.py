@@ -12,7 +12,9 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     reader, or a crash, never sees a partial file. The file gets the permissions of any new
     file (0666 less the umask), not ``tempfile``'s owner-only 0600."""
     path = Path(path)
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    # Its name's start, so that any name a folder allows (255 bytes) leaves room for the rest.
+    start = os.fsencode(path.name)[:200].decode(errors="ignore")
+    temporary = path.parent / f".{start}.{uuid.uuid4().hex}.tmp"
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:

@@ -3,16 +3,19 @@
     python main.py --config=configs/figaro.py --workdir=runs/x --config.mode=predict \
         --config.predict.input='photos/*.jpg' --config.predict.output=masks/
 
-Each readable image (JPEG, PNG incl. RGBA, grey and 16-bit, WebP, BMP, TIFF, GIF; any size;
+Each readable image (JPEG, PNG incl. RGBA, grey and 16-bit, WebP, BMP, TIFF, GIF; up to
+Pillow's 179 megapixels;
 EXIF orientation applied) is resized to a ``predict.image_size`` square like eval resizes, the
 logits are resized back to the image's own size, and ``<name>_mask.png`` (0/255),
 ``<name>_overlay.jpg`` (hair tinted) and optionally ``<name>_prob.png`` / ``.npy`` are written.
-Unreadable files are logged one line each and skipped; the summary lists them.
+Files that cannot be read (or whose outputs cannot be written: an image too large for JPEG, a
+name too long) are logged one line each and skipped; the summary lists them.
 """
 
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import glob
 import io
 import logging
@@ -39,19 +42,21 @@ LOG_EVERY_SECONDS = 10.0
 
 
 def find_inputs(spec: str) -> list[Path]:
-    """The files ``spec`` names: one file, a folder's files with an image suffix, or the
-    files matching a glob pattern (``**`` recurses), sorted.
+    """The files ``spec`` names: one file, or the image files (by suffix, not hidden) of a
+    folder or matching a glob pattern (``**`` recurses), sorted.
 
     Raises:
       FileNotFoundError: nothing matches.
     """
     path = Path(spec).expanduser()
-    if path.is_dir():
-        files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    elif path.is_file():
-        files = [path]
-    else:
-        files = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
+    if path.is_file():
+        return [path]
+    found = path.iterdir() if path.is_dir() else map(Path, glob.glob(str(path), recursive=True))
+    files = [  # not hidden files (macOS's "._x.jpg" beside x.jpg), as a glob leaves them out
+        p
+        for p in found
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    ]
     if not files:
         raise FileNotFoundError(
             f"No images at config.predict.input={spec!r} (a file, a folder of images or a glob "
@@ -103,6 +108,12 @@ def read_photo(path: str | os.PathLike) -> np.ndarray:
     with Image.open(path) as image:
         image.load()  # decode now, so truncated files fail here
         image = ImageOps.exif_transpose(image)
+        if image.mode in figaro1k.WIDE_GREY_MODES:  # PIL would clip these to 8 bits for RGBA
+            rgb = figaro1k.to_rgb(image)
+            if "transparency" in image.info:  # the one grey value that is transparent
+                opaque = np.asarray(image) != image.info["transparency"]
+                rgb = np.where(opaque[..., None], rgb, np.uint8(255))
+            return rgb
         if "A" in image.getbands() or "transparency" in image.info:
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -151,11 +162,26 @@ def write_outputs(
             pictures.save(path, np.round(probability * 255).astype(np.uint8))
 
 
+def write_or_explain(
+    output: Path, name: str, image: np.ndarray, logits: np.ndarray, threshold: float, prob: str
+) -> str:
+    """``write_outputs``; "" if it wrote them all, else why not, where the image itself is the
+    cause (an encoder's limit: JPEG's 65,500 px side; a name too long). A full disk or a
+    folder that cannot be written raises."""
+    try:
+        write_outputs(output, name, image, logits, threshold, prob)
+    except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno not in (None, errno.ENAMETOOLONG):
+            raise
+        return f"{type(e).__name__}: {e}".replace("\n", " ")
+    return ""
+
+
 def failure_line(summary: dict[str, Any]) -> str:
-    """One line naming the files that could not be read."""
+    """One line naming the files that could not be read, or their outputs written."""
     failed = summary["failed"]
     shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-    return f"{len(failed)} of {summary['num_files']} input files could not be read: {shown}"
+    return f"{len(failed)} of {summary['num_files']} input files could not be predicted: {shown}"
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -207,6 +233,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         def submit(chunk):
             return [pool.submit(_load, path, name, image_size) for path, name in chunk]
 
+        def finish(writing) -> int:
+            """Waits for ``writing``'s (path, future) pairs; the number that failed."""
+            failures = 0
+            for path, future in writing:
+                if error := future.result():
+                    logging.warning("Skipping %s: cannot write its outputs (%s).", path, error)
+                    failed.append(str(path))
+                    failures += 1
+            return failures
+
         loading, writing = submit(chunks[0]), []
         for k in range(len(chunks)):
             loaded = [future.result() for future in loading]
@@ -221,19 +257,21 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                 batch[: len(good)] = [item.resized for item in good]
                 images = sharding.shard_batch(batch, mesh, whole=True)
                 logits = np.asarray(jax.device_get(predict_fn(state, images)))[..., 0]
-            for future in writing:  # the previous batch's files, before starting on these
-                future.result()
+            written -= finish(writing)  # the previous batch's files, before starting on these
             writing = []
             if good and leader:
                 writing = [
-                    pool.submit(
-                        write_outputs,
-                        output,
-                        item.name,
-                        item.image,
-                        logits[i],
-                        threshold,
-                        pc.save_prob,
+                    (
+                        item.path,
+                        pool.submit(
+                            write_or_explain,
+                            output,
+                            item.name,
+                            item.image,
+                            logits[i],
+                            threshold,
+                            pc.save_prob,
+                        ),
                     )
                     for i, item in enumerate(good)
                 ]
@@ -242,7 +280,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             if now - last_log >= LOG_EVERY_SECONDS or done == len(files):
                 rate = done / (now - start)
                 logging.info(
-                    "Predict: %d/%d files (%d unreadable), %.1f images/s, ETA %.0f s.",
+                    "Predict: %d/%d files (%d failed), %.1f images/s, ETA %.0f s.",
                     done,
                     len(files),
                     len(failed),
@@ -250,8 +288,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                     (len(files) - done) / rate,
                 )
                 last_log = now
-        for future in writing:
-            future.result()
+        written -= finish(writing)
 
     summary = {
         "num_files": len(files),
@@ -263,7 +300,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         "seconds": time.perf_counter() - start,
     }
     logging.info(
-        "Predicted %d of %d files into %s in %.1f s; %d unreadable.",
+        "Predicted %d of %d files into %s in %.1f s; %d failed.",
         written,
         len(files),
         output,

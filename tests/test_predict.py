@@ -33,6 +33,7 @@ OVERRIDES = {
     "predict.batch_size": 4,
 }
 FRAMES = ("Frame00001-org.jpg", "Frame00002-org.jpg", "Frame00160-org.jpg")
+LONG_NAME = "p" * 226  # with "_overlay.jpg", 238 of the 255 bytes a name may have
 
 
 def tiny_config():
@@ -81,6 +82,10 @@ def inputs(figaro_dir, tmp_path_factory) -> Path:
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG at all" * 8)
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image, not an input\n")
+    (folder / "._tiny.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata, not an input")
+    photo.resize((8, 8)).save(folder / f"{LONG_NAME}.png")  # its outputs' names just fit
+    # Readable, but too wide for its JPEG overlay: its mask is written, then it fails alone.
+    Image.new("RGB", (70000, 2), (120, 90, 60)).save(folder / "wide.png")
     return folder
 
 
@@ -95,6 +100,7 @@ EXPECTED_SIZES = {  # output name -> (width, height) of the mask
     "photo_bmp": "Frame00001-org",
     "d_copy": "Frame00001-org",
     "tiny": (8, 8),
+    LONG_NAME: (8, 8),
     "large": (3000, 4000),
 }
 
@@ -120,11 +126,15 @@ def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, t
         "--config.predict.save_prob=png",
     )
 
-    assert result.returncode == 2, result.stderr[-3000:]  # two files could not be read
-    assert "FATAL 2 of 13 input files could not be read" in result.stderr
-    for bad in ("corrupt.jpg", "empty.png"):
+    assert result.returncode == 3, result.stderr[-3000:]  # three files could not be predicted
+    assert "FATAL 3 of 15 input files could not be predicted" in result.stderr
+    for bad, why in (
+        ("corrupt.jpg", "cannot read it"),
+        ("empty.png", "cannot read it"),
+        ("wide.png", "cannot write its outputs (OSError: broken data stream"),
+    ):
         lines = [line for line in result.stderr.splitlines() if f"Skipping {inputs / bad}" in line]
-        assert len(lines) == 1, result.stderr[-3000:]
+        assert len(lines) == 1 and why in lines[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "ETA" in result.stderr
 
@@ -143,7 +153,8 @@ def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, t
             is_hair = np.asarray(Image.open(out / f"{name}_mask.png")) > 0
             np.testing.assert_array_equal(np.asarray(prob) >= 128, is_hair, err_msg=name)
     written = {p.name.rsplit("_", 1)[0] for p in out.iterdir()}
-    assert written == set(EXPECTED_SIZES)  # nothing for the corrupt, empty or text files
+    assert written == {*EXPECTED_SIZES, "wide"}  # nothing for the corrupt, empty or text files
+    assert sorted(p.name for p in out.glob("wide*")) == ["wide_mask.png"]  # before its overlay
     # Each mask is its own image's, whatever failed beside it in its batch.
     np.testing.assert_array_equal(
         np.asarray(Image.open(out / "d_copy_prob.png")),
@@ -206,19 +217,26 @@ def test_a_workdir_without_weights_makes_no_output_folder(inputs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_read_photo_applies_exif_orientation_alpha_and_16_bit(inputs):
+def test_read_photo_applies_exif_orientation_alpha_and_16_bit(inputs, tmp_path):
     assert predict.read_photo(inputs / "large.jpg").shape == (4000, 3000, 3)
     alpha = predict.read_photo(inputs / "alpha.png")
     assert (alpha[:, : alpha.shape[1] // 3 - 1] == 255).all()  # transparent -> white
     grey = predict.read_photo(inputs / "grey.png")
     np.testing.assert_array_equal(predict.read_photo(inputs / "grey16.png"), grey)
+    # 16-bit grey with one transparent value (a PNG tRNS chunk): reduced to 8 bits, not clipped
+    grey16 = np.asarray(Image.open(inputs / "grey16.png")).astype(np.uint16)
+    clear = grey16[0, 0]
+    Image.fromarray(grey16).save(tmp_path / "clear.png", transparency=int(clear))
+    expected = np.where((grey16 == clear)[..., None], np.uint8(255), grey)
+    np.testing.assert_array_equal(predict.read_photo(tmp_path / "clear.png"), expected)
     assert predict.read_photo(inputs / "tiny.png").shape == (8, 8, 3)
 
 
 def test_inputs_and_output_names(inputs, tmp_path):
     folder = predict.find_inputs(str(inputs))
-    assert [p.name for p in folder][:3] == list(FRAMES) and len(folder) == 13
-    assert predict.find_inputs(str(inputs / "*.png")) == sorted(inputs.glob("*.png"))
+    assert [p.name for p in folder][:3] == list(FRAMES) and len(folder) == 15
+    assert predict.find_inputs(str(inputs / "*")) == folder  # no text, no hidden file
+    assert predict.find_inputs(str(inputs / "*.png")) == sorted(inputs.glob("[!.]*.png"))
     assert predict.find_inputs(str(inputs / "tiny.png")) == [inputs / "tiny.png"]
     with pytest.raises(FileNotFoundError, match="No images at"):
         predict.find_inputs(str(tmp_path / "nothing*.jpg"))
@@ -280,4 +298,18 @@ def test_the_exit_status_counts_unreadable_files_up_to_100(workdir, tmp_path):
         workdir, f"--config.predict.input={broken}", f"--config.predict.output={tmp_path / 'o'}"
     )
     assert result.returncode == 100 and "Traceback" not in result.stderr
-    assert "FATAL 101 of 101 input files could not be read" in result.stderr
+    assert "FATAL 101 of 101 input files could not be predicted" in result.stderr
+
+
+def test_an_image_that_cannot_be_written_fails_alone_but_a_full_disk_stops(tmp_path, monkeypatch):
+    image, logits = np.zeros((2, 70000, 3), np.uint8), np.zeros((8, 8), np.float32)
+    why = predict.write_or_explain(tmp_path, "wide", image, logits, 0.5, "")
+    assert why.startswith("OSError: broken data stream when writing image file")
+    assert [p.name for p in tmp_path.iterdir()] == ["wide_mask.png"]
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(files, "write_atomically", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        predict.write_or_explain(tmp_path, "small", image[:, :8], logits, 0.5, "")

@@ -114,10 +114,14 @@ def mask_candidates(data_dir: Path, annotation: str, mask_source: str) -> list[P
     raise DataError(f"Unknown mask source {mask_source!r}; expected one of {MASK_SOURCES}.")
 
 
+# PIL's modes of one channel wider than 8 bits: integer (16- or 32-bit) and float grey.
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def to_rgb(image: Image.Image) -> np.ndarray:
     """A PIL image as uint8 RGB (H, W, 3): grey, palette and CMYK images are converted,
     16-bit images keep their top 8 bits, an alpha channel is dropped."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+    if image.mode in WIDE_GREY_MODES[:-1]:
         values = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
     elif image.mode == "F":
