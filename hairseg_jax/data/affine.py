@@ -45,14 +45,14 @@ def prefilter_size(
     ``affine``, as float32 scalars, and the rows of the 3x3 map from the image onto the shrunk
     one.
 
-    Along each axis the image shrinks by the input pixels per output pixel of ``affine`` (the
-    length of its x or y column: the crop's side over the output side) when that exceeds 1, to
-    a whole number of pixels; it keeps its size otherwise. Continuous coordinates scale with
-    the side.
+    Along each input axis the image shrinks by the input pixels one output pixel spans along
+    it (the length of ``affine``'s x or y row: the crop's side over the output side when not
+    rotated; a quarter turn swaps them) when that exceeds 1, to a whole number of pixels; it
+    keeps its size otherwise. Continuous coordinates scale with the side.
     """
 
-    def shrunk(side: Any, column: int) -> Any:
-        step = xp.sqrt(affine[0, column] ** 2 + affine[1, column] ** 2)
+    def shrunk(side: Any, row: int) -> Any:
+        step = xp.sqrt(affine[row, 0] ** 2 + affine[row, 1] ** 2)
         return xp.maximum(xp.round(side / xp.maximum(step, 1.0)), 1.0)
 
     new_height, new_width = shrunk(height, 1), shrunk(width, 0)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from hairseg_jax.data.affine import crop_map_rows
+from hairseg_jax.data.affine import crop_map_rows, prefilter_size
 
 
 def mapped(rows, x: float, y: float) -> tuple[float, float]:
@@ -39,3 +39,13 @@ def test_a_rotation_turns_about_the_crop_centre():
     assert mapped(rows, 4.0, 4.0) == pytest.approx((4.0, 4.0))
     # Output +x points along input +y: a quarter turn.
     assert mapped(rows, 6.0, 4.0) == pytest.approx((4.0, 6.0))
+
+
+@pytest.mark.parametrize("quarter_turns, expected", [(0, (600, 100)), (1, (100, 600))])
+def test_the_prefilter_shrinks_each_input_axis_by_the_step_along_it(quarter_turns, expected):
+    """A crop 6 times as wide as the output and as high: unturned, input x advances 6 pixels
+    per output pixel and shrinks 6 times; turned a quarter, input y does."""
+    angle = quarter_turns * math.pi / 2
+    rows = crop_map_rows(0.0, 0.0, 600.0, 100.0, math.cos(angle), math.sin(angle), 1, 1, 100)
+    height, width, _ = prefilter_size(600.0, 600.0, np.asarray(rows), np)
+    assert (height, width) == expected
