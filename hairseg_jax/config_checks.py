@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                 f"distributed.{setting}",
                 "is set, but distributed.enabled is False: enable it to join the other processes",
             )
+    address = dist.get("coordinator_address", "")
+    need(
+        not address or re.fullmatch(r"[^\s]+:[0-9]+", address) is not None,
+        "distributed.coordinator_address",
+        "must be HOST:PORT (process 0's)",
+    )
     need(data.dataset in ("figaro1k", "synthetic"), "data.dataset", "is not figaro1k or synthetic")
     need(data.mask_source in MASK_SOURCES, "data.mask_source", f"is not one of {MASK_SOURCES}")
     if data.dataset == "synthetic":

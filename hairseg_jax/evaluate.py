@@ -532,8 +532,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     settings = predictor_settings(config, "eval")
     run = scorer(config, state, mesh)
     leader = jax.process_index() == 0
-    if leader:
-        config_checks.make_folder(workdir, "--workdir")
+    # By every process, as training does: one stopping alone would leave the others waiting.
+    config_checks.make_folder(workdir, "--workdir")
 
     tuned = None
     if config.eval.tune_threshold:

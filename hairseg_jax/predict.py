@@ -205,8 +205,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     leader = jax.process_index() == 0
     mesh = sharding.data_mesh()
     state, weights, step = evaluate.load_state(config, workdir, mesh)
-    if leader:  # after the weights are found: a run that cannot predict makes no folder
-        config_checks.make_folder(output, "predict.output")
+    # After the weights are found (a run that cannot predict makes no folder), by every
+    # process: one stopping alone would leave the others waiting in the first prediction.
+    config_checks.make_folder(output, "predict.output")
     settings = evaluate.predictor_settings(config, "predict")
     threshold, source = evaluate.resolve_threshold(pc.threshold, workdir, step, settings)
     image_size = settings["image_size"]

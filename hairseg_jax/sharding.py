@@ -5,7 +5,9 @@ step jitted over such global arrays computes BatchNorm statistics and gradients 
 global batch (XLA inserts the all-reduces): synchronised BatchNorm with no explicit ``pmean``.
 """
 
+import errno
 import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +33,8 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """
     if not config.enabled:
         return
+    if config.coordinator_address and config.process_id == 0:
+        check_port_free(config.coordinator_address)
     try:
         jax.distributed.initialize(
             coordinator_address=config.coordinator_address or None,
@@ -43,6 +47,28 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
             "Open MPI, Kubernetes or Cloud TPU pass --config.distributed.coordinator_address, "
             "num_processes and process_id."
         ) from e
+    except RuntimeError as e:  # JaxRuntimeError: e.g. the coordinator's port is taken
+        raise ShardingError(
+            f"distributed.enabled=True, but the processes cannot join: "
+            f"{str(e).strip().splitlines()[0]} (coordinator {config.coordinator_address!r})."
+        ) from e
+
+
+def check_port_free(address: str) -> None:
+    """Raises ShardingError if this machine cannot listen on the port of ``address``
+    (``HOST:PORT``), where process 0's coordinator listens: JAX's service crashes the process
+    (a segmentation fault) on a port in use."""
+    port = int(address.rpartition(":")[2])
+    try:
+        with socket.socket(socket.AF_INET6) as probe:  # as the service binds: [::]:PORT
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as it does
+            probe.bind(("::", port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ShardingError(
+                f"distributed.coordinator_address={address!r}: port {port} is in use on this "
+                "machine (by an earlier run still alive?), and process 0 must listen on it."
+            ) from e
 
 
 def start_backend() -> None:

@@ -97,6 +97,11 @@ BAD_VALUES = [
     ("optim.poly_power", 0.0, "optim.poly_power=0.0 must be positive"),
     ("optim.head_lr_multiplier", 0.0, "optim.head_lr_multiplier=0.0 must be positive"),
     ("optim.warmup_steps", -1, "optim.warmup_steps=-1 must not be negative"),
+    (
+        "distributed.coordinator_address",
+        "localhost",
+        "distributed.coordinator_address='localhost' must be HOST:PORT (process 0's)",
+    ),
     ("seed", -1, "seed=-1 must be in [0, 2**32)"),
     ("seed", 2**32 + 5, "seed=4294967301 must be in [0, 2**32)"),
     ("loss.dice_weight", -0.5, "loss.dice_weight=-0.5 must not be negative"),

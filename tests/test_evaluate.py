@@ -54,6 +54,24 @@ def test_best_checkpoint_is_restored_into_shapes(tmp_path, trained_variables, mo
     assert state.params["aspp"]["conv1"]["kernel"].sharding == sharding.replicated(mesh)
 
 
+@pytest.mark.parametrize("process", [0, 1])
+def test_a_workdir_that_cannot_be_written_stops_every_process(
+    tmp_path, trained_variables, monkeypatch, process
+):
+    """Before any work, by every process: process 0 stopping alone left the others waiting."""
+    with checkpoints.closed_after(checkpoints.best_manager(tmp_path)) as best:
+        checkpoints.save(best, 3, trained_variables, metrics={checkpoints.BEST_METRIC: 0.5})
+    monkeypatch.setattr(evaluate.jax, "process_index", lambda: process)
+    monkeypatch.setattr(config_checks.os, "access", lambda path, mode: False)
+
+    def load_examples(*args):
+        raise AssertionError("the data are read after the check")
+
+    monkeypatch.setattr(evaluate.sources, "load_examples", load_examples)
+    with pytest.raises(config_checks.ConfigError, match="is a folder this user cannot write to"):
+        evaluate.evaluate(tiny_config(), tmp_path)
+
+
 def test_checkpoint_of_another_model_names_the_settings_it_was_trained_with(
     tmp_path, trained_variables
 ):

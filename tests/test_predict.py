@@ -200,7 +200,10 @@ def test_predict_uses_the_tuned_threshold_tta_and_matches_eval(workdir, inputs, 
         assert np.abs(overlay - photos[index])[mask].mean() > 20  # tinted where hair
 
 
-def test_output_that_cannot_be_a_folder_is_named(workdir, inputs, tmp_path):
+@pytest.mark.parametrize("process", [0, 1])
+def test_output_that_cannot_be_a_folder_is_named(workdir, inputs, tmp_path, monkeypatch, process):
+    """By every process: process 0 stopping alone left the others waiting for it."""
+    monkeypatch.setattr(predict.jax, "process_index", lambda: process)
     config = tiny_config()
     config.predict.input = str(inputs)
     config.predict.output = str(tmp_path / "taken")

@@ -196,6 +196,29 @@ def test_main_stops_with_one_line_on_an_indivisible_batch(tmp_path):
     assert not workdir.exists()
 
 
+def test_main_stops_with_one_line_where_the_coordinator_port_is_taken(tmp_path):
+    with socket.socket() as taken:  # JAX's service crashed the process on a port in use
+        taken.bind(("localhost", free_port()))
+        taken.listen()
+        address = f"localhost:{taken.getsockname()[1]}"
+        args = [
+            "--config=configs/synthetic.py",
+            f"--workdir={tmp_path / 'w'}",
+            "--config.distributed.enabled=True",
+            f"--config.distributed.coordinator_address={address}",
+            "--config.distributed.num_processes=1",
+            "--config.distributed.process_id=0",
+        ]
+        result = run_python("main.py", *args, env=cpu_env())
+    assert result.returncode == 1, result.stderr[-3000:]
+    fatal = [line for line in result.stderr.splitlines() if line.startswith("FATAL")]
+    assert len(fatal) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert fatal == [
+        f"FATAL distributed.coordinator_address={address!r}: port {address.split(':')[1]} is in "
+        "use on this machine (by an earlier run still alive?), and process 0 must listen on it."
+    ]
+
+
 # Two processes of 2 CPU devices each, joined by jax.distributed.
 
 
