@@ -118,7 +118,9 @@ def dice_per_threshold(
     pixels and over hair pixels, so every threshold's confusion counts are cumulative sums.
     """
     cuts = np.log(np.asarray(thresholds, np.float64) / (1 - np.asarray(thresholds, np.float64)))
-    levels = np.searchsorted(cuts, logits.ravel().astype(np.float64), side="left")
+    logits = logits.ravel().astype(np.float64)
+    # NaN sorts above every cut; as ``logits > cut`` is False for it, it is below them all.
+    levels = np.where(np.isnan(logits), 0, np.searchsorted(cuts, logits, side="left"))
     hair = mask.ravel().astype(bool)
     above = lambda counts: np.cumsum(counts[::-1])[::-1][1:]  # noqa: E731  (count >= i + 1)
     positives = above(np.bincount(levels, minlength=len(cuts) + 1))
