@@ -68,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     except MemoryError as e:  # the host's, e.g. NumPy's for a mistyped eval.image_size
         sys.exit(f"FATAL Out of host memory in {config.mode} mode ({e}): lower the sizes.")
     if config.mode == "predict" and result["failed"]:
-        # Exit status: the number of unreadable files (at most 100).
+        # Exit status: the number of files that could not be predicted (at most 100).
         print(f"FATAL {predict.failure_line(result)}", file=sys.stderr)
         sys.exit(min(len(result["failed"]), 100))
 
