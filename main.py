@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        sys.exit(f"FATAL Unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     try:
         run(FLAGS.config, FLAGS.workdir)
     except KeyboardInterrupt:  # training's loop checkpoints and stops instead

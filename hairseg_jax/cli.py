@@ -57,8 +57,7 @@ def parse_flags(argv: list[str]) -> list[str]:
                 "override (e.g. --config=configs/figaro.py)."
             )
         sys.exit(
-            f"FATAL Flags parsing error: {_one_line(str(e))}\n"
-            "Pass --helpshort or --helpfull for help."
+            f"FATAL Flags parsing error: {_one_line(str(e))} (--helpshort or --helpfull for help)"
         )
     except OSError as e:  # ml_collections: the config file could not be loaded
         last = str(e).strip().splitlines()[-1].strip()  # the cause, e.g. "[Errno 2] No such ..."

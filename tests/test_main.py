@@ -117,14 +117,15 @@ def test_restart_resumes_from_latest_checkpoint(trained, figaro_dir, tmp_path):
         ("--config.model.backbone=resnet13", "model.backbone='resnet13' is not one of"),
         ("--config.data.data_dir=/no/such/dir", "Data directory /no/such/dir does not exist"),
         ("--nope=1", "FATAL Flags parsing error: Unknown command line flag 'nope'"),
-        ("stray", "Unexpected arguments: stray"),
+        ("stray", "FATAL Unexpected arguments: stray (flags are --name=value)"),
     ],
 )
 def test_bad_input_gives_one_clear_line(override, message, tmp_path):
     workdir = tmp_path / "w"
     result = run_main(f"--workdir={workdir}", override)
     assert result.returncode != 0
-    assert message in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the config, where it was read
+    assert last.startswith("FATAL") and message in last, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
 
