@@ -50,6 +50,24 @@ def expand_user(config: ml_collections.ConfigDict) -> None:
             config[section][name] = os.path.expanduser(value)
 
 
+def check_folder(path: str | os.PathLike, name: str) -> None:
+    """Raises ConfigError where ``make_folder(path, name)`` would, as far as can be told without
+    making anything: ``path`` or its nearest existing parent is a file, or a folder this user
+    cannot write to."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{name}={str(path)!r} cannot be made a folder ({existing} is a file).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == path:
+            raise ConfigError(f"{name}={str(path)!r} is a folder this user cannot write to.")
+        raise ConfigError(
+            f"{name}={str(path)!r} cannot be made a folder ({existing} cannot be written to)."
+        )
+
+
 def make_folder(path: str | os.PathLike, name: str) -> Path:
     """Creates the folder ``path`` (and its parents) that ``name`` (a field or flag) gives, or
     raises ConfigError saying why it cannot be one (a file of that name, no permission, ...)

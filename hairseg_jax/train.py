@@ -201,6 +201,7 @@ def _train_and_evaluate(
 ) -> dict:
     """``train_and_evaluate`` under its stop requests; ``closing`` closes what it opens."""
     check_saved_config(config, workdir)
+    config_checks.check_folder(workdir, "--workdir")  # made once the data are found usable
     if config.model.get("pretrained") and not checkpoints.holds_checkpoints(workdir):
         convert.check_pretrained(config.model.pretrained)  # a mistyped name before any work
     mesh = sharding.data_mesh()

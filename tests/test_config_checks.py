@@ -407,6 +407,23 @@ def test_path_fields_get_the_home_expanded(monkeypatch, tmp_path):
         assert name in config[section]
 
 
+def test_a_folder_that_cannot_be_made_is_named_before_it_is_made(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError) as error:
+        config_checks.check_folder(tmp_path / "file" / "w", "--workdir")
+    message = f"--workdir='{tmp_path / 'file' / 'w'}' cannot be made a folder ("
+    assert str(error.value) == message + f"{tmp_path / 'file'} is a file)."
+    config_checks.check_folder(tmp_path / "new" / "w", "--workdir")  # can be made
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(config_checks.os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError) as error:
+        config_checks.check_folder(tmp_path / "new" / "w", "--workdir")
+    message = f"--workdir='{tmp_path / 'new' / 'w'}' cannot be made a folder ("
+    assert str(error.value) == message + f"{tmp_path} cannot be written to)."
+    with pytest.raises(ConfigError, match="is a folder this user cannot write to"):
+        config_checks.check_folder(tmp_path, "--workdir")
+
+
 def test_a_folder_that_cannot_be_written_is_named(monkeypatch, tmp_path):
     """E.g. a read-only mount: found before the work, not at the first file written."""
     assert config_checks.make_folder(tmp_path / "w", "--workdir") == tmp_path / "w"

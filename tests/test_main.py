@@ -206,9 +206,10 @@ def test_a_workdir_that_cannot_be_a_folder_gives_one_clear_line(figaro_dir, tmp_
     taken.write_text("")
     result = run_main(f"--workdir={taken}", figaro_dir=figaro_dir)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"FATAL --workdir='{taken}' cannot be made a folder ([Errno 17] File exists" in (
+    assert f"FATAL --workdir='{taken}' cannot be made a folder ({taken} is a file)." in (
         result.stderr
     )
+    assert "Reading" not in result.stderr  # before the data
 
 
 def test_distributed_without_a_cluster_or_coordinator_gives_one_clear_line(tmp_path):
