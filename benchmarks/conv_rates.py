@@ -1,5 +1,6 @@
 """Every convolution of the model, timed alone: JAX as ``Conv2d`` computes it here, XLA's
-plain convolution, and (with ``--torch``) PyTorch's ``conv2d`` on the CPU.
+plain convolution, and (with ``--torch``) PyTorch's ``conv2d`` (on the GPU where torch has
+CUDA, else on the CPU).
 
     python benchmarks/conv_rates.py --backbone=resnet101 --size=227 --batch=4 --torch
     python benchmarks/conv_rates.py --backbone=resnet101 --size=512 --batch=16 --dtype=bfloat16
@@ -105,19 +106,21 @@ def jax_ms(call: ConvCall, repeats: int, dtype: str) -> tuple[float, float]:
 
 def torch_ms(call: ConvCall, repeats: int, dtype: str) -> tuple[float, float]:
     """PyTorch's forward and forward-with-gradients milliseconds of ``call`` in ``dtype``
-    (channels-last, on the CPU)."""
+    (channels-last; on the GPU where torch has CUDA, as train_step.py's reference)."""
     import torch
     import torch.nn.functional as F
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     batch, height, width, channels = call.input_shape
     generator = torch.Generator().manual_seed(0)
     shape = (call.features, channels // call.groups, call.kernel_size, call.kernel_size)
     torch_dtype = getattr(torch, dtype)
-    x = torch.randn(batch, channels, height, width, generator=generator).to(torch_dtype)
+    x = torch.randn(batch, channels, height, width, generator=generator).to(device, torch_dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(*shape, generator=generator).to(torch_dtype)
+    w = torch.randn(*shape, generator=generator).to(device, torch_dtype)
     w = w.contiguous(memory_format=torch.channels_last)
-    b = torch.zeros(call.features, dtype=torch_dtype) if call.use_bias else None
+    b = torch.zeros(call.features, dtype=torch_dtype, device=device) if call.use_bias else None
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
     kwargs = dict(
         stride=call.strides,
         padding=call.dilation * (call.kernel_size // 2),
@@ -127,12 +130,16 @@ def torch_ms(call: ConvCall, repeats: int, dtype: str) -> tuple[float, float]:
 
     def forward():
         with torch.no_grad():
-            return F.conv2d(x, w, b, **kwargs)
+            y = F.conv2d(x, w, b, **kwargs)
+        synchronize()
+        return y
 
     def both():
         inputs = (x.detach().requires_grad_(), w.detach().requires_grad_())
         y = F.conv2d(*inputs, b, **kwargs)
-        return y, torch.autograd.grad(y, inputs, torch.ones_like(y))
+        grads = torch.autograd.grad(y, inputs, torch.ones_like(y))
+        synchronize()
+        return y, grads
 
     return best_ms(forward, repeats), best_ms(both, repeats)
 

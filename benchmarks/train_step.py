@@ -7,8 +7,10 @@ Prints one line per case; compile time is reported apart from the step time.
     python benchmarks/train_step.py --backbones=resnet101 --sizes=227 --batches=4 --torch
 
 FLOPs: ``model_gflops`` counts every convolution and matmul of the forward pass from the
-jaxpr (2 * outputs * kernel taps * input channels; dilation leaves the count unchanged) and
-takes a train step as 3x the forward pass (forward, input and weight gradients). The jaxpr
+jaxpr (2 * outputs * kernel taps * input channels; the image resizes' matrix products too; the
+taps of a dilated convolution that only ever read padding are not in the jaxpr, the model
+drops them) and takes a train step as 3x the forward pass (forward, input and weight
+gradients); MFU divides by every device's peak together. The jaxpr
 is traced in its plain form (``layers.reference_formulations``), so the count is the same on
 every backend, whatever the CPU computes instead (tap products, Winograd).
 ``xla_gflops`` is XLA's own cost analysis of the compiled step, which may differ (it counts
@@ -136,6 +138,31 @@ def case_config(base, backbone: str, size: int, batch: int, dtype: str, output_s
     return config
 
 
+# What the PyTorch reference step computes (the original project's: SGD, BCE, dropout 0.5, no
+# EMA) and what its model is; a config other than these is not compared with it.
+TORCH_STEP = {
+    "optim.name": "sgd",
+    "optim.nesterov": False,
+    "loss.dice_weight": 0.0,
+    "model.dropout": 0.5,
+    "train.ema_decay": 0.0,
+}
+TORCH_MODEL = {"model.multi_grid": (1, 2, 4), "model.align_corners": False}
+
+
+def torch_differences(config, predict: bool) -> list[str]:
+    """The fields (``key=value``) in which ``config`` asks for another step (or, with
+    ``predict``, another model) than the PyTorch reference's."""
+    reference = TORCH_MODEL if predict else TORCH_MODEL | TORCH_STEP
+    found = []
+    for key, expected in reference.items():
+        section, name = key.split(".")
+        value = config[section][name]
+        if (tuple(value) if isinstance(value, list | tuple) else value) != expected:
+            found.append(f"{key}={value!r} (the reference's: {expected!r})")
+    return found
+
+
 class JaxCase(NamedTuple):
     """A compiled step with its inputs and FLOP counts per image."""
 
@@ -163,7 +190,8 @@ def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
     sharding.check_batch_size(batch, mesh)
     model = models.build_model(config.model)
     tx = steps.create_optimizer(config.optim, steps.learning_rate_schedule(config.optim, 10_000))
-    state = steps.create_train_state(jax.random.PRNGKey(0), model, size, tx, mesh=mesh)
+    ema = config.train.ema_decay > 0  # the recipe's step, its EMA update included
+    state = steps.create_train_state(jax.random.PRNGKey(0), model, size, tx, ema, mesh=mesh)
     rng = np.random.default_rng(0)
     host_batch = {
         "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
@@ -192,7 +220,8 @@ def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
         state, out = compiled(state, inputs)
         return state, out["loss"]
 
-    return JaxCase(run, state, compiled, compile_s, model_flops, xla_flops / batch)
+    # XLA's cost is the program of one device, which computes its share of the batch.
+    return JaxCase(run, state, compiled, compile_s, model_flops, xla_flops * mesh.size / batch)
 
 
 def time_jax(case: JaxCase, steps_timed: int, warmup: int) -> tuple[float, Any]:
@@ -316,7 +345,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = jax.devices()[0]
-    peak = spec.bf16_peak if (spec := accelerator(device.device_kind)) else None
+    spec = accelerator(device.device_kind)
+    peak = spec.bf16_peak * jax.device_count() if spec else None  # the step runs on them all
     print(
         f"# devices={jax.device_count()}x{device.device_kind} jax={jax.__version__} "
         f"python={platform.python_version()} cpu_cores={os.cpu_count()}",
@@ -324,6 +354,13 @@ def main() -> None:
     )
     kind = "predict_step" if args.predict else "train_step"
     base = base_config(args.config, args.set)
+    if (args.torch or args.torch_compile) and (
+        differences := torch_differences(base, args.predict)
+    ):
+        sys.exit(
+            f"--torch times the original's step, which {args.config} does not compute: "
+            f"{', '.join(differences)}. Use configs/figaro.py, or --set those fields."
+        )
     for backbone, size, batch, dtype in itertools.product(
         args.backbones, args.sizes, args.batches, args.dtypes
     ):

@@ -25,14 +25,16 @@ BARE = (
 )
 
 
-def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, args: list[str], env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Runs ``python script *args`` (its folder first on ``sys.path``) on a bare install."""
     folder = str(Path(script).parent)
     code = (
         f"{BARE}sys.argv = {[script, *args]!r}\nsys.path.insert(0, {folder!r})\n"
         f"runpy.run_path({script!r}, run_name='__main__')\n"
     )
-    return run_python("-c", code)
+    return run_python("-c", code, env=env)
 
 
 def load_train_step():
@@ -94,17 +96,55 @@ def test_time_jax_waits_for_the_warmup_predictions_before_timing(monkeypatch):
 
 
 def test_train_step_alternates_jax_and_torch_without_tensorflow(torch):
-    args = ["--config=configs/figaro_cpu.py", "--backbones=resnet18", "--sizes=64"]
+    """On 2 devices: XLA's FLOPs are those of one device's program, which runs half the batch."""
+    args = ["--config=configs/figaro.py", "--backbones=resnet18", "--sizes=64"]
     args += ["--batches=2", "--steps=1", "--warmup=0", "--torch", "--rounds=2"]
-    result = run_script("benchmarks/train_step.py", args)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = run_script("benchmarks/train_step.py", args, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("train_step")]
     assert [line.split()[1] for line in lines] == ["impl=jax", "impl=torch"]
+    jax_fields = dict(field.split("=", 1) for field in lines[0].split()[1:])
+    xla, model = (float(jax_fields[f"{k}_gflops_per_image"]) for k in ("xla", "model"))
+    assert 0.7 < xla / model < 1.3  # 0.47 when one device's FLOPs were spread over the batch
     fields = dict(field.split("=", 1) for field in lines[1].split()[1:])
     assert fields["rounds"] == "2"
     assert len(fields["jax_ms"].split(",")) == len(fields["torch_ms"].split(",")) == 2
     jax_s, torch_s = float(fields["jax_median_ms_per_step"]), float(fields["ms_per_step"])
     assert float(fields["jax_over_torch"]) == pytest.approx(torch_s / jax_s, abs=0.01)
+
+
+def test_train_step_times_the_recipes_step_with_its_ema(monkeypatch):
+    train_step = load_train_step()
+    asked = []
+
+    def create_train_state(rng, model, image_size, tx, ema=False, mesh=None):
+        asked.append(ema)
+        raise StopIteration  # nothing more is needed
+
+    monkeypatch.setattr(train_step.steps, "create_train_state", create_train_state)
+    config = train_step.base_config(str(REPO / "configs/figaro_cpu.py"), [])
+    assert config.train.ema_decay > 0
+    with pytest.raises(StopIteration):
+        train_step.compile_jax(config, predict=False)
+    assert asked == [True]
+
+
+def test_train_step_compares_with_torch_only_the_step_the_reference_computes(torch):
+    """The reference is the original's step (SGD, BCE, dropout 0.5, no EMA): JAX's AdamW, Dice
+    term and EMA of figaro_cpu.py against it would be another comparison."""
+    args = ["--config=configs/figaro_cpu.py", "--backbones=resnet18", "--sizes=64", "--torch"]
+    result = run_script("benchmarks/train_step.py", args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "--torch times the original's step, which configs/figaro_cpu.py does not compute: "
+        "optim.name='adamw' (the reference's: 'sgd'), loss.dice_weight=0.5 (the reference's: "
+        "0.0), model.dropout=0.1 (the reference's: 0.5), train.ema_decay=0.998 (the "
+        "reference's: 0.0). Use configs/figaro.py, or --set those fields."
+    )
+    train_step = load_train_step()
+    config = train_step.base_config(str(REPO / "configs/figaro_cpu.py"), [])
+    assert train_step.torch_differences(config, predict=True) == []  # the same model
 
 
 def test_conv_rates_times_every_convolution_in_both_libraries(torch):
@@ -125,7 +165,8 @@ def test_conv_rates_times_every_convolution_in_both_libraries(torch):
                 sum(int(conv["count"]) * float(conv[key]) for conv in convs), abs=1.0
             )
 
-    # The FLOPs are the model's as train_step.py counts them, less the image resizes.
+    # The FLOPs are the model's as train_step.py counts them, less the image resizes (both
+    # leave out the taps of dilated convolutions that only ever read padding).
     train_step = load_train_step()
     config = train_step.base_config(str(REPO / "configs/figaro.py"), ["model.backbone=resnet18"])
     model_gflops = train_step.image_forward_flops(models.build_model(config.model), 64) / 1e9
