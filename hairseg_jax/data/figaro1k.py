@@ -8,6 +8,7 @@ Layout (unchanged from the original PyTorch project)::
     train_val_test.json               {"train": [{"annotation": ..., "image": ...}], "val", "test"}
 """
 
+import collections
 import concurrent.futures
 import json
 import logging
@@ -53,9 +54,19 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
         raise DataError(f"Split file {path} has no readable {split!r} list: {e}") from e
     if not entries:
         raise DataError(f"Split {split!r} of {path} is empty.")
-    images = _images(entries)
+    names = _image_names(entries)
+    repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+    if repeated:  # each is read, trained on or scored as often as it is listed
+        logging.warning(
+            "Split file %s lists images of %r more than once (%d, e.g. %s).",
+            path,
+            split,
+            len(repeated),
+            repeated[0],
+        )
+    images = set(names)
     for other in SPLITS:
-        shared = images & _images(lists.get(other)) if other != split else set()
+        shared = images & set(_image_names(lists.get(other))) if other != split else set()
         if shared:  # e.g. a hand-made split: scores on the other split are not held out
             logging.warning(
                 "Split file %s lists images of %r in %r too (%d, e.g. %s).",
@@ -68,11 +79,16 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
     return entries
 
 
-def _images(entries: object) -> set[str]:
-    """The image names of a split's entries (none for anything but a list of entries)."""
+def _image_names(entries: object) -> list[str]:
+    """The image file names of a split's entries, however their folders are written (none for
+    anything but a list of entries)."""
     if not isinstance(entries, list):
-        return set()
-    return {e["image"] for e in entries if isinstance(e, dict) and isinstance(e.get("image"), str)}
+        return []
+    return [
+        Path(e["image"]).name
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("image"), str)
+    ]
 
 
 def frame_name(image_file: str) -> str:
@@ -174,8 +190,9 @@ def read_example(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndar
         image, mask = read_image(image_path), read_mask(mask_path)
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as e:  # PIL and np.load on broken files
-        raise DataError(f"Cannot decode {image_path} or {mask_path}: {e}") from e
+    except Exception as e:  # noqa: BLE001  (PIL and np.load raise many kinds on broken files)
+        why = f"{type(e).__name__}: {e}".replace("\n", " ")
+        raise DataError(f"Cannot decode {image_path} or {mask_path}: {why}") from e
     if image.shape[:2] != mask.shape:
         raise DataError(
             f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "

@@ -159,7 +159,7 @@ def test_split_file_in_utf16_is_named_and_a_byte_order_mark_is_read(folder):
     assert read_split(folder, "train", split_file="bom.json").names == ["Frame00001", "Frame00002"]
 
 
-def test_images_listed_in_two_splits_are_warned_about(folder, caplog):
+def test_images_listed_in_two_splits_or_twice_are_warned_about(folder, caplog):
     lists = json.loads((folder / "train_val_test.json").read_text())
     lists["test"] = lists["train"][1:]  # a hand-made split that tests on a training image
     (folder / "leaky.json").write_text(json.dumps(lists))
@@ -172,6 +172,21 @@ def test_images_listed_in_two_splits_are_warned_about(folder, caplog):
     caplog.clear()
     read_split(folder, "train")  # the folder's own split: disjoint, no warning
     assert not caplog.messages
+    # The same image written with its folder, or listed twice in one split.
+    lists["test"] = [
+        {**lists["train"][0], "image": str(folder / "GT" / "images" / "Frame00001-org.jpg")}
+    ]
+    lists["train"] = [*lists["train"], lists["train"][1]]
+    (folder / "leaky.json").write_text(json.dumps(lists))
+    with caplog.at_level(logging.WARNING):
+        examples = read_split(folder, "train", split_file="leaky.json")
+    assert examples.names == ["Frame00001", "Frame00002", "Frame00002"]  # as listed
+    assert caplog.messages == [
+        f"Split file {folder / 'leaky.json'} lists images of 'train' more than once (1, e.g. "
+        "Frame00002-org.jpg).",
+        f"Split file {folder / 'leaky.json'} lists images of 'train' in 'test' too (1, e.g. "
+        "Frame00001-org.jpg).",
+    ]
 
 
 def test_empty_split(folder):
@@ -356,7 +371,18 @@ def test_all_missing_files_are_reported_together(folder):
     assert "Frame00002-org.jpg" in str(error.value) and "Frame00007-org.jpg" in str(error.value)
 
 
-@pytest.mark.parametrize("broken", ["truncated_jpeg", "text_as_jpeg", "truncated_pbm", "bad_npy"])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "truncated_jpeg",
+        "text_as_jpeg",
+        "truncated_pbm",
+        "bad_npy",
+        "npy_header",  # np.load raised tokenize.TokenError
+        "npy_shape",  # a header of a huge shape: MemoryError
+        "pbm_size",  # 20000x20000: PIL's DecompressionBombError
+    ],
+)
 def test_corrupt_file_is_named_or_skipped(folder, broken):
     image = folder / "GT" / "images" / "Frame00002-org.jpg"
     pbm = folder / "GT" / "labels" / "Frame00002-gt.pbm"
@@ -370,9 +396,19 @@ def test_corrupt_file_is_named_or_skipped(folder, broken):
     elif broken == "truncated_pbm":
         pbm.write_bytes(pbm.read_bytes()[:12])
         bad = pbm
+    elif broken == "pbm_size":
+        pbm.write_bytes(b"P4\n20000 20000\n" + b"\0" * 64)
+        bad = pbm
     else:
         bad = folder / "GT" / "np_labels" / "Frame00002.npy"
-        bad.write_bytes(b"\x93NUMPY garbage")
+        np.save(bad, as_npy(random_mask(seed=1)))
+        header = {
+            "bad_npy": (b"\x93NUMPY garbage", b""),
+            "npy_header": (b"(12, 16, 3), }", b"(12, 16, 3\xe5 }"),
+            "npy_shape": (b"3), }" + b" " * 13, b"39999999999999), }"),
+        }[broken]
+        data = bad.read_bytes()
+        bad.write_bytes(data.replace(*header) if header[1] else header[0])
         source = "npy"
         np.save(folder / "GT" / "np_labels" / "Frame00001.npy", as_npy(random_mask(seed=0)))
     with pytest.raises(DataError, match="1 of 2 examples of split 'train' cannot be used") as e:
