@@ -4,10 +4,10 @@
         --config.predict.input='photos/*.jpg' --config.predict.output=masks/
 
 Each readable image (JPEG, PNG incl. RGBA, grey and 16-bit, WebP, BMP, TIFF, GIF; up to
-Pillow's 179 megapixels;
-EXIF orientation applied) is resized to a ``predict.image_size`` square like eval resizes, the
-logits are resized back to the image's own size, and ``<name>_mask.png`` (0/255),
-``<name>_overlay.jpg`` (hair tinted) and optionally ``<name>_prob.png`` / ``.npy`` are written.
+Pillow's 179 megapixels; EXIF orientation applied) is resized to a ``predict.image_size``
+square like eval resizes, the logits are resized back to the image's own size, and
+``<name>_mask.png`` (0/255), ``<name>_overlay.jpg`` (hair tinted) and optionally
+``<name>_prob.png`` / ``.npy`` are written.
 Files that cannot be read (or whose outputs cannot be written: an image too large for JPEG, a
 name too long) are logged one line each and skipped; the summary lists them.
 """
