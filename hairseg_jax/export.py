@@ -122,15 +122,24 @@ def export(
         except tf.errors.OpError as e:  # TensorFlow's own, e.g. ResourceExhaustedError
             raise OSError(f"Cannot write the SavedModel to {out}: {e.message}") from e
         files.write_json(staging / "hairseg.json", record)
-        for item in staging.iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        move_into(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logging.info("Exported %s to %s: %s", weights, out, record)
     return record
+
+
+def move_into(staging: Path, out: Path) -> None:
+    """Moves the SavedModel in ``staging`` into ``out``, replacing the entries of the same
+    names (others stay), so that ``out`` never holds parts of two models: the old graph
+    (``saved_model.pb``) goes first, so nothing loads from ``out`` while it changes, and the new
+    one comes last, after its variables."""
+    (out / "saved_model.pb").unlink(missing_ok=True)
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == "saved_model.pb"):
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
 
 
 # Config fields that export checks or reads, added since training first wrote config.json,

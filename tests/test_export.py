@@ -159,6 +159,38 @@ def test_an_export_that_fails_leaves_out_as_it_was(workdir, tmp_path, monkeypatc
     assert [p.name for p in out.iterdir()] == ["older.txt"]
 
 
+def test_a_new_saved_model_replaces_the_old_without_a_mix_of_the_two(tmp_path, monkeypatch):
+    """The old graph goes first and the new one comes last: a kill in between leaves --out
+    unloadable, never the new graph with the old variables (or the reverse)."""
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    for folder, version in ((out, "old"), (staging, "new")):
+        (folder / "variables").mkdir(parents=True)
+        for name in ("saved_model.pb", "fingerprint.pb", "hairseg.json", "variables/data"):
+            (folder / name).write_text(version)
+    (out / "notes.txt").write_text("the user's")
+    events = []
+    real_replace, real_unlink = export.os.replace, Path.unlink
+    monkeypatch.setattr(
+        export.os,
+        "replace",
+        lambda a, b: events.append(("new", Path(b).name)) or real_replace(a, b),
+    )
+    monkeypatch.setattr(
+        Path, "unlink", lambda p, **kw: events.append(("gone", p.name)) or real_unlink(p, **kw)
+    )
+    export.move_into(staging, out)
+    assert events[0] == ("gone", "saved_model.pb") and events[-1] == ("new", "saved_model.pb")
+    assert {name for _, name in events} == {
+        "saved_model.pb",
+        "fingerprint.pb",
+        "hairseg.json",
+        "variables",
+    }
+    for name in ("saved_model.pb", "fingerprint.pb", "hairseg.json", "variables/data"):
+        assert (out / name).read_text() == "new", name
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
 def test_a_config_saved_by_an_older_version_gets_the_fields_added_since(tmp_path):
     saved = json.loads(tiny_config().to_json_best_effort())
     for group, defaults in export.ADDED_FIELDS.items():
