@@ -157,6 +157,36 @@ def stop_requests() -> Iterator[Callable[[int], bool]]:
             signal.signal(s, handler)
 
 
+class StopOnWriteError:
+    """Process 0's metric writer in a run of several processes. Its first error (TensorBoard's
+    events that cannot be written, raised at the writer's next use) is kept in ``error`` and
+    sent as a preemption notice (SIGTERM, which JAX's preemption service passes to every
+    process), so that all of them save the same step and stop; process 0 alone stopping at
+    once would leave the others waiting in the step's all-reduce. Later writes are dropped."""
+
+    def __init__(self, writer: metric_writers.MetricWriter):
+        self._writer = writer
+        self.error: asynclib.AsyncError | None = None
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._writer, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.error is not None:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except asynclib.AsyncError as e:
+                self.error = e
+                logging.error(
+                    "Cannot write the TensorBoard events (%s): stopping.", e.__cause__ or e
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+                return None
+
+        return call
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Trains with periodic validation and checkpoints; resumes from ``workdir`` if possible.
 
@@ -217,6 +247,8 @@ def _train_and_evaluate(
         )
     config_checks.make_folder(workdir, "--workdir")
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        writer = StopOnWriteError(writer)
     closing.callback(writer.close)
 
     total_steps = steps.total_train_steps(config.train, len(train_data))
@@ -454,4 +486,6 @@ def _train_and_evaluate(
         keep_step_before_stopping(step, state, evaluated)
         raise
     checkpoints.check(latest, wait=True)  # the last save's failure, if any, before returning
+    if isinstance(writer, StopOnWriteError) and writer.error is not None:
+        raise writer.error  # once every process saved the step it stopped at
     return val_summary

@@ -308,12 +308,30 @@ def test_two_processes_train_and_predict_like_one_device(tmp_path):
     assert_trees_close("2 processes", pickle.loads(out.read_bytes()), expected)
 
 
-def preempted_worker(process_id: int, port: int, workdir: str) -> None:
+def preempted_worker(process_id: int, port: int, workdir: str, failing_events: int = 0) -> None:
     """Subprocess body: one of 2 processes training ``TinyNet`` with ``train_and_evaluate``
-    (the loop a preemption notice must stop) until told to stop."""
+    (the loop a preemption notice must stop) until told to stop; with ``failing_events``,
+    process 0's TensorBoard events cannot be written from that step on."""
     from absl import logging
+    from clu import asynclib
 
     from hairseg_jax import train
+
+    create_writer = train.metric_writers.create_default_writer
+
+    def failing_writer(*args, **kwargs):
+        writer = create_writer(*args, **kwargs)
+        write_scalars = writer.write_scalars
+
+        def write(step, scalars):
+            if failing_events and process_id == 0 and step >= failing_events:
+                raise asynclib.AsyncError("No space left on device")
+            return write_scalars(step, scalars)
+
+        writer.write_scalars = write
+        return writer
+
+    train.metric_writers.create_default_writer = failing_writer
 
     logging.set_verbosity("info")  # the step log the test waits for
     logging.set_stderrthreshold("info")
@@ -332,14 +350,14 @@ def preempted_worker(process_id: int, port: int, workdir: str) -> None:
     train.train_and_evaluate(config, workdir)
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
-    """A preemption notice to one host: both save the same step and exit 0; only process 0
-    writes the config and metrics."""
-    workdir, port = tmp_path / "w", free_port()
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    workers = []
+def start_workers(workdir: Path, logs: list[Path], failing_events: int = 0) -> list:
+    """Both processes of ``preempted_worker``, their stderr in ``logs``."""
+    port, workers = free_port(), []
     for i, log in enumerate(logs):
-        code = f"from tests import test_sharding as t; t.preempted_worker({i}, {port}, '{workdir}')"
+        code = (
+            "from tests import test_sharding as t; "
+            f"t.preempted_worker({i}, {port}, '{workdir}', {failing_events})"
+        )
         with log.open("w") as stderr:
             workers.append(
                 subprocess.Popen(
@@ -350,6 +368,15 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
                     stderr=stderr,
                 )
             )
+    return workers
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """A preemption notice to one host: both save the same step and exit 0; only process 0
+    writes the config and metrics."""
+    workdir = tmp_path / "w"
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    workers = start_workers(workdir, logs)
     try:
         for _ in range(3000):  # until process 1 has trained a few steps, at most 5 minutes
             if "[3] learning_rate" in logs[1].read_text() or workers[1].poll() is not None:
@@ -371,6 +398,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     assert os.listdir(workdir / "checkpoints") == [str(step)]
     assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
     assert (workdir / "config.json").is_file()
+
+
+def test_events_that_process_0_cannot_write_stop_both_at_one_saved_step(tmp_path):
+    """Process 0 stopping alone left process 1 waiting in the step's all-reduce for minutes:
+    now both save the same step, process 0 then reports the error, process 1 exits 0."""
+    workdir = tmp_path / "w"
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    workers = start_workers(workdir, logs, failing_events=3)
+    try:
+        for worker in workers:
+            worker.wait(timeout=120)
+    finally:
+        for worker in workers:
+            worker.kill()
+    texts = [log.read_text() for log in logs]
+    assert [worker.returncode for worker in workers][1] == 0, texts[1][-3000:]
+    assert workers[0].returncode != 0 and "Cannot write the TensorBoard events" in texts[0]
+    stops = [re.findall(r"Stopped at step (\d+);", text) for text in texts]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+    assert os.listdir(workdir / "checkpoints") == stops[0]
 
 
 # In-process, on this process's devices.
