@@ -371,6 +371,17 @@ def start_workers(workdir: Path, logs: list[Path], failing_events: int = 0) -> l
     return workers
 
 
+def wait_for(workers: list, logs: list[Path], timeout: float) -> list[str]:
+    """The ``logs`` of ``workers`` once they end (killed after ``timeout`` seconds each)."""
+    try:
+        for worker in workers:
+            worker.wait(timeout=timeout)
+    finally:
+        for worker in workers:
+            worker.kill()
+    return [log.read_text() for log in logs]
+
+
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     """A preemption notice to one host: both save the same step and exit 0; only process 0
     writes the config and metrics."""
@@ -383,12 +394,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
                 break
             time.sleep(0.1)
         workers[1].send_signal(signal.SIGTERM)
-        for worker in workers:
-            worker.wait(timeout=300)
     finally:
-        for worker in workers:
-            worker.kill()
-    texts = [log.read_text() for log in logs]
+        texts = wait_for(workers, logs, timeout=300)
     for worker, text in zip(workers, texts, strict=True):
         assert worker.returncode == 0, text[-3000:]
     stops = [re.findall(r"Stopped at step (\d+);", text) for text in texts]
@@ -406,13 +413,7 @@ def test_events_that_process_0_cannot_write_stop_both_at_one_saved_step(tmp_path
     workdir = tmp_path / "w"
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     workers = start_workers(workdir, logs, failing_events=3)
-    try:
-        for worker in workers:
-            worker.wait(timeout=120)
-    finally:
-        for worker in workers:
-            worker.kill()
-    texts = [log.read_text() for log in logs]
+    texts = wait_for(workers, logs, timeout=120)
     assert [worker.returncode for worker in workers][1] == 0, texts[1][-3000:]
     assert workers[0].returncode != 0 and "Cannot write the TensorBoard events" in texts[0]
     stops = [re.findall(r"Stopped at step (\d+);", text) for text in texts]
