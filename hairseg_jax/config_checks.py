@@ -54,14 +54,14 @@ def check_folder(path: str | os.PathLike, name: str) -> None:
     """Raises ConfigError where ``make_folder(path, name)`` would, as far as can be told without
     making anything: ``path`` or its nearest existing parent is a file, or a folder this user
     cannot write to."""
-    path = Path(path).absolute()
-    existing = path
+    path = Path(path)
+    existing = path.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"{name}={str(path)!r} cannot be made a folder ({existing} is a file).")
     if not os.access(existing, os.W_OK | os.X_OK):
-        if existing == path:
+        if existing == path.absolute():
             raise ConfigError(f"{name}={str(path)!r} is a folder this user cannot write to.")
         raise ConfigError(
             f"{name}={str(path)!r} cannot be made a folder ({existing} cannot be written to)."
@@ -76,8 +76,7 @@ def make_folder(path: str | os.PathLike, name: str) -> Path:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{name}={str(path)!r} cannot be made a folder ({e}).") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{name}={str(path)!r} is a folder this user cannot write to.")
+    check_folder(path, name)  # now that it exists: whether it can be written to
     return Path(path)
 
 

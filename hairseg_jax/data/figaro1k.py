@@ -131,13 +131,14 @@ def mask_candidates(data_dir: Path, annotation: str, mask_source: str) -> list[P
 
 
 # PIL's modes of one channel wider than 8 bits: integer (16- or 32-bit) and float grey.
-WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+INTEGER_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+WIDE_GREY_MODES = (*INTEGER_GREY_MODES, "F")
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
     """A PIL image as uint8 RGB (H, W, 3): grey, palette and CMYK images are converted,
     16-bit images keep their top 8 bits, an alpha channel is dropped."""
-    if image.mode in WIDE_GREY_MODES[:-1]:
+    if image.mode in INTEGER_GREY_MODES:
         values = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
     elif image.mode == "F":
