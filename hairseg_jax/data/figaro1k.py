@@ -137,12 +137,16 @@ WIDE_GREY_MODES = (*INTEGER_GREY_MODES, "F")
 
 def to_rgb(image: Image.Image) -> np.ndarray:
     """A PIL image as uint8 RGB (H, W, 3): grey, palette and CMYK images are converted,
-    16-bit images keep their top 8 bits, an alpha channel is dropped."""
+    16-bit images keep their top 8 bits, float images in [0, 1] (the usual range of float
+    pictures) are scaled to [0, 255] and others clipped to it, an alpha channel is dropped."""
     if image.mode in INTEGER_GREY_MODES:
         values = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
     elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+        values = np.nan_to_num(np.asarray(image, np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.max(initial=0.0) <= 1.0:
+            values = values * 255
+        image = Image.fromarray(np.round(np.clip(values, 0, 255)).astype(np.uint8))
     return np.asarray(image.convert("RGB"))
 
 

@@ -332,6 +332,18 @@ def test_read_grey_jpeg(tmp_path):
     assert np.abs(image[..., 0].astype(int) - grey).max() <= 8
 
 
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_read_float_tiff_in_either_range(tmp_path, scale):
+    """A float picture holds [0, 1] (scikit-image, OpenCV) or [0, 255]; both read as uint8."""
+    grey = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (12, 1))
+    values = (grey / 255 * scale).astype(np.float32)
+    values[0, 0] = np.nan
+    Image.fromarray(values, "F").save(tmp_path / "x.tif")
+    image = read_image(tmp_path / "x.tif")
+    expected = np.where(np.isnan(values), np.uint8(0), grey)
+    np.testing.assert_array_equal(image, np.repeat(expected[..., None], 3, axis=-1))
+
+
 def test_read_rgba_png_drops_alpha(tmp_path):
     rgba = np.random.default_rng(0).integers(0, 256, (12, 16, 4), np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
