@@ -27,6 +27,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distributed.coordinator_address = ""  # host:port of process 0 ("" detected)
     config.distributed.num_processes = 0  # 0: detected
     config.distributed.process_id = -1  # -1: detected
+    config.distributed.initialization_timeout = 300  # s to wait for every process to join
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "figaro1k"  # figaro1k | synthetic

@@ -126,6 +126,18 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                 f"distributed.{setting}",
                 "is set, but distributed.enabled is False: enable it to join the other processes",
             )
+    processes = dist.get("num_processes", 0)
+    if processes and dist.get("process_id", -1) >= 0:
+        need(
+            dist.process_id < processes,
+            "distributed.process_id",
+            f"must be below distributed.num_processes={processes}",
+        )
+    need(
+        dist.get("initialization_timeout", 1) > 0,
+        "distributed.initialization_timeout",
+        "must be positive",
+    )
     address = dist.get("coordinator_address", "")
     need(
         not address or re.fullmatch(r"[^\s]+:[0-9]+", address) is not None,

@@ -8,12 +8,14 @@ global batch (XLA inserts the all-reduces): synchronised BatchNorm with no expli
 import errno
 import os
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -33,13 +35,18 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """
     if not config.enabled:
         return
-    if config.coordinator_address and config.process_id == 0:
-        check_port_free(config.coordinator_address)
+    address, timeout = config.coordinator_address, config.initialization_timeout
+    if address and config.process_id == 0:
+        check_port_free(address)
+        logging.info("Process 0: waiting up to %d s for the others at %s.", timeout, address)
+    elif address and config.process_id > 0:
+        wait_for_coordinator(address, timeout)
     try:
         jax.distributed.initialize(
-            coordinator_address=config.coordinator_address or None,
+            coordinator_address=address or None,
             num_processes=config.num_processes or None,
             process_id=None if config.process_id < 0 else config.process_id,
+            initialization_timeout=timeout,
         )
     except ValueError as e:  # no cluster detected and the addresses not given
         raise ShardingError(
@@ -69,6 +76,33 @@ def check_port_free(address: str) -> None:
                 f"distributed.coordinator_address={address!r}: port {port} is in use on this "
                 "machine (by an earlier run still alive?), and process 0 must listen on it."
             ) from e
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Waits until process 0's coordinator accepts connections at ``address`` (``HOST:PORT``),
+    or raises ShardingError after ``timeout`` seconds: JAX's own wait ends in a C++ abort."""
+    host, _, port = address.rpartition(":")
+    start = last_log = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except socket.gaierror as e:
+            raise ShardingError(
+                f"distributed.coordinator_address={address!r}: host {host!r} is unknown ({e})."
+            ) from e
+        except OSError as e:
+            now = time.monotonic()
+            if now - start >= timeout:
+                raise ShardingError(
+                    f"distributed.coordinator_address={address!r}: no coordinator answered in "
+                    f"{timeout:g} s ({e.strerror or e}). Start process 0 (process_id=0) on that "
+                    "host, or correct the address (distributed.initialization_timeout: the wait)."
+                ) from e
+            if now - last_log >= 30:
+                logging.info("Waiting for the coordinator at %s (%.0f s).", address, now - start)
+                last_log = now
+            time.sleep(min(1.0, max(0.0, start + timeout - now)))
 
 
 def start_backend() -> None:

@@ -102,6 +102,16 @@ BAD_VALUES = [
         "localhost",
         "distributed.coordinator_address='localhost' must be HOST:PORT (process 0's)",
     ),
+    (
+        "distributed.initialization_timeout",
+        0,
+        "distributed.initialization_timeout=0 must be positive",
+    ),
+    (  # with distributed.enabled and num_processes=2 (RELATED)
+        "distributed.process_id",
+        2,
+        "distributed.process_id=2 must be below distributed.num_processes=2",
+    ),
     ("seed", -1, "seed=-1 must be in [0, 2**32)"),
     ("seed", 2**32 + 5, "seed=4294967301 must be in [0, 2**32)"),
     ("loss.dice_weight", -0.5, "loss.dice_weight=-0.5 must not be negative"),
@@ -196,9 +206,16 @@ BAD_VALUES = [
 ]
 
 
+# The other settings a rule needs before it applies.
+RELATED = {
+    ("distributed.process_id", 2): {"distributed.enabled": True, "distributed.num_processes": 2}
+}
+
+
 @pytest.mark.parametrize("field, value, message", BAD_VALUES)
 def test_each_bad_value_is_named(field, value, message):
     config = (synthetic if field.startswith("data.synthetic") else figaro).get_config()
+    config.update_from_flattened_dict(RELATED.get((field, value), {}))
     *sections, name = field.split(".")
     parent = config
     for section in sections:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -217,6 +218,38 @@ def test_main_stops_with_one_line_where_the_coordinator_port_is_taken(tmp_path):
         f"FATAL distributed.coordinator_address={address!r}: port {address.split(':')[1]} is in "
         "use on this machine (by an earlier run still alive?), and process 0 must listen on it."
     ]
+
+
+def test_a_coordinator_that_never_answers_is_named_in_one_line():
+    """JAX's own wait for it ends in a C++ abort with a stack dump."""
+    config = figaro.get_config().distributed
+    address = f"localhost:{free_port()}"  # nothing listens there
+    config.update(
+        enabled=True,
+        coordinator_address=address,
+        num_processes=2,
+        process_id=1,
+        initialization_timeout=2,
+    )
+    start = time.monotonic()
+    with pytest.raises(sharding.ShardingError) as info:
+        sharding.initialize_distributed(config)
+    assert 2 <= time.monotonic() - start < 10
+    assert str(info.value).startswith(
+        f"distributed.coordinator_address={address!r}: no coordinator answered in 2 s ("
+    )
+    assert "\n" not in str(info.value)
+    with pytest.raises(sharding.ShardingError, match="host 'nohost.invalid' is unknown"):
+        sharding.wait_for_coordinator("nohost.invalid:1234", 60)
+
+
+def test_the_wait_for_the_coordinator_ends_when_it_listens():
+    with socket.socket() as coordinator:
+        coordinator.bind(("localhost", free_port()))
+        threading.Timer(1.5, coordinator.listen).start()  # process 0 starts late
+        start = time.monotonic()
+        sharding.wait_for_coordinator(f"localhost:{coordinator.getsockname()[1]}", 30)
+        assert 1.5 <= time.monotonic() - start < 10
 
 
 # Two processes of 2 CPU devices each, joined by jax.distributed.
