@@ -208,8 +208,10 @@ def _resize_corner(
 
 def stream_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """The keys of the stream's order and of its augmentation draws, from ``seed``'s key
-    folded with 1: the train state's init and dropout keys are split from ``seed``'s key."""
-    return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), 1)))
+    folded with 2. The train state's init and dropout keys are ``split(key(seed))``, which in
+    JAX's partitionable threefry are its keys folded with 0 and 1, and each step's dropout key
+    is the latter folded with the step."""
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), 2)))
 
 
 def batch_fn(

@@ -230,12 +230,15 @@ def test_batches_depend_on_seed_and_step_alone(augment_config):
 
 
 def test_the_stream_has_keys_of_its_own():
-    """Not the train state's dropout key (it was the draw key, and each step's dropout key the
-    key of that step's first draw)."""
-    state = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 8, optax.identity())
-    for key in device_augment.stream_keys(0):
-        assert not np.array_equal(jax.random.key_data(key), state.rng)
-    assert not np.array_equal(*map(jax.random.key_data, device_augment.stream_keys(0)))
+    """Neither the train state's init or dropout key nor a step's dropout key (the order and
+    draw keys were steps 0 and 1's dropout keys)."""
+    seed_key = jax.random.PRNGKey(0)
+    state = steps.create_train_state(seed_key, TinyNet(), 8, optax.identity())
+    taken = [*jax.random.split(seed_key), *(jax.random.fold_in(state.rng, s) for s in range(16))]
+    keys = [jax.random.key_data(key) for key in device_augment.stream_keys(0)]
+    assert not np.array_equal(*keys)
+    for key in keys:
+        assert not any(np.array_equal(key, other) for other in [state.rng, *taken])
 
 
 def test_every_example_once_per_epoch_in_a_new_order(augment_config):
