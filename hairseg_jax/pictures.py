@@ -28,7 +28,9 @@ def save(path: str | os.PathLike, pixels: np.ndarray, **options) -> None:
 def tint(
     image: np.ndarray, mask: np.ndarray, colour: Sequence[int] = HAIR_COLOUR, alpha: float = 0.5
 ) -> np.ndarray:
-    """uint8 RGB ``image`` with the pixels of the boolean ``mask`` blended towards ``colour``."""
+    """uint8 RGB ``image`` with the pixels where ``mask`` (boolean or 0/1) is set blended
+    towards ``colour``."""
+    mask = np.asarray(mask) > 0  # a 0/1 integer mask would index rows 0 and 1
     out = image.copy()
     blended = (1 - alpha) * image[mask].astype(np.float32) + alpha * np.asarray(colour)
     out[mask] = np.round(blended).astype(np.uint8)

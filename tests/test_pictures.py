@@ -13,6 +13,8 @@ def test_tint_blends_the_mask_towards_the_colour_and_leaves_the_rest():
     np.testing.assert_array_equal(out[~mask], image[~mask])
     np.testing.assert_array_equal(out[mask], [[25, 0, 50], [216, 191, 241]])  # 0.75 x + 0.25 c
     assert out.dtype == np.uint8 and image[0, 0].tolist() == [0, 0, 0]  # not in place
+    ones = pictures.tint(image, mask.astype(np.uint8), colour=(100, 0, 200), alpha=0.25)
+    np.testing.assert_array_equal(ones, out)  # a 0/1 mask, not rows 0 and 1
 
 
 def test_fit_keeps_the_aspect_ratio_centred_on_grey():
