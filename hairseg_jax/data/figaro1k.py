@@ -3,7 +3,7 @@
 Layout (unchanged from the original PyTorch project)::
 
     GT/images/FrameNNNNN-org.jpg      RGB photos
-    GT/labels/FrameNNNNN-gt.pbm       binary masks, hair = 1
+    GT/labels/FrameNNNNN-gt.pbm       binary masks, hair white (PBM bit 0)
     GT/np_labels/FrameNNNNN.npy       (or GT/labels/*.npy) uint8 (H, W, 3) masks, 0 or 255
     train_val_test.json               {"train": [{"annotation": ..., "image": ...}], "val", "test"}
 """
