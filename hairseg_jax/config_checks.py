@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -86,10 +87,13 @@ def _is_number(value: Any) -> bool:
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """The config's impossible values, one readable phrase each (empty if none)."""
-    # Every tuple field holds numbers (sizes and rates whole ones); the rules below compare
-    # them as such.
+    # Every tuple field holds numbers (sizes and rates whole ones), and no number is infinite
+    # (it passes the rules' comparisons); the rules below compare them as such.
     found = []
     for field, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items():
+        values = value if isinstance(value, tuple | list) else (value,)
+        if any(isinstance(v, float) and math.isinf(v) for v in values):
+            found.append(f"{field}={value!r} must be finite")
         if not isinstance(value, tuple | list):
             continue
         if not all(map(_is_number, value)):
@@ -126,10 +130,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                 f"distributed.{setting}",
                 "is set, but distributed.enabled is False: enable it to join the other processes",
             )
-    processes = dist.get("num_processes", 0)
-    if processes and dist.get("process_id", -1) >= 0:
+    processes, process = dist.get("num_processes", 0), dist.get("process_id", -1)
+    need(processes >= 0, "distributed.num_processes", "must not be negative (0: detected)")
+    need(process >= -1, "distributed.process_id", "must be -1 (detected) or more")
+    if processes > 0 and process >= 0:
         need(
-            dist.process_id < processes,
+            process < processes,
             "distributed.process_id",
             f"must be below distributed.num_processes={processes}",
         )

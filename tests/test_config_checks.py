@@ -107,6 +107,12 @@ BAD_VALUES = [
         0,
         "distributed.initialization_timeout=0 must be positive",
     ),
+    (
+        "distributed.num_processes",
+        -1,
+        "distributed.num_processes=-1 must not be negative (0: detected)",
+    ),
+    ("distributed.process_id", -2, "distributed.process_id=-2 must be -1 (detected) or more"),
     (  # with distributed.enabled and num_processes=2 (RELATED)
         "distributed.process_id",
         2,
@@ -284,6 +290,23 @@ def test_every_rule_has_a_bad_value_case():
         if not any(m.startswith(f"{field}=") and f" {rule}" in m for m in messages)
     ]
     assert not untested, f"rules of problems() with no case in BAD_VALUES: {untested}"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("augment.rotation", float("inf")),  # a TensorFlow traceback in the pipeline
+        ("augment.brightness", float("inf")),  # trained, without a word
+        ("optim.learning_rate", float("inf")),
+        ("augment.scale", (0.5, float("inf"))),
+    ],
+)
+def test_infinite_values_are_named(field, value):
+    """Infinity passes the rules' comparisons (``x > 0``); NaN fails them."""
+    config = figaro.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    assert f"{field}={value!r} must be finite" in problems(config)
 
 
 @pytest.mark.parametrize(
