@@ -39,6 +39,9 @@ def resolve_split_file(data_dir: str | os.PathLike, split_file: str | os.PathLik
     return path if path.is_absolute() else Path(data_dir) / path
 
 
+ENTRY_KEYS = ("annotation", "image")  # of each entry of a split file's lists
+
+
 def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[str, str]]:
     """Returns the ``{"annotation", "image"}`` entries of one split of a split file."""
     if split not in SPLITS:
@@ -52,6 +55,18 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
         entries = lists[split]
     except (KeyError, TypeError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise DataError(f"Split file {path} has no readable {split!r} list: {e}") from e
+    if not isinstance(entries, list):
+        entries = [entries]  # named below as the list's bad element
+    bad = [
+        e
+        for e in entries
+        if not (isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ENTRY_KEYS))
+    ]
+    if bad:
+        raise DataError(
+            f'Split file {path}: {split!r} must be a list of {{"annotation": ..., "image": '
+            f"...}} file names; it holds {json.dumps(bad[0])[:80]}."
+        )
     if not entries:
         raise DataError(f"Split {split!r} of {path} is empty.")
     names = _image_names(entries)

@@ -141,12 +141,25 @@ def test_missing_split_file(folder):
 
 
 @pytest.mark.parametrize(
-    "text", ["{not json", "[1, 2]", '{"val": [], "test": []}', '{"train": null}'], ids=str
+    "text",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"val": [], "test": []}',
+        '{"train": null}',
+        '{"train": 5}',
+        '{"train": ["Frame00001-org.jpg"]}',
+        '{"train": [{"image": "Frame00001-org.jpg"}]}',
+        '{"train": [{"image": 1, "annotation": "Frame00001.npy"}]}',
+    ],
+    ids=str,
 )
 def test_malformed_split_file(folder, text):
     (folder / "bad.json").write_text(text)
-    with pytest.raises(DataError, match="bad.json"):
+    with pytest.raises(DataError, match="bad.json") as info:
         read_split(folder, "train", split_file=folder / "bad.json")
+    if text.startswith('{"train": '):  # a 'train' of anything but entries
+        assert "bad.json: 'train' must be a list of {\"annotation\": " in str(info.value)
 
 
 def test_split_file_in_utf16_is_named_and_a_byte_order_mark_is_read(folder):
