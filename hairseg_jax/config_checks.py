@@ -271,15 +271,18 @@ def saved_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """The config training saved in ``workdir/config.json``, parsed; None if there is none.
 
     Raises:
-      ConfigError: the file is not readable JSON.
+      ConfigError: the file is not readable JSON, or not a JSON object.
     """
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except ValueError as e:
         raise ConfigError(f"{path} is not readable JSON ({e}).") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a config (a JSON object of its fields).")
+    return saved
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:

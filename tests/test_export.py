@@ -109,6 +109,9 @@ def test_unreadable_saved_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model": ')  # cut short by a full disk
     with pytest.raises(config_checks.ConfigError, match="config.json is not readable JSON"):
         export.read_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1]")  # JSON, but no config
+    with pytest.raises(config_checks.ConfigError, match="config.json is not a config"):
+        export.read_config(tmp_path)
 
 
 @pytest.mark.parametrize(
