@@ -70,6 +70,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         cause = innermost(e)
         overrides = " ".join(a for a in argv if a.startswith("--config."))
+        if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
+            sys.exit("FATAL Cannot load the --config file: it defines no get_config().")
+        if not overrides:  # then the config file's own code raised it
+            sys.exit(f"FATAL Cannot load the --config file: {type(e).__name__}: {e}")
         what = (
             f"no such field {cause}" if isinstance(cause, str) and cause.startswith("'") else cause
         )

@@ -151,8 +151,10 @@ def test_a_bad_config_file_gives_one_clear_line(spec, message, tmp_path):
         ("def get_config(:\n", "SyntaxError: invalid syntax (bad.py, line 1)"),
         ("import nosuchmod\n", "ModuleNotFoundError: No module named 'nosuchmod'"),
         ("def get_config():\n    return None\n", "its get_config() returned None"),
+        ("x = 1\n", "it defines no get_config()."),
+        ("def get_config():\n    return {}['x']\n", "KeyError: 'x'"),
     ],
-    ids=["syntax", "import", "none"],
+    ids=["syntax", "import", "none", "no get_config", "its error"],
 )
 def test_a_config_file_that_does_not_load_gives_one_clear_line(source, message, tmp_path):
     (tmp_path / "bad.py").write_text(source)
