@@ -136,6 +136,8 @@ def _load(path: Path, name: str, image_size: int) -> _Loaded:
     try:
         image = read_photo(path)
         return _Loaded(path, name, image, whole_images.resize_image(image, image_size))
+    except MemoryError:  # the host's, e.g. for a mistyped predict.image_size: not the file's
+        raise
     except Exception as e:  # noqa: BLE001  (any undecodable file is reported and skipped)
         return _Loaded(path, name, error=f"{type(e).__name__}: {e}".replace("\n", " "))
 

@@ -316,3 +316,12 @@ def test_an_image_that_cannot_be_written_fails_alone_but_a_full_disk_stops(tmp_p
     monkeypatch.setattr(files, "write_atomically", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
         predict.write_or_explain(tmp_path, "small", image[:, :8], logits, 0.5, "")
+
+
+def test_running_out_of_host_memory_stops_instead_of_blaming_each_file(workdir, inputs, tmp_path):
+    """As NumPy's for a mistyped predict.image_size=100000: main names it in one line."""
+    config = tiny_config()
+    config.predict.input, config.predict.output = str(inputs / "tiny.png"), str(tmp_path / "o")
+    config.predict.image_size = 100000
+    with pytest.raises(MemoryError):
+        predict.predict(config, workdir)
