@@ -258,6 +258,7 @@ RESUMABLE_FIELDS = (
     "predict",
     "distributed",
     "data.data_dir",
+    "data.max_val_images",
     "train.log_every_steps",
     "train.eval_every_steps",
     "train.checkpoint_every_steps",

@@ -385,6 +385,7 @@ def test_config_changes_name_the_fields_that_matter_old_to_new():
     config.train.log_every_steps = 1
     config.train.checkpoint_every_steps = 3
     config.data.data_dir = "/elsewhere/Figaro1k"
+    config.data.max_val_images = 2
     config.train.allow_config_change = True
     assert config_changes(saved, config) == [
         "augment.scale: [0.25, 1.0] -> [0.5, 1.0]",
