@@ -129,11 +129,27 @@ def stop_requests() -> Iterator[Callable[[int], bool]]:
     One process: after SIGTERM or SIGINT (preemption, Ctrl-C); a second SIGINT raises
     KeyboardInterrupt, a repeated SIGTERM changes nothing. Several processes: at the step that
     JAX's preemption service names after a SIGTERM to any of them, the same on all (one process
-    stopping alone would leave the others waiting in the step's all-reduce); Ctrl-C raises
-    KeyboardInterrupt there, in that process only.
+    stopping alone would leave the others waiting in the step's all-reduce); a SIGINT is sent
+    on as such a SIGTERM, and a second one raises KeyboardInterrupt in that process only.
     """
     if jax.process_count() > 1:
-        yield multihost_utils.reached_preemption_sync_point
+        interrupted = threading.Event()
+
+        def notify_all(signum: int, frame: Any) -> None:
+            if interrupted.is_set():  # Ctrl-C twice: this process stops at once
+                raise KeyboardInterrupt
+            interrupted.set()
+            logging.warning(
+                "SIGINT received: every process checkpoints one step, then stops (Ctrl-C "
+                "again: stop this process at once)."
+            )
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service tells the others
+
+        previous = signal.signal(signal.SIGINT, notify_all)
+        try:
+            yield multihost_utils.reached_preemption_sync_point
+        finally:
+            signal.signal(signal.SIGINT, previous)
         return
     stop = threading.Event()
 

@@ -415,18 +415,25 @@ def wait_for(workers: list, logs: list[Path], timeout: float) -> list[str]:
     return [log.read_text() for log in logs]
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
-    """A preemption notice to one host: both save the same step and exit 0; only process 0
-    writes the config and metrics."""
+@pytest.mark.parametrize(
+    "signum, process", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["sigterm", "ctrl-c"]
+)
+def test_sigterm_or_ctrl_c_to_one_of_two_processes_stops_both_at_one_step(
+    tmp_path, signum, process
+):
+    """A preemption notice or a Ctrl-C to one host: both save the same step and exit 0; only
+    process 0 writes the config and metrics. (Ctrl-C stopped its own process alone, and the
+    other waited in the step's all-reduce.)"""
     workdir = tmp_path / "w"
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     workers = start_workers(workdir, logs)
     try:
-        for _ in range(3000):  # until process 1 has trained a few steps, at most 5 minutes
-            if "[3] learning_rate" in logs[1].read_text() or workers[1].poll() is not None:
+        for _ in range(3000):  # until the process has trained a few steps, at most 5 minutes
+            log = logs[process].read_text()
+            if "[3] learning_rate" in log or workers[process].poll() is not None:
                 break
             time.sleep(0.1)
-        workers[1].send_signal(signal.SIGTERM)
+        workers[process].send_signal(signum)
     finally:
         texts = wait_for(workers, logs, timeout=300)
     for worker, text in zip(workers, texts, strict=True):
