@@ -131,7 +131,13 @@ class StateDict:
 
     def conv(self, prefix: str) -> dict[str, np.ndarray]:
         """``{"kernel"}`` (HWIO) of the conv ``prefix``, plus ``"bias"`` if it has one."""
-        params = {"kernel": hwio(self.take(f"{prefix}.weight"))}
+        kernel = self.take(f"{prefix}.weight")
+        if kernel.ndim != 4:
+            raise ConversionError(
+                f"{self.source}: {prefix}.weight has shape {tuple(kernel.shape)}, not a "
+                "convolution's (out, in, height, width)"
+            )
+        params = {"kernel": hwio(kernel)}
         if f"{prefix}.bias" in self.tensors:
             params["bias"] = self.take(f"{prefix}.bias")
         return params

@@ -140,6 +140,13 @@ def test_missing_tensor_is_named(resnet18_file):
         convert.convert_backbone(state, "resnet18")
 
 
+def test_a_kernel_that_is_not_4_d_is_named(resnet18_file):
+    state = load_state_dict(resnet18_file)
+    state["conv1.weight"] = state["conv1.weight"][..., 0]  # was a NumPy transpose's ValueError
+    with pytest.raises(ConversionError, match=r"conv1.weight has shape \(64, 3, 7\), not a conv"):
+        convert.convert_backbone(state, "resnet18")
+
+
 def test_unknown_spec_is_refused():
     with pytest.raises(ConversionError, match="Unknown pretrained weights 'weights.h5'"):
         convert.load_pretrained("weights.h5", {}, model_config("resnet18"))
