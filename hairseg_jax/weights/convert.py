@@ -74,8 +74,9 @@ def _resnet_tensors(state: StateDict, backbone: str) -> Variables:
         if not sum(found[0]):
             held = "no ResNet (no layer1.0.conv1.weight)"
         else:
-            name = next((n for n, layout in BACKBONES.items() if layout == found), "unknown")
-            held = f"a {name} ResNet ({sum(found[0])} {found[1]} blocks {found[0]})"
+            name = next((n for n, layout in BACKBONES.items() if layout == found), None)
+            kind = f"a {name}" if name else "an unknown"
+            held = f"{kind} ResNet ({sum(found[0])} {found[1]} blocks {found[0]})"
         raise ConversionError(
             f"{state.source} holds {held}, but backbone {backbone} expects "
             f"{sum(expected[0])} {expected[1]} blocks {expected[0]}"

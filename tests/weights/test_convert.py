@@ -140,6 +140,13 @@ def test_missing_tensor_is_named(resnet18_file):
         convert.convert_backbone(state, "resnet18")
 
 
+def test_a_resnet_of_no_known_depth_is_named(resnet18_file):
+    state = load_state_dict(resnet18_file)
+    state = {key: value for key, value in state.items() if not key.startswith("layer4.1.")}
+    with pytest.raises(ConversionError, match=r"holds an unknown ResNet \(7 basic blocks"):
+        convert.convert_backbone(state, "resnet18")
+
+
 def test_a_kernel_that_is_not_4_d_is_named(resnet18_file):
     state = load_state_dict(resnet18_file)
     state["conv1.weight"] = state["conv1.weight"][..., 0]  # was a NumPy transpose's ValueError
