@@ -50,9 +50,9 @@ def resize(x: jax.Array, height: int, width: int, align_corners: bool = False) -
         return jax.image.resize(x, shape, "bilinear", antialias=False)
     scale, translation = [], []
     for old, new in ((x.shape[1], height), (x.shape[2], width)):
-        aligned = old > 1 and new > 1  # a single pixel maps onto every output pixel either way
-        scale.append((new - 1) / (old - 1) if aligned else new / old)
-        translation.append(0.5 - 0.5 * scale[-1] if aligned else 0.0)
+        # Corner onto corner; a single output pixel samples the first, as torch's does.
+        scale.append((new - 1) / (old - 1) if old > 1 and new > 1 else new / old)
+        translation.append(0.5 - 0.5 * scale[-1] if old > 1 else 0.0)
     return jax.image.scale_and_translate(
         x, shape, (1, 2), jnp.array(scale), jnp.array(translation), "linear", antialias=False
     )

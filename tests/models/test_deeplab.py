@@ -171,3 +171,21 @@ def test_resize_corner_conventions(align_corners, expected):
     ramp = jnp.array([0.0, 1.0]).reshape(1, 1, 2, 1)
     out = resize(ramp, 1, 5, align_corners)
     np.testing.assert_allclose(np.asarray(out).ravel(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("size", [(1, 1), (1, 3), (4, 1), (7, 2), (3, 9)])
+def test_resize_matches_torch_interpolate(torch, align_corners, size):
+    """Down to a single pixel too, where torch samples the first (align_corners) or the
+    centre's neighbourhood, and up from one."""
+    x = np.random.default_rng(0).normal(size=(1, 5, 1, 2)).astype(np.float32)
+    x = np.concatenate([x, x[:, :, :, ::-1] * 2], axis=2)  # (1, 5, 2, 2)
+    for source in (x, x[:, :1, :1]):
+        expected = torch.nn.functional.interpolate(
+            torch.from_numpy(source.transpose(0, 3, 1, 2)),
+            size,
+            mode="bilinear",
+            align_corners=align_corners,
+        ).numpy()
+        out = np.asarray(resize(jnp.asarray(source), *size, align_corners))
+        np.testing.assert_allclose(out.transpose(0, 3, 1, 2), expected, atol=1e-6)
