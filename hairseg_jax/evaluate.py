@@ -4,6 +4,7 @@ augmentation, threshold tuning, and the report (per hair type, worst images, con
 import csv
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -278,12 +279,26 @@ def predictor_settings(config: ml_collections.ConfigDict, mode: str) -> dict[str
     else:
         tta, tta_sizes = config.predict.tta, ()
         image_size = config.predict.image_size or config.eval.image_size
-    return {"tta": tta, "tta_sizes": list(tta_sizes), "image_size": image_size}
+    # The sizes' order does not change their average.
+    return {"tta": tta, "tta_sizes": sorted(tta_sizes), "image_size": image_size}
 
 
-def read_tuned_threshold(workdir: Path, step: int, settings: dict[str, Any]) -> dict | None:
-    """``workdir``'s ``threshold.json`` if it was tuned for the checkpoint of ``step`` with the
-    predictor ``settings`` (``predictor_settings``; those the file records)."""
+def weights_digest(state: steps.TrainState) -> str:
+    """A fingerprint of the weights ``state`` predicts with (16 hex digits of a SHA-256):
+    tells apart the weights of one step number (two pretrained files, both step 0; a workdir
+    trained again)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(steps.inference_variables(state))):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def read_tuned_threshold(
+    workdir: Path, step: int, settings: dict[str, Any], digest: str | None = None
+) -> dict | None:
+    """``workdir``'s ``threshold.json`` if it was tuned for the checkpoint of ``step`` (and
+    ``digest``, ``weights_digest``, where the file records one) with the predictor
+    ``settings`` (``predictor_settings``; those the file records)."""
     path = Path(workdir) / THRESHOLD_FILE
     if not path.is_file():
         return None
@@ -303,6 +318,17 @@ def read_tuned_threshold(workdir: Path, step: int, settings: dict[str, Any]) -> 
             threshold,
             tuned_step,
             step,
+        )
+        return None
+    if digest and tuned.get("weights_digest", digest) != digest:
+        logging.warning(
+            "Ignoring %s: threshold %s tuned for other weights of step %d (%s; another "
+            "pretrained file, or a workdir trained again); rerun eval with "
+            "--config.eval.tune_threshold=True.",
+            path,
+            threshold,
+            step,
+            tuned.get("weights"),
         )
         return None
     tuned_with = {key: tuned[key] for key in settings if key in tuned}
@@ -327,13 +353,14 @@ def resolve_threshold(
     step: int,
     settings: dict[str, Any],
     tuned: dict[str, Any] | None = None,
+    digest: str | None = None,
 ) -> tuple[float, str]:
     """The threshold to use and where it comes from: ``configured`` if positive ("config"),
-    else the one tuned for ``step`` and the predictor ``settings`` (``tuned``, or read from
-    ``workdir``) ("tuned"), else 0.5 ("default")."""
+    else the one tuned for ``step`` (and ``digest``) and the predictor ``settings``
+    (``tuned``, or read from ``workdir``) ("tuned"), else 0.5 ("default")."""
     if configured > 0:
         return float(configured), "config"
-    tuned = tuned or read_tuned_threshold(workdir, step, settings)
+    tuned = tuned or read_tuned_threshold(workdir, step, settings, digest)
     if tuned is not None:
         return float(tuned["threshold"]), "tuned"
     return DEFAULT_THRESHOLD, "default"
@@ -531,6 +558,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     workdir = Path(workdir)
     mesh = sharding.data_mesh()
     state, weights, step = load_state(config, workdir, mesh)
+    digest = weights_digest(state)
     settings = predictor_settings(config, "eval")
     run = scorer(config, state, mesh)
     leader = jax.process_index() == 0
@@ -540,7 +568,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     tuned = None
     if config.eval.tune_threshold:
         val = sources.load_examples(config, "val", config.eval.max_images)
-        tuned = tune_threshold(run, val, "val") | {"step": step, "weights": weights} | settings
+        checkpoint = {"step": step, "weights": weights, "weights_digest": digest}
+        tuned = tune_threshold(run, val, "val") | checkpoint | settings
         if leader:
             files.write_json(workdir / THRESHOLD_FILE, tuned)
         logging.info(
@@ -558,7 +587,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
                 tuned["threshold"],
             )
     # The tuned record as tuned, not read back: only process 0 writes it.
-    threshold, source = resolve_threshold(config.eval.threshold, workdir, step, settings, tuned)
+    threshold, source = resolve_threshold(
+        config.eval.threshold, workdir, step, settings, tuned, digest
+    )
 
     split = config.eval.split
     examples = sources.load_examples(config, split, config.eval.max_images)

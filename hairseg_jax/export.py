@@ -78,7 +78,7 @@ def export(
     out = config_checks.make_folder(out, "--out")  # before the conversion, the long part
     settings = evaluate.predictor_settings(config, "predict")
     threshold, source = evaluate.resolve_threshold(
-        config.predict.threshold, workdir, step, settings
+        config.predict.threshold, workdir, step, settings, digest=evaluate.weights_digest(state)
     )
     variables = jax.device_get(steps.inference_variables(state))
 

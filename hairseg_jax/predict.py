@@ -211,7 +211,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     # process: one stopping alone would leave the others waiting in the first prediction.
     config_checks.make_folder(output, "predict.output")
     settings = evaluate.predictor_settings(config, "predict")
-    threshold, source = evaluate.resolve_threshold(pc.threshold, workdir, step, settings)
+    threshold, source = evaluate.resolve_threshold(
+        pc.threshold, workdir, step, settings, digest=evaluate.weights_digest(state)
+    )
     image_size = settings["image_size"]
     batch_size = sharding.padded_batch_size(pc.batch_size, mesh)
     predict_fn = steps.jit_predict(config, mesh, tta=pc.tta)

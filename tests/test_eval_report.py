@@ -94,6 +94,7 @@ def test_training_writes_image_truth_prediction_previews(trained):
 def test_threshold_is_tuned_on_val_and_saved_for_the_checkpoint(trained, report, model):
     tuned = json.loads((trained / evaluate.THRESHOLD_FILE).read_text())
     assert tuned["step"] == model["step"] == checkpoints.best_step(trained)
+    assert tuned["weights_digest"] == evaluate.weights_digest(model["state"])
     assert tuned["split"] == "val" and tuned["num_images"] == 8 and tuned["tta"] == "flip"
     assert tuned["tta_sizes"] == [] and tuned["image_size"] == report["image_size"]
     assert tuned["threshold"] in evaluate.SWEEP_THRESHOLDS

@@ -4,7 +4,9 @@ import json
 import subprocess
 from pathlib import Path
 
+import jax
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -21,7 +23,7 @@ from hairseg_jax import (
     steps,
 )
 from hairseg_jax.data.examples import Examples
-from tests.conftest import random_variables, run_python
+from tests.conftest import TinyNet, random_variables, run_python
 
 SIZE = 64
 PREDICT_SIZE = 48  # predict.image_size, when not eval's
@@ -283,6 +285,23 @@ def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path, caplog
     assert evaluate.resolve_threshold(-1, tmp_path, 8, plain, just_tuned) == (0.4, "tuned")
     assert json.loads((tmp_path / evaluate.THRESHOLD_FILE).read_text())["threshold"] == 0.3
     assert [p.name for p in tmp_path.iterdir()] == [evaluate.THRESHOLD_FILE]  # no temp left
+    # Other weights of the same step: another pretrained file (step 0), a workdir trained again.
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, record | {"weights_digest": "a1"})
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain, digest="a1") == (0.3, "tuned")
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain, digest="b2") == (0.5, "default")
+    assert "tuned for other weights of step 7" in caplog.text
+    # Multi-scale sizes in another order average the same logits.
+    config = tiny_config()
+    config.eval.tta_sizes = (128, 64)
+    assert evaluate.predictor_settings(config, "eval")["tta_sizes"] == [64, 128]
+
+
+def test_weights_digest_tells_weights_apart():
+    state = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 16, optax.identity())
+    again = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 16, optax.identity())
+    other = steps.create_train_state(jax.random.PRNGKey(1), TinyNet(), 16, optax.identity())
+    assert evaluate.weights_digest(state) == evaluate.weights_digest(again)
+    assert evaluate.weights_digest(state) != evaluate.weights_digest(other)
 
 
 def test_a_threshold_json_outside_0_1_is_named_as_such(tmp_path, caplog):
