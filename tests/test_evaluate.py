@@ -184,6 +184,12 @@ def test_scores_of_known_logits_are_their_dice_iou_and_bce():
     np.testing.assert_allclose(scores.summary["loss"], bce.mean(), rtol=1e-6)
     np.testing.assert_allclose(scores.summary["dice"], np.mean(dice_at[0.6]), rtol=1e-12)
     np.testing.assert_allclose(scores.summary["dice_at_0.5"], np.mean(dice_at[0.5]), rtol=1e-12)
+    # The cut is on the probability: at 0.55 (logit 0.20) the second image is hair too, where
+    # comparing logits with 0.55 itself would leave it out.
+    at_055 = evaluate.score_examples(
+        grey_logits, None, flat_examples(), 8, 2, threshold=0.55, mesh=sharding.data_mesh()
+    )
+    np.testing.assert_allclose([row["dice"] for row in at_055.rows], dice_at[0.5], atol=1e-12)
 
 
 def test_previews_show_image_truth_then_prediction():

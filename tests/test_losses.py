@@ -51,6 +51,11 @@ def test_soft_dice_hand_values():
     np.testing.assert_allclose(losses.soft_dice(logits, masks), 2 / 7, rtol=1e-6)
     confident = jnp.where(masks[..., None] > 0, 30.0, -30.0)
     np.testing.assert_allclose(losses.soft_dice(confident, masks), 0.0, atol=1e-6)
+    # A mean over images: with an empty mask met by confident logits (loss 0) beside the
+    # first, 1/7; pooled over the batch, 2/7.
+    pair = jnp.concatenate([logits, jnp.full((1, 2, 2, 1), -30.0)])
+    pair_masks = jnp.concatenate([masks, jnp.zeros((1, 2, 2), jnp.uint8)])
+    np.testing.assert_allclose(losses.soft_dice(pair, pair_masks), 1 / 7, rtol=1e-5)
 
 
 def test_segmentation_loss_adds_weighted_dice():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -63,9 +64,14 @@ def test_eval_reports_dice_at_original_resolution(trained, figaro_dir, tmp_path)
     assert summary["num_images"] == 8 and summary["split"] == "test"
     for key in ("dice", "pooled_dice", "iou", "accuracy"):
         assert 0.0 <= summary[key] <= 1.0
+    # The smoke model has learnt something (0.68 and 0.74 on 2026-12-07; random or inverted
+    # masks score far less).
+    assert summary["dice"] > 0.55 and summary["accuracy"] > 0.6, summary
     rows = (trained / "eval_test.csv").read_text().splitlines()
     assert rows[0].startswith("name,height,width,dice")
     assert len(rows) == 1 + 8
+    dice = [float(row.split(",")[3]) for row in rows[1:]]
+    np.testing.assert_allclose(np.mean(dice), summary["dice"], rtol=1e-6)
     # Each row is scored at the image's own size, not the 96 px model input.
     all_test = json.loads((figaro_dir / "train_val_test.json").read_text())["test"]
     test_entries = figaro1k.spread(all_test, 8)

@@ -175,6 +175,9 @@ def test_sgd_weight_decay_adds_decay_times_param():
     updates = first_updates(config, grads, params)
     np.testing.assert_allclose(updates["backbone"]["w"], -0.1 * (0.5 + 0.01 * 2.0), rtol=1e-6)
     np.testing.assert_allclose(updates["aspp"]["w"], -1.0 * (0.5 + 0.01 * 2.0), rtol=1e-6)
+    np.testing.assert_allclose(updates["decoder"]["w"], -1.0 * (0.5 + 0.01 * 2.0), rtol=1e-6)
+    # As torch's SGD: BatchNorm scales decay too.
+    np.testing.assert_allclose(updates["backbone"]["bn"]["scale"], -0.1 * (0.5 + 0.01), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -207,6 +210,8 @@ def test_adamw_step():
     # Adam's first step moves each weight by about lr, plus the decoupled decay lr * wd * p.
     np.testing.assert_allclose(updates["backbone"]["w"], -0.1 * (1 + 0.01 * 2.0), rtol=1e-4)
     np.testing.assert_allclose(updates["aspp"]["w"], -1.0 * (1 + 0.01 * 2.0), rtol=1e-4)
+    np.testing.assert_allclose(updates["decoder"]["w"], -1.0 * (1 + 0.01 * 2.0), rtol=1e-4)
+    np.testing.assert_allclose(updates["backbone"]["bn"]["scale"], -0.1 * (1 + 0.01), rtol=1e-4)
 
 
 def test_unknown_optimizer_raises():
