@@ -229,6 +229,27 @@ def test_batches_depend_on_seed_and_step_alone(augment_config):
     assert not np.array_equal(first["image"], other_seed["image"])
 
 
+def test_the_seed_moves_both_the_order_and_the_augmentation(augment_config):
+    """Each apart: copies of one image (the order cannot show), flat images unaugmented (the
+    augmentation cannot)."""
+    one = make_examples(1, (40, 30), seed=1)
+    copies = Examples(["a", "b", "c", "d"], one.images * 4, one.masks * 4)
+    packed = jax.device_put(device_augment.pack(copies, 64))
+    drawn = [
+        jax.jit(device_augment.batch_fn(4, 24, augment_config, seed))(packed, 0)["image"]
+        for seed in (0, 1)
+    ]
+    assert not np.array_equal(*drawn)
+    augment_config.enabled = False
+    packed = jax.device_put(device_augment.pack(flat_examples(8), 32))
+    epochs = [
+        jax.jit(device_augment.batch_fn(8, 8, augment_config, seed))(packed, 0)["image"]
+        for seed in (0, 1)
+    ]
+    orders = [[int(image[0, 0, 0]) for image in epoch] for epoch in epochs]
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1], orders
+
+
 def test_the_stream_has_keys_of_its_own():
     """Neither the train state's init or dropout key nor a step's dropout key (the order and
     draw keys were steps 0 and 1's dropout keys)."""

@@ -69,6 +69,19 @@ def test_other_seed_gives_other_batches(examples, augment_config):
     assert not np.array_equal(first["image"], other["image"])
 
 
+def test_the_seed_moves_both_the_order_and_the_augmentation(examples, augment_config):
+    """Each apart: copies of one image (the order cannot show), flat images without colour
+    jitter (the augmentation cannot)."""
+    copies = Examples(["a", "b", "c", "d"], examples.images[:1] * 4, examples.masks[:1] * 4)
+    drawn = [next(train_batches(copies, BATCH, SIZE, augment_config, seed=s)) for s in (5, 6)]
+    assert not np.array_equal(drawn[0]["image"], drawn[1]["image"])
+    cfg = ml_collections.ConfigDict(augment_config.to_dict())
+    cfg.update(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    epochs = [next(train_batches(constant_examples(12), 12, 8, cfg, seed=s)) for s in (5, 6)]
+    orders = [[int(image.flat[0]) for image in epoch["image"]] for epoch in epochs]
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1], orders
+
+
 @pytest.mark.parametrize("start_step", [1, 4])
 def test_start_step_resumes_the_stream(examples, augment_config, start_step):
     """Resuming at step k (here also past the first epoch of 3 steps) yields steps k, k+1..."""
