@@ -78,6 +78,7 @@ def inputs(figaro_dir, tmp_path_factory) -> Path:
     # shares a batch with them, behind one: its mask must still be that photo's.
     photo.save(folder / "d_copy.bmp")
     large = Image.new("RGB", (4000, 3000), (120, 90, 60))
+    large.paste((255, 0, 0), (0, 0, 400, 400))  # stored top left: displayed top right
     exif = large.getexif()
     exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display (portrait 3000x4000)
     large.save(folder / "large.jpg", exif=exif, quality=80)
@@ -223,7 +224,11 @@ def test_a_workdir_without_weights_makes_no_output_folder(inputs, tmp_path):
 
 
 def test_read_photo_applies_exif_orientation_alpha_and_16_bit(inputs, tmp_path):
-    assert predict.read_photo(inputs / "large.jpg").shape == (4000, 3000, 3)
+    large = predict.read_photo(inputs / "large.jpg")
+    assert large.shape == (4000, 3000, 3)
+    red = large[:300, -300:]  # the stored top left, turned clockwise
+    assert (red[..., 0] > 230).all() and (red[..., 1:] < 30).all()
+    assert (large[:300, :300, 0] < 150).all()
     alpha = predict.read_photo(inputs / "alpha.png")
     assert (alpha[:, : alpha.shape[1] // 3 - 1] == 255).all()  # transparent -> white
     grey = predict.read_photo(inputs / "grey.png")
