@@ -365,6 +365,12 @@ def preempted_worker(process_id: int, port: int, workdir: str, failing_events: i
         return writer
 
     train.metric_writers.create_default_writer = failing_writer
+    if process_id == 1:  # only process 0 writes config.json (a copy would look the same)
+
+        def write_config(*args, **kwargs):
+            raise AssertionError("process 1 wrote config.json")
+
+        train.write_config = write_config
 
     logging.set_verbosity("info")  # the step log the test waits for
     logging.set_stderrthreshold("info")
