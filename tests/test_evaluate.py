@@ -170,6 +170,14 @@ def grey_logits(state, images):
     return jnp.broadcast_to(level[:, None, None, None], (*images.shape[:3], 1))
 
 
+def test_logits_are_upsampled_bilinearly_in_place():
+    """Half-pixel centres, as JAX's resize (an independent implementation): a flipped or
+    shifted map would be far off."""
+    logits = np.random.default_rng(0).normal(size=(5, 7, 2)).astype(np.float32)
+    expected = np.asarray(jax.image.resize(logits, (13, 29, 2), "linear"))
+    np.testing.assert_allclose(evaluate.resize_logits(logits, 13, 29), expected, atol=1e-5)
+
+
 def test_scores_of_known_logits_are_their_dice_iou_and_bce():
     logits, hair = np.array([1.0, 0.25, -1.0]), np.array([0.25, 0.5, 0.75])
     scores = evaluate.score_examples(
