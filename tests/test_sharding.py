@@ -5,6 +5,7 @@ The multi-device checks run in subprocesses: ``--xla_force_host_platform_device_
 takes effect before JAX initialises.
 """
 
+import json
 import os
 import pickle
 import random
@@ -23,10 +24,10 @@ import optax
 import pytest
 
 from configs import figaro, synthetic
-from hairseg_jax import evaluate, models, sharding, steps
+from hairseg_jax import checkpoints, evaluate, models, sharding, steps
 from hairseg_jax.data import device_augment, pipeline
 from hairseg_jax.data.synthetic import make_examples
-from tests.conftest import REPO, TinyNet, run_python
+from tests.conftest import REPO, TinyNet, random_variables, run_python
 
 DEVICES = 8
 SIZE = 32
@@ -389,20 +390,18 @@ def preempted_worker(process_id: int, port: int, workdir: str, failing_events: i
     train.train_and_evaluate(config, workdir)
 
 
-def start_workers(workdir: Path, logs: list[Path], failing_events: int = 0) -> list:
-    """Both processes of ``preempted_worker``, their stderr in ``logs``."""
+def start_workers(worker: str, args: str, logs: list[Path], devices: int = 1) -> list:
+    """Two processes, each calling ``worker`` of this module with its process id, the
+    coordinator's port and ``args`` (Python source), their stderr in ``logs``."""
     port, workers = free_port(), []
     for i, log in enumerate(logs):
-        code = (
-            "from tests import test_sharding as t; "
-            f"t.preempted_worker({i}, {port}, '{workdir}', {failing_events})"
-        )
+        code = f"from tests import test_sharding as t; t.{worker}({i}, {port}, {args})"
         with log.open("w") as stderr:
             workers.append(
                 subprocess.Popen(
                     [sys.executable, "-c", code],
                     cwd=REPO,
-                    env=cpu_env(1),
+                    env=cpu_env(devices),
                     stdout=subprocess.DEVNULL,
                     stderr=stderr,
                 )
@@ -421,6 +420,61 @@ def wait_for(workers: list, logs: list[Path], timeout: float) -> list[str]:
     return [log.read_text() for log in logs]
 
 
+def eval_config():
+    """Synthetic images scored at 16 px; 5 test images, so the 4 devices of 2 processes pad."""
+    config = synthetic.get_config()
+    config.data.update(synthetic_size=24, image_size=16)
+    config.data.synthetic_counts.update(val=4, test=5)
+    config.eval.update(image_size=16, batch_size=4, tune_threshold=True)
+    return config
+
+
+def evaluate_worker(process_id: int, port: int, workdir: str) -> None:
+    """Subprocess body: one of 2 processes evaluating ``workdir``'s best ``TinyNet``; process 1
+    writing any file fails it."""
+    from hairseg_jax import files
+
+    config = eval_config()
+    config.distributed.update(
+        enabled=True,
+        coordinator_address=f"localhost:{port}",
+        num_processes=2,
+        process_id=process_id,
+    )
+    sharding.initialize_distributed(config.distributed)
+    models.build_model = lambda model_config: TinyNet()
+    if process_id == 1:
+
+        def write_atomically(path, data):
+            raise AssertionError(f"process 1 wrote {path}")
+
+        files.write_atomically = write_atomically
+    evaluate.evaluate(config, workdir)
+
+
+def test_two_processes_evaluate_as_one_and_only_process_0_writes(tmp_path, monkeypatch):
+    """2 processes of 2 devices (5 images padded to 8 a batch) tune the threshold and score
+    as one process does; process 1 writes none of the reports."""
+    variables = random_variables(TinyNet(), 16)
+    for name in ("one", "two"):
+        best = checkpoints.best_manager(tmp_path / name)
+        checkpoints.save(best, 3, variables, metrics={checkpoints.BEST_METRIC: 0.5})
+        best.wait_until_finished()
+    monkeypatch.setattr(models, "build_model", lambda model_config: TinyNet())
+    single = evaluate.evaluate(eval_config(), tmp_path / "one")
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    workers = start_workers("evaluate_worker", f"'{tmp_path / 'two'}'", logs, devices=2)
+    texts = wait_for(workers, logs, timeout=120)
+    for worker, text in zip(workers, texts, strict=True):
+        assert worker.returncode == 0, text[-3000:]
+    report = json.loads((tmp_path / "two" / "eval_test.json").read_text())
+    assert report["num_images"] == single["num_images"] == 5
+    for key in ("dice", "pooled_dice", "iou", "threshold"):
+        np.testing.assert_allclose(report[key], single[key], rtol=1e-6)
+    rows = [(tmp_path / name / "eval_test.csv").read_text().splitlines() for name in ("one", "two")]
+    assert [row.split(",")[:3] for row in rows[0]] == [row.split(",")[:3] for row in rows[1]]
+
+
 @pytest.mark.parametrize(
     "signum, process", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["sigterm", "ctrl-c"]
 )
@@ -432,7 +486,7 @@ def test_sigterm_or_ctrl_c_to_one_of_two_processes_stops_both_at_one_step(
     other waited in the step's all-reduce.)"""
     workdir = tmp_path / "w"
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    workers = start_workers(workdir, logs)
+    workers = start_workers("preempted_worker", f"'{workdir}'", logs)
     try:
         for _ in range(3000):  # until the process has trained a few steps, at most 5 minutes
             log = logs[process].read_text()
@@ -458,7 +512,7 @@ def test_events_that_process_0_cannot_write_stop_both_at_one_saved_step(tmp_path
     now both save the same step, process 0 then reports the error, process 1 exits 0."""
     workdir = tmp_path / "w"
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    workers = start_workers(workdir, logs, failing_events=3)
+    workers = start_workers("preempted_worker", f"'{workdir}', 3", logs)
     texts = wait_for(workers, logs, timeout=120)
     assert [worker.returncode for worker in workers][1] == 0, texts[1][-3000:]
     assert workers[0].returncode != 0 and "Cannot write the TensorBoard events" in texts[0]
