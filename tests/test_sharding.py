@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -279,9 +280,9 @@ def tiny_run(mesh: jax.sharding.Mesh) -> dict:
     )
 
 
-def process_worker(process_id: int, port: int, out: str) -> None:
-    """Subprocess body: one of 2 processes; process 0 pickles ``tiny_run``'s results."""
-    config = figaro.get_config().distributed
+def join_two(config: ml_collections.ConfigDict, process_id: int, port: int) -> None:
+    """Joins as ``process_id`` of 2 processes, through a coordinator on ``port`` of this
+    machine (``config``: a ``distributed`` section)."""
     config.update(
         enabled=True,
         coordinator_address=f"localhost:{port}",
@@ -289,6 +290,11 @@ def process_worker(process_id: int, port: int, out: str) -> None:
         process_id=process_id,
     )
     sharding.initialize_distributed(config)
+
+
+def process_worker(process_id: int, port: int, out: str) -> None:
+    """Subprocess body: one of 2 processes; process 0 pickles ``tiny_run``'s results."""
+    join_two(figaro.get_config().distributed, process_id, port)
     assert (jax.process_count(), jax.device_count()) == (2, 4)
     results = tiny_run(sharding.data_mesh())
     if jax.process_index() == 0:
@@ -379,13 +385,7 @@ def preempted_worker(process_id: int, port: int, workdir: str, failing_events: i
     config.data.update(synthetic_size=24, image_size=16)
     config.data.synthetic_counts.update(train=32, val=4)
     config.train.update(batch_size=4, num_steps=10**6, eval_every_steps=10**6, log_every_steps=1)
-    config.distributed.update(
-        enabled=True,
-        coordinator_address=f"localhost:{port}",
-        num_processes=2,
-        process_id=process_id,
-    )
-    sharding.initialize_distributed(config.distributed)
+    join_two(config.distributed, process_id, port)
     models.build_model = lambda model_config: TinyNet()  # the loop is under test, not the model
     train.train_and_evaluate(config, workdir)
 
@@ -435,13 +435,7 @@ def evaluate_worker(process_id: int, port: int, workdir: str) -> None:
     from hairseg_jax import files
 
     config = eval_config()
-    config.distributed.update(
-        enabled=True,
-        coordinator_address=f"localhost:{port}",
-        num_processes=2,
-        process_id=process_id,
-    )
-    sharding.initialize_distributed(config.distributed)
+    join_two(config.distributed, process_id, port)
     models.build_model = lambda model_config: TinyNet()
     if process_id == 1:
 
