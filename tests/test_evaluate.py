@@ -13,6 +13,7 @@ from hairseg_jax import checkpoints, config_checks, evaluate, models, sharding, 
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.weights import convert
 from hairseg_jax.weights.tensors import ConversionError
+from tests.conftest import TinyNet
 
 
 def tiny_config():
@@ -168,6 +169,14 @@ def grey_logits(state, images):
     """A stand-in predict step: an image's logit is (its mean grey level - 128) / 32."""
     level = (jnp.mean(images.astype(jnp.float32), axis=(1, 2, 3)) - 128) / 32
     return jnp.broadcast_to(level[:, None, None, None], (*images.shape[:3], 1))
+
+
+def test_weights_digest_tells_weights_apart():
+    state = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 16, optax.identity())
+    again = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 16, optax.identity())
+    other = steps.create_train_state(jax.random.PRNGKey(1), TinyNet(), 16, optax.identity())
+    assert evaluate.weights_digest(state) == evaluate.weights_digest(again)
+    assert evaluate.weights_digest(state) != evaluate.weights_digest(other)
 
 
 def test_logits_are_upsampled_bilinearly_in_place():

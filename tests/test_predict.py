@@ -4,9 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import jax
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 
@@ -23,7 +21,7 @@ from hairseg_jax import (
     steps,
 )
 from hairseg_jax.data.examples import Examples
-from tests.conftest import TinyNet, random_variables, run_python
+from tests.conftest import random_variables, run_python
 
 SIZE = 64
 PREDICT_SIZE = 48  # predict.image_size, when not eval's
@@ -299,14 +297,6 @@ def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path, caplog
     config = tiny_config()
     config.eval.tta_sizes = (128, 64)
     assert evaluate.predictor_settings(config, "eval")["tta_sizes"] == [64, 128]
-
-
-def test_weights_digest_tells_weights_apart():
-    state = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 16, optax.identity())
-    again = steps.create_train_state(jax.random.PRNGKey(0), TinyNet(), 16, optax.identity())
-    other = steps.create_train_state(jax.random.PRNGKey(1), TinyNet(), 16, optax.identity())
-    assert evaluate.weights_digest(state) == evaluate.weights_digest(again)
-    assert evaluate.weights_digest(state) != evaluate.weights_digest(other)
 
 
 def test_a_threshold_json_outside_0_1_is_named_as_such(tmp_path, caplog):

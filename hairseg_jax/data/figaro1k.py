@@ -55,13 +55,7 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
         entries = lists[split]
     except (KeyError, TypeError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise DataError(f"Split file {path} has no readable {split!r} list: {e}") from e
-    if not isinstance(entries, list):
-        entries = [entries]  # named below as the list's bad element
-    bad = [
-        e
-        for e in entries
-        if not (isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ENTRY_KEYS))
-    ]
+    bad = [e for e in entries if not _is_entry(e)] if isinstance(entries, list) else [entries]
     if bad:
         raise DataError(
             f'Split file {path}: {split!r} must be a list of {{"annotation": ..., "image": '
@@ -94,16 +88,17 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
     return entries
 
 
+def _is_entry(entry: object) -> bool:
+    """Whether ``entry`` is a split's ``{"annotation": ..., "image": ...}`` of file names."""
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ENTRY_KEYS)
+
+
 def _image_names(entries: object) -> list[str]:
     """The image file names of a split's entries, however their folders are written (none for
     anything but a list of entries)."""
     if not isinstance(entries, list):
         return []
-    return [
-        Path(e["image"]).name
-        for e in entries
-        if isinstance(e, dict) and isinstance(e.get("image"), str)
-    ]
+    return [Path(e["image"]).name for e in entries if _is_entry(e)]
 
 
 def frame_name(image_file: str) -> str:
