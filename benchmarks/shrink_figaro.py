@@ -44,7 +44,7 @@ def main() -> None:
         for entry in entries:
             image_path, mask_path = figaro1k.locate(data_dir, entry, "auto")
             image_out = out / "GT" / "images" / entry["image"]
-            mask_out = out / "GT" / "labels" / f"{Path(entry['annotation']).stem}-gt.pbm"
+            mask_out = out / "GT" / "labels" / f"{figaro1k.mask_stem(entry['annotation'])}-gt.pbm"
             if split in full:
                 shutil.copyfile(image_path, image_out)
                 if mask_path.suffix == ".pbm":

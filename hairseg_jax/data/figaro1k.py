@@ -53,6 +53,8 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
     try:  # utf-8-sig: a byte order mark, as some Windows editors write, is skipped
         lists = json.loads(path.read_text(encoding="utf-8-sig"))
         entries = lists[split]
+    except OSError as e:  # e.g. another user's file
+        raise DataError(f"Cannot read split file {path}: {e.strerror}.") from e
     except (KeyError, TypeError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise DataError(f"Split file {path} has no readable {split!r} list: {e}") from e
     bad = [e for e in entries if not _is_entry(e)] if isinstance(entries, list) else [entries]
@@ -123,9 +125,15 @@ def hair_type(frame: str) -> str:
     return HAIR_TYPES[(frame_number(frame) - 1) // FRAMES_PER_TYPE]
 
 
+def mask_stem(annotation: str) -> str:
+    """The frame stem of a split entry's annotation: ``"Frame00001.npy"`` and
+    ``"Frame00001-gt.pbm"`` -> ``"Frame00001"``."""
+    return Path(annotation).stem.removesuffix("-gt")
+
+
 def mask_candidates(data_dir: Path, annotation: str, mask_source: str) -> list[Path]:
     """The mask files that may hold the mask of ``annotation``, in order of preference."""
-    stem = Path(annotation).stem.removesuffix("-gt")
+    stem = mask_stem(annotation)
     pbm = [data_dir / "GT" / "labels" / f"{stem}-gt.pbm"]
     npy = [
         data_dir / "GT" / "np_labels" / f"{stem}.npy",

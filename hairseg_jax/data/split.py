@@ -8,6 +8,7 @@ Lists ``DIR/GT/images/*-org.jpg``, splits the frames so that every hair type is 
 same fractions, and writes the split as JSON in the original project's format.
 """
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """Returns the fractions as a triple, or raises ValueError if they are not a distribution."""
     if len(fractions) != len(SPLITS):
         raise ValueError(f"Need {len(SPLITS)} fractions (train, val, test); got {fractions}.")
+    if not all(math.isfinite(f) for f in fractions):
+        raise ValueError(f"Fractions must be finite; got {fractions}.")
     if not all(f >= 0 for f in fractions):
         raise ValueError(f"Fractions must not be negative; got {fractions}.")
     if not abs(sum(fractions) - 1) <= 1e-6:
@@ -107,9 +110,10 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     flag = flags.FLAGS
-    data_dir = Path(flag.data_dir)
+    data_dir = Path(flag.data_dir).expanduser()  # a shell leaves --data_dir=~/x as it is
     if not data_dir.is_dir():
-        raise SystemExit(f"error: data directory {data_dir} does not exist.")
+        what = "is not a folder" if data_dir.exists() else "does not exist"
+        raise SystemExit(f"error: data directory {data_dir} {what}.")
     images = sorted(p.name for p in (data_dir / "GT" / "images").glob("*-org.jpg"))
     if not images:
         raise SystemExit(f"error: no *-org.jpg images found in {data_dir / 'GT' / 'images'}.")
@@ -118,7 +122,7 @@ def main(argv: Sequence[str]) -> None:
         split = stratified_split(images, fractions, flag.seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    out = Path(flag.out)
+    out = Path(flag.out).expanduser()
     _write_json(split_to_json(split), out, flag.overwrite)
     _print_counts(split)
     print(f"wrote {out}")

@@ -162,6 +162,18 @@ def test_malformed_split_file(folder, text):
         assert "bad.json: 'train' must be a list of {\"annotation\": " in str(info.value)
 
 
+def test_a_split_file_that_cannot_be_read_is_a_data_error(folder, monkeypatch):
+    """E.g. another user's file: not a bare PermissionError (as root, chmod cannot show it)."""
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    split_file = folder / "train_val_test.json"
+    with pytest.raises(DataError, match=f"^Cannot read split file {split_file}: Permission denied"):
+        read_split(folder, "train")
+
+
 def test_split_file_in_utf16_is_named_and_a_byte_order_mark_is_read(folder):
     """As Windows tools may write them: UTF-16 is refused in one line, UTF-8's mark skipped."""
     text = (folder / "train_val_test.json").read_text()

@@ -122,13 +122,34 @@ def test_cli_writes_split(data_dir: Path, tmp_path: Path):
     assert json.loads(out.read_text()) == split_to_json(stratified_split(SYNTHETIC_FRAMES, seed=2))
 
 
+def test_cli_expands_a_leading_tilde_as_main_does(data_dir: Path, tmp_path: Path):
+    """A shell leaves ``--data_dir=~/x`` as it is; main.py's data.data_dir expands it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "Figaro1k").symlink_to(data_dir)
+    result = run_python(
+        "-m",
+        "hairseg_jax.data.split",
+        "--data_dir=~/Figaro1k",
+        "--out=~/split.json",
+        env={"HOME": str(home)},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((home / "split.json").read_text()) == split_to_json(
+        stratified_split(SYNTHETIC_FRAMES)
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "error"),
     [
         (["--data_dir={tmp}/missing"], "does not exist"),
+        (["--data_dir={data}/GT/images/Frame00001-org.jpg"], "Frame00001-org.jpg is not a folder"),
         (["--data_dir={tmp}"], "no *-org.jpg images"),
         (["--data_dir={data}", "--fractions=0.5,0.2,0.1"], "sum to 1"),
         (["--data_dir={data}", "--fractions=1.2,-0.1,-0.1"], "negative"),
+        (["--data_dir={data}", "--fractions=nan,0,1"], "must be finite"),
     ],
 )
 def test_cli_errors(data_dir: Path, tmp_path: Path, args: list[str], error: str):
