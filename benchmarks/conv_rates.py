@@ -146,23 +146,13 @@ def torch_ms(call: ConvCall, repeats: int, dtype: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/figaro.py", help="base config file")
-    parser.add_argument("--backbone", default="resnet101")
-    parser.add_argument("--size", type=int, default=227)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--output_stride", type=int, default=16)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per shape (best)")
+    train_step.add_case_flags(parser, size=227, batch=4)
+    parser.add_argument(
+        "--repeats", type=train_step.positive_int, default=5, help="timed calls per shape (best)"
+    )
     parser.add_argument("--torch", action="store_true", help="also time PyTorch's conv2d")
     args = parser.parse_args()
-    config = train_step.case_config(
-        train_step.base_config(args.config, []),
-        args.backbone,
-        args.size,
-        args.batch,
-        args.dtype,
-        args.output_stride,
-    )
+    config = train_step.case_from_flags(args)
     calls = model_convs(config)
     device = jax.devices()[0].device_kind
     print(

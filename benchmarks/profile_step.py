@@ -106,27 +106,12 @@ def profile(case: train_step.JaxCase, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/figaro.py", help="base config file")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
-    )
-    parser.add_argument("--backbone", default="resnet101")
-    parser.add_argument("--size", type=int, default=227)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--output_stride", type=int, default=16)
+    train_step.add_case_flags(parser, size=227, batch=4)
     parser.add_argument("--predict", action="store_true", help="profile inference instead")
-    parser.add_argument("--steps", type=int, default=2, help="traced steps")
+    parser.add_argument("--steps", type=train_step.positive_int, default=2, help="traced steps")
     parser.add_argument("--top", type=int, default=15, help="ops listed one by one")
     args = parser.parse_args()
-    config = train_step.case_config(
-        train_step.base_config(args.config, args.set),
-        args.backbone,
-        args.size,
-        args.batch,
-        args.dtype,
-        args.output_stride,
-    )
+    config = train_step.case_from_flags(args)
     case = train_step.compile_jax(config, args.predict)
     step_s, state = train_step.time_jax(case, args.steps, 1)
     case = case._replace(state=state)

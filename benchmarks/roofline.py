@@ -90,17 +90,11 @@ def conv_kernels(config) -> list[tuple[float, float]]:
 
 def parse_args() -> argparse.Namespace:
     """Command-line flags: the grid, the devices and the assumptions."""
-    csv = lambda cast: lambda s: [cast(v) for v in s.split(",")]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/figaro.py", help="base config file")
-    parser.add_argument("--backbones", type=csv(str), default=["resnet101"])
-    parser.add_argument("--sizes", type=csv(int), default=[512])
-    parser.add_argument("--batches", type=csv(int), default=[32])
-    parser.add_argument("--dtypes", type=csv(str), default=["bfloat16"])
-    parser.add_argument("--output_stride", type=int, default=16)
+    train_step.add_grid_flags(parser, size=512, batch=32, dtype="bfloat16")
     parser.add_argument(
         "--devices",
-        type=csv(str),
+        type=train_step.csv_list(str),
         default=["H100"],
         help=f"names among {sorted(train_step.ACCELERATORS)}",
     )
@@ -122,7 +116,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    base = train_step.base_config(args.config, [])
+    base = train_step.base_config(args.config, args.set)
     print(
         f"# roofline bn_passes={args.bn_passes:g} conv_efficiency={args.conv_efficiency:g} "
         f"jax={jax.__version__}",

@@ -85,7 +85,10 @@ def main(argv: list[str]) -> None:
             batch = next_batch(packed, step + 1)
         nonfinite += step_metrics["nonfinite"]
         done = step + 1
-        if done % FLAGS.log_every == 0 or done == total_steps:
+        # The budget is checked at each step: the steps are dispatched ahead of the device,
+        # so training goes on at most for the steps in flight (it waits for them below).
+        over_budget = FLAGS.budget_s and time.perf_counter() - start > FLAGS.budget_s
+        if done % FLAGS.log_every == 0 or done == total_steps or over_budget:
             loss = float(step_metrics["loss"])  # waits for the step
             now = time.perf_counter()
             rate = (done - last_done) * batch_size / (now - last_time)
@@ -95,7 +98,7 @@ def main(argv: list[str]) -> None:
                 flush=True,
             )
             last_time, last_done = now, done
-            if FLAGS.budget_s and now - start > FLAGS.budget_s and done < total_steps:
+            if over_budget and done < total_steps:
                 stopped_at = done
                 break
     jax.block_until_ready(state)

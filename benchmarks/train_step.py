@@ -10,7 +10,8 @@ FLOPs: ``model_gflops`` counts every convolution and matmul of the forward pass 
 jaxpr (2 * outputs * kernel taps * input channels; the image resizes' matrix products too; the
 taps of a dilated convolution that only ever read padding are not in the jaxpr, the model
 drops them) and takes a train step as 3x the forward pass (forward, input and weight
-gradients); MFU divides by every device's peak together. The jaxpr
+gradients); MFU divides by the peaks of all the devices the step runs on together (every
+device; one with ``--torch``, as PyTorch's step runs on one). The jaxpr
 is traced in its plain form (``layers.reference_formulations``), so the count is the same on
 every backend, whatever the CPU computes instead (tap products, Winograd).
 ``xla_gflops`` is XLA's own cost analysis of the compiled step, which may differ (it counts
@@ -49,11 +50,13 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hairseg_jax import models, sharding, steps  # noqa: E402
 from hairseg_jax.models import layers  # noqa: E402
+from hairseg_jax.models.resnet import BACKBONES  # noqa: E402
 
 
 class Accelerator(NamedTuple):
@@ -63,13 +66,18 @@ class Accelerator(NamedTuple):
     bandwidth: float
 
 
-# From the vendors' data sheets (H100 SXM 3.35 TB/s, H100 PCIe 2.0, H200 4.8, A100 80 GB 2.0),
-# by device kind: substring match, first wins.
+# From NVIDIA's data sheets: dense bf16, half their figures "with sparsity" (H100 SXM and H200
+# 989 TFLOP/s, H100 PCIe 756, the NVL cards 835, A100 312), by JAX's device kind: substring
+# match, first wins, so each variant comes before its family.
 ACCELERATORS = {
+    "H200 NVL": Accelerator(835e12, 4.8e12),
     "H200": Accelerator(989e12, 4.8e12),
+    "H100 NVL": Accelerator(835e12, 3.9e12),
     "H100 PCIe": Accelerator(756e12, 2.0e12),
     "H100": Accelerator(989e12, 3.35e12),
-    "A100": Accelerator(312e12, 2.0e12),
+    "A100-SXM4-40GB": Accelerator(312e12, 1.555e12),
+    "A100-PCIE-40GB": Accelerator(312e12, 1.555e12),
+    "A100": Accelerator(312e12, 2.0e12),  # the 80 GB cards
 }
 
 
@@ -109,26 +117,58 @@ def image_forward_flops(model: nn.Module, size: int) -> float:
     return forward_flops(jaxpr.jaxpr)
 
 
-def base_config(path: str, overrides: list[str]):
-    """The ``get_config()`` of a config file with ``key=value`` overrides (``model.dropout=0``);
-    values are Python literals, else strings."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+# The fields that the scripts' own flags set in each case (``case_config``), not ``--set``.
+CASE_FIELDS = (
+    "model.backbone",
+    "model.output_stride",
+    "model.dtype",
+    "data.image_size",
+    "train.batch_size",
+)
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config(spec: str, overrides: list[str]):
+    """The config of ``FILE`` or ``FILE:VARIANT`` (as ``main.py --config`` takes it) with
+    ``key=value`` overrides of its fields (``model.dropout=0``); values are Python literals,
+    else strings. Exits with one line for a missing file, an unknown field, an ill-typed
+    value or one of ``CASE_FIELDS``."""
+    path, _, variant = spec.partition(":")
+    if not Path(path).is_file():
+        sys.exit(f"--config: no config file {path}.")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        config = module.get_config(variant) if variant else module.get_config()
+    except (AttributeError, TypeError, ValueError) as e:  # no get_config, an unknown variant
+        sys.exit(f"--config {spec}: {e}")
     for item in overrides:
-        key, _, text = item.partition("=")
+        key, equals, text = item.partition("=")
+        if not equals:
+            sys.exit(f"--set {item}: expected KEY=VALUE.")
+        if key in CASE_FIELDS:
+            sys.exit(f"--set {key}: this script's own flags set it in each case.")
+        *sections, name = key.split(".")
+        parent = config
+        for section in sections:
+            parent = parent.get(section) if isinstance(parent, ml_collections.ConfigDict) else None
+        if not isinstance(parent, ml_collections.ConfigDict) or name not in parent:
+            sys.exit(f"--set {key}: {path} has no such field.")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        config.update_from_flattened_dict({key: value})
+        try:
+            config.update_from_flattened_dict({key: value})
+        except TypeError as e:  # ml-collections' type check
+            sys.exit(f"--set {item}: {e}")
     return config
 
 
 def case_config(base, backbone: str, size: int, batch: int, dtype: str, output_stride: int):
     """A copy of ``base`` (a config file's, e.g. figaro.py's SGD + BCE) with one case's model,
-    size and batch."""
+    size and batch (its ``CASE_FIELDS``)."""
     config = base.copy_and_resolve_references()
     config.model.backbone = backbone
     config.model.output_stride = output_stride
@@ -182,11 +222,14 @@ def bias_only_batch_norm(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def compile_jax(config, predict: bool, fold_bn: bool = False) -> JaxCase:
-    """Compiles the jitted train (or predict) step of ``config`` on a random batch; with
-    ``fold_bn`` every BatchNorm is traced as ``bias_only_batch_norm``."""
+def compile_jax(
+    config, predict: bool, fold_bn: bool = False, devices: list[jax.Device] | None = None
+) -> JaxCase:
+    """Compiles the jitted train (or predict) step of ``config`` on a random batch, over
+    ``devices`` (default: all); with ``fold_bn`` every BatchNorm is traced as
+    ``bias_only_batch_norm``."""
     size, batch = config.data.image_size, config.train.batch_size
-    mesh = sharding.data_mesh()
+    mesh = sharding.data_mesh(devices)
     sharding.check_batch_size(batch, mesh)
     model = models.build_model(config.model)
     tx = steps.create_optimizer(config.optim, steps.learning_rate_schedule(config.optim, 10_000))
@@ -311,52 +354,120 @@ def time_torch(run: Callable[[int], None], steps_timed: int, warmup: int) -> flo
     return (time.perf_counter() - start) / steps_timed
 
 
-def parse_args() -> argparse.Namespace:
-    """Command-line flags: the grid and the number of steps."""
-    csv = lambda cast: lambda s: [cast(v) for v in s.split(",")]  # noqa: E731
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/figaro.py", help="base config file")
+def csv_list(cast: Callable[[str], Any]) -> Callable[[str], list]:
+    """An argparse type: comma-separated values, each read by ``cast``."""
+    return lambda text: [cast(value) for value in text.split(",")]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def dtype_name(text: str) -> str:
+    """An argparse type: one of ``DTYPES``."""
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DTYPES)}, got {text!r}")
+    return text
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--set``, as ``base_config`` reads them."""
+    parser.add_argument(
+        "--config", default="configs/figaro.py", help="base config: FILE or FILE:VARIANT"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
-    parser.add_argument("--backbones", type=csv(str), default=["resnet101"])
-    parser.add_argument("--sizes", type=csv(int), default=[227])
-    parser.add_argument("--batches", type=csv(int), default=[4])
-    parser.add_argument("--dtypes", type=csv(str), default=["float32"])
+
+
+def add_grid_flags(parser: argparse.ArgumentParser, size: int, batch: int, dtype: str) -> None:
+    """The config flags and a grid of cases: backbones x sizes x batches x dtypes."""
+    add_config_flags(parser)
+    parser.add_argument("--backbones", type=csv_list(str), default=["resnet101"])
+    parser.add_argument("--sizes", type=csv_list(positive_int), default=[size])
+    parser.add_argument("--batches", type=csv_list(positive_int), default=[batch])
+    parser.add_argument("--dtypes", type=csv_list(dtype_name), default=[dtype])
     parser.add_argument("--output_stride", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
+
+
+def add_case_flags(parser: argparse.ArgumentParser, size: int, batch: int) -> None:
+    """The config flags and one case: backbone, size, batch, dtype (``case_from_flags``)."""
+    add_config_flags(parser)
+    parser.add_argument("--backbone", default="resnet101")
+    parser.add_argument("--size", type=positive_int, default=size)
+    parser.add_argument("--batch", type=positive_int, default=batch)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--output_stride", type=int, default=16)
+
+
+def case_from_flags(args: argparse.Namespace):
+    """The config of ``add_case_flags``'s flags."""
+    base = base_config(args.config, args.set)
+    return case_config(base, args.backbone, args.size, args.batch, args.dtype, args.output_stride)
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line flags: the grid and the number of steps."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_grid_flags(parser, size=227, batch=4, dtype="float32")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile")
     parser.add_argument("--predict", action="store_true", help="time inference instead")
     parser.add_argument(
-        "--fold_bn", action="store_true", help="also time inference with BatchNorm folded"
+        "--fold_bn", action="store_true", help="with --predict: also time BatchNorm folded"
     )
-    parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="also time the PyTorch reference (on one device; so is JAX then)",
+    )
     parser.add_argument("--torch_compile", action="store_true", help="also with torch.compile")
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=1,
         help="with --torch: alternate JAX and PyTorch this many times, --steps each, and "
         "report the median round (this machine's speed drifts by up to 10%% between runs)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    if args.fold_bn and not args.predict:
+        parser.error("--fold_bn times inference: pass --predict too")
+    args.torch = args.torch or args.torch_compile
+    if args.rounds > 1 and not args.torch:
+        parser.error("--rounds alternates JAX and PyTorch: pass --torch too")
+    if not args.predict and min(args.batches) < 2:
+        parser.error("--batches: a train step needs at least 2 images (BatchNorm over the batch)")
+    if args.torch and (others := [b for b in args.backbones if b not in BACKBONES]):
+        parser.error(
+            f"--torch: the PyTorch reference has no backbone {', '.join(others)}; "
+            f"it has {', '.join(BACKBONES)}"
+        )
+    return args
 
 
 def main() -> None:
     args = parse_args()
-    device = jax.devices()[0]
-    spec = accelerator(device.device_kind)
-    peak = spec.bf16_peak * jax.device_count() if spec else None  # the step runs on them all
+    # PyTorch runs on one device, so JAX does too when compared with it; else on them all.
+    devices = jax.devices()[:1] if args.torch else jax.devices()
+    spec = accelerator(devices[0].device_kind)
+    peak = spec.bf16_peak * len(devices) if spec else None
     print(
-        f"# devices={jax.device_count()}x{device.device_kind} jax={jax.__version__} "
-        f"python={platform.python_version()} cpu_cores={os.cpu_count()}",
+        f"# devices={len(devices)}x{devices[0].device_kind} (of {jax.device_count()}) "
+        f"jax={jax.__version__} python={platform.python_version()} cpu_cores={os.cpu_count()}",
         flush=True,
     )
     kind = "predict_step" if args.predict else "train_step"
     base = base_config(args.config, args.set)
-    if (args.torch or args.torch_compile) and (
-        differences := torch_differences(base, args.predict)
-    ):
+    if args.torch and (differences := torch_differences(base, args.predict)):
         sys.exit(
             f"--torch times the original's step, which {args.config} does not compute: "
             f"{', '.join(differences)}. Use configs/figaro.py, or --set those fields."
@@ -368,7 +479,7 @@ def main() -> None:
         case = f"backbone={backbone} size={size} batch={batch} dtype={dtype}"
         seconds = {}
         for impl in ["jax", "jax_bn_folded"] if args.predict and args.fold_bn else ["jax"]:
-            jax_case = compile_jax(config, args.predict, fold_bn=impl == "jax_bn_folded")
+            jax_case = compile_jax(config, args.predict, impl == "jax_bn_folded", devices)
             impl_s, state = time_jax(jax_case, args.steps, args.warmup)
             if impl == "jax":
                 plain = jax_case._replace(state=state)

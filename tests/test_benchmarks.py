@@ -96,12 +96,13 @@ def test_time_jax_waits_for_the_warmup_predictions_before_timing(monkeypatch):
 
 
 def test_train_step_alternates_jax_and_torch_without_tensorflow(torch):
-    """On 2 devices: XLA's FLOPs are those of one device's program, which runs half the batch."""
+    """On a host of 2 devices JAX runs on one of them, as PyTorch does."""
     args = ["--config=configs/figaro.py", "--backbones=resnet18", "--sizes=64"]
     args += ["--batches=2", "--steps=1", "--warmup=0", "--torch", "--rounds=2"]
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = run_script("benchmarks/train_step.py", args, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("# devices=1xcpu (of 2) ")
     lines = [line for line in result.stdout.splitlines() if line.startswith("train_step")]
     assert [line.split()[1] for line in lines] == ["impl=jax", "impl=torch"]
     jax_fields = dict(field.split("=", 1) for field in lines[0].split()[1:])
@@ -112,6 +113,85 @@ def test_train_step_alternates_jax_and_torch_without_tensorflow(torch):
     assert len(fields["jax_ms"].split(",")) == len(fields["torch_ms"].split(",")) == 2
     jax_s, torch_s = float(fields["jax_median_ms_per_step"]), float(fields["ms_per_step"])
     assert float(fields["jax_over_torch"]) == pytest.approx(torch_s / jax_s, abs=0.01)
+
+
+def test_predict_step_over_two_devices_counts_one_devices_xla_flops():
+    """XLA's FLOPs are those of one device's program, which runs half the batch; a config
+    variant and a --set override are read as main.py reads them."""
+    args = ["--config=configs/figaro.py:smoke", "--set", "model.dropout=0.0", "--predict"]
+    args += ["--backbones=resnet18", "--sizes=96", "--batches=2", "--steps=1", "--warmup=0"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = run_script("benchmarks/train_step.py", args, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("# devices=2xcpu (of 2) ")
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("predict_step")]
+    fields = dict(field.split("=", 1) for field in line.split()[1:])
+    xla, model = (float(fields[f"{k}_gflops_per_image"]) for k in ("xla", "model"))
+    # 0.69 here (the CPU computes some convolutions in other forms); 0.35 when one device's
+    # FLOPs were spread over the whole batch
+    assert 0.5 < xla / model < 1.5
+
+
+def test_base_config_takes_a_variant_and_only_overrides_of_its_own_fields():
+    train_step = load_train_step()
+    config = train_step.base_config("configs/figaro.py:scratch", ["optim.learning_rate=0.5"])
+    assert config.optim.name == "adamw" and config.optim.learning_rate == 0.5
+    assert config.train.ema_decay > 0  # the recipe's step, EMA included
+    refused = {
+        "loss.dice_wieght=0.5": "--set loss.dice_wieght: configs/figaro.py has no such field.",
+        "model.dropout.rate=0": "--set model.dropout.rate: configs/figaro.py has no such field.",
+        "model.dtype=bfloat16": "--set model.dtype: this script's own flags set it in each case.",
+        "model.dropout": "--set model.dropout: expected KEY=VALUE.",
+    }
+    for item, message in refused.items():
+        with pytest.raises(SystemExit) as exit_info:
+            train_step.base_config("configs/figaro.py", [item])
+        assert str(exit_info.value) == message
+    with pytest.raises(SystemExit, match="^--set model.dropout=abc: .*cannot be cast"):
+        train_step.base_config("configs/figaro.py", ["model.dropout=abc"])
+    with pytest.raises(SystemExit, match="^--config configs/figaro.py:nope: Unknown variant"):
+        train_step.base_config("configs/figaro.py:nope", [])
+    with pytest.raises(SystemExit, match="^--config: no config file configs/none.py"):
+        train_step.base_config("configs/none.py", [])
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--sizes=6x4"], "argument --sizes: expected a positive integer, got '6x4'"),
+        (["--steps=0"], "argument --steps: expected a positive integer, got '0'"),
+        (["--dtypes=float16"], "argument --dtypes: expected one of float32, bfloat16"),
+        (["--fold_bn"], "--fold_bn times inference: pass --predict too"),
+        (["--rounds=2"], "--rounds alternates JAX and PyTorch: pass --torch too"),
+        (["--batches=1"], "--batches: a train step needs at least 2 images"),
+        (["--torch", "--backbones=mobilenet_v2"], "the PyTorch reference has no backbone"),
+    ],
+)
+def test_train_step_flags_are_checked_before_any_work(monkeypatch, capsys, args, error):
+    train_step = load_train_step()
+    monkeypatch.setattr("sys.argv", ["train_step.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.parse_args()
+    assert exit_info.value.code == 2 and error in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["train_step.py", "--predict", "--batches=1", "--fold_bn"])
+    assert train_step.parse_args().batches == [1]  # inference takes single images
+
+
+def test_the_nvl_cards_have_their_own_peaks():
+    """NVL and 40 GB names hold their family's name: each variant must match first."""
+    train_step = load_train_step()
+    peaks = {
+        "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),
+        "NVIDIA H100 NVL": (835e12, 3.9e12),
+        "NVIDIA H100 PCIe": (756e12, 2.0e12),
+        "NVIDIA H200": (989e12, 4.8e12),
+        "NVIDIA H200 NVL": (835e12, 4.8e12),
+        "NVIDIA A100-SXM4-40GB": (312e12, 1.555e12),
+        "NVIDIA A100-SXM4-80GB": (312e12, 2.0e12),
+    }
+    for kind, figures in peaks.items():
+        assert tuple(train_step.accelerator(kind)) == figures, kind
+    assert train_step.accelerator("cpu") is None
 
 
 def test_train_step_times_the_recipes_step_with_its_ema(monkeypatch):
@@ -168,7 +248,8 @@ def test_conv_rates_times_every_convolution_in_both_libraries(torch):
     # The FLOPs are the model's as train_step.py counts them, less the image resizes (both
     # leave out the taps of dilated convolutions that only ever read padding).
     train_step = load_train_step()
-    config = train_step.base_config(str(REPO / "configs/figaro.py"), ["model.backbone=resnet18"])
+    base = train_step.base_config(str(REPO / "configs/figaro.py"), [])
+    config = train_step.case_config(base, "resnet18", 64, 1, "float32", 16)
     model_gflops = train_step.image_forward_flops(models.build_model(config.model), 64) / 1e9
     assert float(total["forward_gflops"]) == pytest.approx(model_gflops, rel=0.01)
 
@@ -355,15 +436,18 @@ def test_shrink_then_time_to_dice_without_tensorflow(figaro_dir, tmp_path):
             f"--config.data.data_dir={copy}",
             *config_flags(SHARED_TRAIN_STEP),  # test_preemption's train step (a cache hit)
             "--config.augment.device_max_side=100",
-            "--log_every=2",
+            "--log_every=100",  # more than the 8 steps: the budget is checked at every step
+            "--budget_s=0.001",
             f"--out={summary_file}",
         ],
     )
     assert trained.returncode == 0, trained.stderr
     assert "8 train images packed to 100 px, 8 steps" in trained.stdout
-    assert "step 8/8 loss" in trained.stdout
     summary = json.loads(summary_file.read_text())
-    assert summary["num_images"] == 3 and summary["steps"] == 8 and summary["split"] == "test"
+    done = summary["steps"]
+    assert summary["stopped_early_at"] == done < 8 and summary["total_steps"] == 8
+    assert f"step {done}/8 loss" in trained.stdout
+    assert summary["num_images"] == 3 and summary["split"] == "test"
     assert 0.0 <= summary["dice"] <= 1.0 and summary["nonfinite_steps"] == 0
     assert sum(v["num_images"] for v in summary["per_hair_type"].values()) == 3
     assert f"test_dice={summary['dice']:.4f}" in trained.stdout
