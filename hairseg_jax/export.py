@@ -10,8 +10,10 @@ with every dimension free (one batch shares one size), and returns ``probability
 (batch, height, width), the hair probability at the input's own size. Preprocessing is inside:
 each image is resized to the ``predict.image_size`` (else ``eval.image_size``) square, as
 evaluation does, normalised, run through the model (with ``predict.tta``), and the logits are
-resized back. ``hairseg.json`` beside it records the threshold (tuned if the workdir has one
-for this checkpoint, else 0.5), the sizes and the step.
+resized back. ``hairseg.json`` beside it records the threshold (``predict.threshold`` if set,
+else the tuned one if the workdir has one for this checkpoint, else 0.5), the sizes and the
+step. Decoding is not inside: the images are the upright, opaque RGB that predict's
+``read_photo`` gives (EXIF orientation applied, transparency over white).
 """
 
 import os
@@ -32,6 +34,7 @@ from hairseg_jax.weights.tensors import ConversionError
 
 POLYMORPHIC_SHAPE = "(b, h, w, 3)"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax2tf's native serialization platforms
+STAGING_PREFIX = ".export-"  # of the folder a SavedModel is written into before ``out``
 
 
 def serving_function(config: ml_collections.ConfigDict) -> Callable[[Any, jax.Array], jax.Array]:
@@ -114,7 +117,11 @@ def export(
         "platforms": list(platforms),
     }
     # Written into a folder of its own first: a failure (a full disk) leaves ``out`` as it was.
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    # One that a killed export left behind is deleted.
+    for stale in out.glob(f"{STAGING_PREFIX}*"):
+        logging.info("Deleting %s, left by an export that did not end.", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
         try:
             signatures = {"serving_default": serving_default}

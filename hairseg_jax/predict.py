@@ -9,7 +9,8 @@ square like eval resizes, the logits are resized back to the image's own size, a
 ``<name>_mask.png`` (0/255), ``<name>_overlay.jpg`` (hair tinted) and optionally
 ``<name>_prob.png`` / ``.npy`` are written.
 Files that cannot be read (or whose outputs cannot be written: an image too large for JPEG, a
-name too long) are logged one line each and skipped; the summary lists them.
+name too long or refused by the filesystem) are logged one line each and skipped; the summary
+lists them.
 """
 
 import collections
@@ -39,6 +40,9 @@ MASK_SUFFIX, OVERLAY_SUFFIX, PROB_SUFFIX = "_mask.png", "_overlay.jpg", "_prob"
 # What write_outputs writes after an image's name.
 OUTPUT_SUFFIXES = (MASK_SUFFIX, OVERLAY_SUFFIX, f"{PROB_SUFFIX}.png", f"{PROB_SUFFIX}.npy")
 LOG_EVERY_SECONDS = 10.0
+JPEG_MAX_SIDE = 65500
+# Errors of a file's own name (None: an encoder's), as opposed to the folder's or the disk's.
+NAME_ERRNOS = (None, errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ)
 
 
 def find_inputs(spec: str) -> list[Path]:
@@ -66,18 +70,29 @@ def find_inputs(spec: str) -> list[Path]:
 
 
 def without_outputs(files: Sequence[Path], output: Path) -> list[Path]:
-    """``files`` less the masks, overlays and probability maps that an earlier run wrote
-    into ``output`` (the input folder may be the output folder).
+    """``files`` less the masks, overlays and probability maps that an earlier run wrote: in
+    ``output`` (the input folder may be the output folder), and in any other folder those
+    beside the image they were made from (a folder that was once its own output folder).
 
     Raises:
       FileNotFoundError: nothing else is left.
     """
     output = output.resolve()
-    kept = [
-        f for f in files if not (f.resolve().parent == output and f.name.endswith(OUTPUT_SUFFIXES))
-    ]
+    sources = collections.defaultdict(set)  # folder -> the names its images' outputs take
+    for f in files:
+        if not f.name.endswith(OUTPUT_SUFFIXES):
+            sources[f.resolve().parent].update({f.stem, f.name.replace(".", "_")})
+
+    def earlier_output(f: Path) -> bool:
+        suffix = next((s for s in OUTPUT_SUFFIXES if f.name.endswith(s)), None)
+        folder = f.resolve().parent
+        return suffix is not None and (
+            folder == output or f.name.removesuffix(suffix) in sources[folder]
+        )
+
+    kept = [f for f in files if not earlier_output(f)]
     if len(kept) < len(files):
-        logging.info("Leaving out %d earlier outputs in %s.", len(files) - len(kept), output)
+        logging.info("Leaving out %d outputs of an earlier run.", len(files) - len(kept))
     if not kept:
         raise FileNotFoundError(f"The only images at config.predict.input are outputs in {output}.")
     return kept
@@ -152,7 +167,6 @@ def write_outputs(
     mask = logits > evaluate.logit(threshold)
     # Each file whole or not at all (pictures.save): a full disk leaves no broken one.
     pictures.save(output / f"{name}{MASK_SUFFIX}", mask.astype(np.uint8) * 255)
-    pictures.save(output / f"{name}{OVERLAY_SUFFIX}", pictures.tint(image, mask), quality=90)
     if prob:
         probability = 1 / (1 + np.exp(-logits.astype(np.float64)))
         path = output / f"{name}{PROB_SUFFIX}.{prob}"
@@ -162,18 +176,22 @@ def write_outputs(
             write_atomically(path, data.getvalue())
         else:
             pictures.save(path, np.round(probability * 255).astype(np.uint8))
+    if max(height, width) > JPEG_MAX_SIDE:  # Pillow's own error reads "broken data stream"
+        raise ValueError(f"the overlay's {width}x{height} px exceed JPEG's {JPEG_MAX_SIDE} px")
+    pictures.save(output / f"{name}{OVERLAY_SUFFIX}", pictures.tint(image, mask), quality=90)
 
 
 def write_or_explain(
     output: Path, name: str, image: np.ndarray, logits: np.ndarray, threshold: float, prob: str
 ) -> str:
     """``write_outputs``; "" if it wrote them all, else why not, where the image itself is the
-    cause (an encoder's limit: JPEG's 65,500 px side; a name too long). A full disk or a
+    cause (an encoder's limit: JPEG's 65,500 px side; a name too long, or one the output's
+    filesystem refuses, as FAT, exFAT and SMB do names with ``:`` or ``?``). A full disk or a
     folder that cannot be written raises."""
     try:
         write_outputs(output, name, image, logits, threshold, prob)
     except (OSError, ValueError) as e:
-        if isinstance(e, OSError) and e.errno not in (None, errno.ENAMETOOLONG):
+        if isinstance(e, OSError) and e.errno not in NAME_ERRNOS:
             raise
         return f"{type(e).__name__}: {e}".replace("\n", " ")
     return ""

@@ -147,9 +147,11 @@ def test_an_out_folder_that_cannot_be_made_is_named_before_the_conversion(workdi
 
 
 def test_an_export_that_fails_leaves_out_as_it_was(workdir, tmp_path, monkeypatch):
-    """A full disk halfway through the SavedModel: nothing of it is left in --out."""
+    """A full disk halfway through the SavedModel: nothing of it is left in --out, nor of an
+    export killed there before."""
     out = tmp_path / "out"
-    out.mkdir()
+    (out / f"{export.STAGING_PREFIX}k1ll3d" / "variables").mkdir(parents=True)
+    (out / f"{export.STAGING_PREFIX}k1ll3d" / "variables" / "variables.data").write_bytes(b"x")
     (out / "older.txt").write_text("kept")
 
     def full_disk(module, path, signatures):

@@ -1,5 +1,6 @@
 """Predict mode: masks and overlays for a folder of mixed, odd and broken images."""
 
+import errno
 import json
 import subprocess
 from pathlib import Path
@@ -132,7 +133,7 @@ def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, t
     for bad, why in (
         ("corrupt.jpg", "cannot read it"),
         ("empty.png", "cannot read it"),
-        ("wide.png", "cannot write its outputs (OSError: broken data stream"),
+        ("wide.png", "cannot write its outputs (ValueError: the overlay's 70000x2 px exceed"),
     ):
         lines = [line for line in result.stderr.splitlines() if f"Skipping {inputs / bad}" in line]
         assert len(lines) == 1 and why in lines[0], result.stderr[-3000:]
@@ -155,7 +156,7 @@ def test_mixed_folder_gets_masks_and_reports_unreadable_files(workdir, inputs, t
             np.testing.assert_array_equal(np.asarray(prob) >= 128, is_hair, err_msg=name)
     written = {p.name.rsplit("_", 1)[0] for p in out.iterdir()}
     assert written == {*EXPECTED_SIZES, "wide"}  # nothing for the corrupt, empty or text files
-    assert sorted(p.name for p in out.glob("wide*")) == ["wide_mask.png"]  # before its overlay
+    assert sorted(p.name for p in out.glob("wide*")) == ["wide_mask.png", "wide_prob.png"]
     # Each mask is its own image's, whatever failed beside it in its batch.
     np.testing.assert_array_equal(
         np.asarray(Image.open(out / "d_copy_prob.png")),
@@ -253,17 +254,34 @@ def test_inputs_and_output_names(inputs, tmp_path):
 
 
 def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path):
-    """Predicting a folder into itself twice does not predict its own masks."""
+    """Predicting a folder into itself twice does not predict its own masks, and nor does
+    predicting that folder into another one later."""
     names = ("a.jpg", "a_mask.png", "a_overlay.jpg", "a_prob.png", "a_prob.npy", "b_mask.png.jpg")
     for name in names:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "c_mask.png").write_bytes(b"")  # elsewhere: a photo like any other
+    (tmp_path / "other" / "c_mask.png").write_bytes(b"")  # no c.* beside it: a photo
+    once = ("d.jpg", "d_mask.png", "d_overlay.jpg", "e.png", "e.jpg", "e_png_prob.npy")
+    (tmp_path / "once_its_own_output").mkdir()
+    for name in once:
+        (tmp_path / "once_its_own_output" / name).write_bytes(b"")
     found = predict.find_inputs(str(tmp_path / "**" / "*.*"))
     kept = predict.without_outputs(found, tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in kept] == [
         "a.jpg",
         "b_mask.png.jpg",
+        "once_its_own_output/d.jpg",
+        "once_its_own_output/e.jpg",
+        "once_its_own_output/e.png",
+        "other/c_mask.png",
+    ]
+    elsewhere = predict.without_outputs(found, tmp_path / "new_output")
+    assert [p.relative_to(tmp_path).as_posix() for p in elsewhere] == [
+        "a.jpg",  # its outputs beside it are left out as well
+        "b_mask.png.jpg",
+        "once_its_own_output/d.jpg",
+        "once_its_own_output/e.jpg",
+        "once_its_own_output/e.png",
         "other/c_mask.png",
     ]
     with pytest.raises(FileNotFoundError, match="The only images .* are outputs in"):
@@ -320,9 +338,16 @@ def test_the_exit_status_counts_unreadable_files_up_to_100(workdir, tmp_path):
 
 def test_an_image_that_cannot_be_written_fails_alone_but_a_full_disk_stops(tmp_path, monkeypatch):
     image, logits = np.zeros((2, 70000, 3), np.uint8), np.zeros((8, 8), np.float32)
-    why = predict.write_or_explain(tmp_path, "wide", image, logits, 0.5, "")
-    assert why.startswith("OSError: broken data stream when writing image file")
-    assert [p.name for p in tmp_path.iterdir()] == ["wide_mask.png"]
+    why = predict.write_or_explain(tmp_path, "wide", image, logits, 0.5, "png")
+    assert why == "ValueError: the overlay's 70000x2 px exceed JPEG's 65500 px"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide_mask.png", "wide_prob.png"]
+
+    def refused_name(path, data):  # as exFAT, FAT or SMB refuse a name with ":"
+        raise OSError(errno.EINVAL, "Invalid argument", str(path))
+
+    monkeypatch.setattr(files, "write_atomically", refused_name)
+    why = predict.write_or_explain(tmp_path, "a:b", image[:, :8], logits, 0.5, "")
+    assert why.startswith("OSError: [Errno 22] Invalid argument")
 
     def full_disk(path, data):
         raise OSError(28, "No space left on device", str(path))
