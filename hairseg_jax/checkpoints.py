@@ -7,6 +7,7 @@ before its first save).
 """
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,19 +72,29 @@ def best_manager(workdir: str | os.PathLike, read_only: bool = False) -> ocp.Che
     With ``read_only`` (evaluation, prediction, export) the folder is neither created nor
     cleaned: a training run still writing there keeps its checkpoint in progress.
     """
-    return ocp.CheckpointManager(
-        Path(workdir).absolute() / "best",
-        item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1,
-            best_fn=lambda metrics: metrics[BEST_METRIC],
-            best_mode="max",
-            # Not orbax's read_only, which warns three times on every use; this one saves nothing.
-            create=not read_only,
-            cleanup_tmp_directories=not read_only,
-            async_options=_ASYNC_OPTIONS,
-        ),
-    )
+    directory = Path(workdir).absolute() / "best"
+    try:
+        return ocp.CheckpointManager(
+            directory,
+            item_handlers=ocp.StandardCheckpointHandler(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                best_fn=lambda metrics: metrics[BEST_METRIC],
+                best_mode="max",
+                # Not orbax's read_only, which warns three times on every use; this one saves
+                # nothing.
+                create=not read_only,
+                cleanup_tmp_directories=not read_only,
+                async_options=_ASYNC_OPTIONS,
+            ),
+        )
+    except ValueError as e:  # orbax reads each step's metrics here: one that is not JSON
+        for metrics_file in sorted(directory.glob("*/metrics/metrics")):
+            try:
+                json.loads(metrics_file.read_text())
+            except ValueError:
+                raise _unreadable(directory, int(metrics_file.parents[1].name), e) from e
+        raise
 
 
 def best_step(workdir: str | os.PathLike) -> int | None:
@@ -150,8 +161,16 @@ def save(
 
 
 def step_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The ``custom_metadata`` saved with ``step`` (empty if none)."""
-    return dict(manager.metadata(step).custom_metadata or {})
+    """The ``custom_metadata`` saved with ``step`` (empty if none).
+
+    Raises:
+      UnreadableError: the step's metadata file cannot be read (orbax only logs it).
+    """
+    metadata = manager.metadata(step)
+    if metadata.commit_timestamp_nsecs is None:  # written with every complete checkpoint
+        error = ValueError("its _CHECKPOINT_METADATA file cannot be read")
+        raise _unreadable(manager.directory, step, error)
+    return dict(metadata.custom_metadata or {})
 
 
 def check(manager: ocp.CheckpointManager, wait: bool = False) -> None:
@@ -182,13 +201,18 @@ def closed_after(manager: ocp.CheckpointManager) -> Iterator[ocp.CheckpointManag
         raise _unwritable(manager, e) from e
 
 
+def _innermost(error: BaseException) -> str:
+    """The first line of ``error``'s innermost cause (orbax wraps TensorStore's errors in plain
+    ones)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def _unwritable(manager: ocp.CheckpointManager, error: Exception) -> UnwritableError:
     """The UnwritableError for ``error``, naming its innermost cause."""
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
     return UnwritableError(
-        f"Cannot write a checkpoint under {manager.directory} ({str(cause).splitlines()[0]}). "
+        f"Cannot write a checkpoint under {manager.directory} ({_innermost(error)}). "
         + RESUME_ADVICE
     )
 
@@ -199,15 +223,11 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {jax.tree_util.keystr(path, simple=True, separator="/"): x.shape for path, x in leaves}
 
 
-def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> UnreadableError:
-    """The UnreadableError for ``error`` (orbax wraps TensorStore's errors in plain ones)."""
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+def _unreadable(directory: os.PathLike, step: int, error: Exception) -> UnreadableError:
+    """The UnreadableError for ``error``, in the checkpoint at ``step`` of ``directory``."""
     return UnreadableError(
-        f"The checkpoint at step {step} of {manager.directory} cannot be read "
-        f"({str(cause).splitlines()[0]}): delete {manager.directory / str(step)} to use "
-        "an earlier one, if any."
+        f"The checkpoint at step {step} of {directory} cannot be read ({_innermost(error)}): "
+        f"delete {Path(directory) / str(step)} to use an earlier one, if any."
     )
 
 
@@ -222,7 +242,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
     try:
         stored = _shapes(manager.item_metadata(step).tree)
     except Exception as e:
-        raise _unreadable(manager, step, e) from e
+        raise _unreadable(manager.directory, step, e) from e
     wanted = _shapes(target)
     differences = [
         f"{name} is {stored.get(name, 'missing')} there, {wanted.get(name, 'missing')} here"
@@ -235,4 +255,4 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:
-        raise _unreadable(manager, step, e) from e
+        raise _unreadable(manager.directory, step, e) from e

@@ -503,8 +503,9 @@ def misfit(
     sections: tuple[str, ...] = ("model",),
 ) -> config_checks.ConfigError:
     """The error for the checkpoint ``weights`` of ``workdir`` that does not fit ``config``'s
-    ``sections`` (a train state's: ``model``, ``optim`` and ``train``): it names the settings
-    of those that it was trained with (else the first array that differs), then ``advice``."""
+    ``sections`` (sections or fields whose change changes the arrays: a train state's are the
+    model, ``optim.name`` and ``train.ema_decay``): it names the settings of those that it was
+    trained with (else the first array that differs), then ``advice``."""
     changed = trained_with(config, workdir, sections)
     why = f"trained with {'; '.join(changed)}" if changed else str(error)
     fields = " / ".join(f"config.{section}" for section in sections)
@@ -516,16 +517,18 @@ def misfit(
 def trained_with(
     config: ml_collections.ConfigDict, workdir: Path, sections: tuple[str, ...]
 ) -> list[str]:
-    """Where ``config``'s ``sections`` (e.g. ``("model",)``) differ from ``workdir``'s
-    config.json, as "field: trained -> now"; empty if that file is missing, unreadable (a
-    warning) or the same there."""
+    """Where ``config``'s ``sections`` (e.g. ``("model", "optim.name")``: sections or fields)
+    differ from ``workdir``'s config.json, as "field: trained -> now"; empty if that file is
+    missing, unreadable (a warning) or the same there."""
     try:
         saved = config_checks.saved_config(workdir) or {}
     except config_checks.ConfigError as e:
         logging.warning("Not comparing the settings with those trained with: %s", e)
         saved = {}
     changes = config_checks.config_changes(saved, config)  # none against {}
-    return [change for change in changes if change.startswith(tuple(f"{s}." for s in sections))]
+    return [
+        change for change in changes if any(change.startswith((f"{s}.", f"{s}:")) for s in sections)
+    ]
 
 
 def _pretrained_variables(config: ml_collections.ConfigDict, template: dict[str, Any]) -> dict:

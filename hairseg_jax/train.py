@@ -101,8 +101,8 @@ def resumed_state(
         advice = (
             ", so training cannot resume from it: train with the new settings in another workdir."
         )
-        sections = ("model", "optim", "train")
-        raise evaluate.misfit(config, workdir, weights, e, advice, sections) from e
+        changes_arrays = ("model", "optim.name", "train.ema_decay")
+        raise evaluate.misfit(config, workdir, weights, e, advice, changes_arrays) from e
     logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
     return state
 
@@ -178,7 +178,8 @@ class StopOnWriteError:
     events that cannot be written, raised at the writer's next use) is kept in ``error`` and
     sent as a preemption notice (SIGTERM, which JAX's preemption service passes to every
     process), so that all of them save the same step and stop; process 0 alone stopping at
-    once would leave the others waiting in the step's all-reduce. Later writes are dropped."""
+    once would leave the others waiting in the step's all-reduce. Later writes are dropped;
+    ``close`` still closes it."""
 
     def __init__(self, writer: metric_writers.MetricWriter):
         self._writer = writer
@@ -189,6 +190,9 @@ class StopOnWriteError:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             if self.error is not None:
+                if name == "close":  # still closed (its pool and files), its error kept
+                    with contextlib.suppress(asynclib.AsyncError):
+                        method(*args, **kwargs)
                 return None
             try:
                 return method(*args, **kwargs)
@@ -351,8 +355,10 @@ def _train_and_evaluate(
     if not config.augment.on_device:
         batches = (sharding.shard_batch(batch, mesh) for batch in batches)
     report_progress = periodic_actions.ReportProgress(  # a line a minute, and at the end
-        num_train_steps=total_steps, writer=writer, on_steps=[total_steps]
+        num_train_steps=total_steps, writer=writer
     )
+    if total_steps - start_step == 1:  # clu's first call only starts its clock (no line)
+        report_progress(start_step)
     train_metrics = None  # the loss since the last log: a checkpoint keeps it
     if resume_step is not None:
         train_metrics = resumed_loss_window(checkpoints.step_metadata(latest, resume_step))
@@ -476,6 +482,9 @@ def _train_and_evaluate(
                     # evaluation, so no best is lost.
                     checkpoints.check(best, wait=True)
                 evaluated = step
+                # A stop asked for during the evaluation stops here, not a step later (one
+                # process; several ask JAX's preemption service once a step, all alike).
+                stopping = stopping or (jax.process_count() == 1 and should_stop(step))
                 writer.write_scalars(
                     step,
                     {f"val_{k}": val_summary[k] for k in ("loss", "dice", "pooled_dice", "iou")},

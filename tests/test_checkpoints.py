@@ -127,6 +127,32 @@ def test_a_damaged_checkpoint_is_named_as_unreadable(tmp_path, monkeypatch):
     )
 
 
+def test_damaged_metadata_and_metrics_files_are_named_as_unreadable(tmp_path):
+    """Orbax only logs a step's metadata that it cannot parse (the train loss's window would
+    be lost on resume), and raises a bare JSONDecodeError for the best model's metrics."""
+    with checkpoints.latest_manager(tmp_path) as manager:
+        checkpoints.save(manager, 2, TREE, custom_metadata={"train_loss_count": 1})
+        manager.wait_until_finished()
+        assert checkpoints.step_metadata(manager, 2) == {"train_loss_count": 1}
+    metadata_file = tmp_path / "checkpoints" / "2" / "_CHECKPOINT_METADATA"
+    metadata_file.write_text(metadata_file.read_text()[:40])
+    unreadable = pytest.raises(checkpoints.UnreadableError, match="^The checkpoint at step 2 of ")
+    with checkpoints.latest_manager(tmp_path, read_only=True) as manager, unreadable:
+        checkpoints.step_metadata(manager, 2)
+
+    with checkpoints.best_manager(tmp_path) as best:
+        checkpoints.save(best, 5, TREE, metrics={checkpoints.BEST_METRIC: 0.25})
+        best.wait_until_finished()
+    assert checkpoints.best_step(tmp_path) == 5
+    (tmp_path / "best" / "5" / "metrics" / "metrics").write_text('{"dice": 0.2')
+    with pytest.raises(checkpoints.UnreadableError) as error:
+        checkpoints.best_step(tmp_path)
+    assert str(error.value).startswith(f"The checkpoint at step 5 of {tmp_path / 'best'} cannot")
+    assert str(error.value).endswith(
+        f"delete {tmp_path / 'best' / '5'} to use an earlier one, if any."
+    )
+
+
 FULL_DISK = """
 import errno, os, sys
 import numpy as np

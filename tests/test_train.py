@@ -76,15 +76,17 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path, caplog):
     assert (tmp_path / "config.json").read_bytes() == saved  # it still describes the checkpoints
 
     # A model change that the flag allows cannot resume: it stops with one line, and leaves
-    # config.json as it was.
+    # config.json as it was. The line names that change, not others that change no array.
     config = tiny_config()
     config.model.aspp_channels, config.train.allow_config_change = 16, True
+    config.optim.learning_rate, config.train.num_steps = 0.5, 6
     with pytest.raises(config_checks.ConfigError) as error:
         train.train_and_evaluate(config, tmp_path)
     assert str(error.value) == (
         f"The checkpoint at step 4 of {tmp_path.absolute() / 'checkpoints'} does not fit "
-        "config.model / config.optim / config.train (trained with model.aspp_channels: 8 -> "
-        "16), so training cannot resume from it: train with the new settings in another workdir."
+        "config.model / config.optim.name / config.train.ema_decay (trained with "
+        "model.aspp_channels: 8 -> 16), so training cannot resume from it: train with the new "
+        "settings in another workdir."
     )
     assert (tmp_path / "config.json").read_bytes() == saved
 
@@ -321,6 +323,55 @@ def test_a_second_ctrl_c_stops_at_once_a_repeated_sigterm_does_not():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1.0)
     assert {s: signal.getsignal(s) for s in before} == before  # restored
+
+
+def test_a_stop_asked_for_during_an_evaluation_stops_at_its_step(tmp_path, monkeypatch, caplog):
+    """SIGTERM while step 2 is validated: step 2 is saved and training stops there, not after
+    another step. The rerun has one step left, and still logs its progress line."""
+    score_examples = evaluate.score_examples
+
+    def score_then_terminate(*args, **kwargs):
+        scores = score_examples(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return scores
+
+    monkeypatch.setattr(evaluate, "score_examples", score_then_terminate)
+    config = tiny_config()
+    config.train.num_steps = 3
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(config, tmp_path)
+    assert "Stopped at step 2; the same command resumes from it." in caplog.text
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [2]
+
+    monkeypatch.setattr(evaluate, "score_examples", score_examples)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(config, tmp_path)
+    assert re.search(r"100\.0% \(3/3\)", caplog.text)  # clu's first call alone logs nothing
+
+
+def test_the_events_writer_of_several_processes_is_closed_after_its_error():
+    """Process 0's writer of a multi-process run drops writes after its first error, but its
+    ``close`` still closes the writer under it (its thread pool and event files)."""
+    calls = []
+
+    class FailingWriter:
+        def write_scalars(self, step, scalars):
+            calls.append("write")
+            raise asynclib.AsyncError("Error occurred ASYNCHRONOUSLY.")
+
+        def close(self):
+            calls.append("close")
+            raise asynclib.AsyncError("the same error again")
+
+    writer = train.StopOnWriteError(FailingWriter())
+    with train.stop_requests() as should_stop:  # its SIGTERM asks this process to stop
+        writer.write_scalars(1, {"loss": 1.0})
+        writer.write_scalars(2, {"loss": 1.0})  # dropped
+        writer.close()
+        time.sleep(0.1)  # the handler runs in the main thread, between bytecodes
+        assert should_stop(2)
+    assert calls == ["write", "close"] and isinstance(writer.error, asynclib.AsyncError)
 
 
 def interrupt_after_loading(monkeypatch) -> None:
