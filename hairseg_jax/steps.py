@@ -168,10 +168,15 @@ def _state_from(
     )
 
 
+def steps_per_epoch(train_config: ml_collections.ConfigDict, num_examples: int) -> int:
+    """The whole batches of ``num_examples`` (batches run on across epochs)."""
+    return num_examples // train_config.batch_size
+
+
 def total_train_steps(train_config: ml_collections.ConfigDict, num_examples: int) -> int:
     """``train_config.num_steps``, else ``num_epochs`` of whole batches of ``num_examples``."""
-    steps_per_epoch = num_examples // train_config.batch_size
-    return train_config.num_steps or train_config.num_epochs * steps_per_epoch
+    epoch = steps_per_epoch(train_config, num_examples)
+    return train_config.num_steps or train_config.num_epochs * epoch
 
 
 def initial_train_state(

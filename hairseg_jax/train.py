@@ -259,7 +259,7 @@ def _train_and_evaluate(
     sharding.check_batch_size(batch_size, mesh, "config.train.batch_size")
     train_data = sources.load_examples(config, "train", config.data.max_train_images)
     val_data = sources.load_examples(config, "val", config.data.max_val_images)
-    steps_per_epoch = len(train_data) // batch_size
+    steps_per_epoch = steps.steps_per_epoch(config.train, len(train_data))
     if not steps_per_epoch:
         raise config_checks.ConfigError(
             f"config.train.batch_size={batch_size} is larger than the {len(train_data)} "
