@@ -3,6 +3,7 @@
 import ast
 import inspect
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -120,6 +121,7 @@ BAD_VALUES = [
     ),
     ("seed", -1, "seed=-1 must be in [0, 2**32)"),
     ("seed", 2**32 + 5, "seed=4294967301 must be in [0, 2**32)"),
+    ("seed", 2**32, "seed=4294967296 must be in [0, 2**32)"),
     ("loss.dice_weight", -0.5, "loss.dice_weight=-0.5 must not be negative"),
     ("train.batch_size", 1, "train.batch_size=1 must be at least 2 (BatchNorm over the batch)"),
     ("train.batch_size", 0, "train.batch_size=0 must be at least 2 (BatchNorm over the batch)"),
@@ -139,6 +141,7 @@ BAD_VALUES = [
     ("eval.batch_size", 0, "eval.batch_size=0 must be positive"),
     ("eval.max_images", -8, "eval.max_images=-8 must not be negative (0: all)"),
     ("eval.threshold", 1.0, "eval.threshold=1.0 must be in (0, 1), or -1 for the tuned one"),
+    ("eval.threshold", 0.0, "eval.threshold=0.0 must be in (0, 1), or -1 for the tuned one"),
     ("eval.threshold", -0.5, "eval.threshold=-0.5 must be in (0, 1), or -1 for the tuned one"),
     ("eval.tta", "vflip", "eval.tta='vflip' is not one of ('none', 'flip')"),
     ("eval.tta_sizes", (96, -1), "eval.tta_sizes=(96, -1) must be positive"),
@@ -167,6 +170,11 @@ BAD_VALUES = [
     ),
     ("augment.scale", (0.5,), "augment.scale=(0.5,) must be (low, high) with 0 < low <= high <= 1"),
     (
+        "augment.scale",
+        (0.0, 1.0),
+        "augment.scale=(0.0, 1.0) must be (low, high) with 0 < low <= high <= 1",
+    ),
+    (
         "augment.ratio",
         (0.0, 1.0),
         "augment.ratio=(0.0, 1.0) must be (low, high) with 0 < low <= high",
@@ -190,7 +198,18 @@ BAD_VALUES = [
         "eval.tta_sizes=(96, 227) must not repeat a size or eval.image_size (each size would "
         "count twice)",
     ),
+    (
+        "eval.tta_sizes",
+        (96, 96),
+        "eval.tta_sizes=(96, 96) must not repeat a size or eval.image_size (each size would "
+        "count twice)",
+    ),
     ("model.decoder_channels", -8, "model.decoder_channels=-8 must be positive"),
+    (  # with distributed.enabled (RELATED)
+        "distributed.coordinator_address",
+        "localhost:",
+        "distributed.coordinator_address='localhost:' must be HOST:PORT (process 0's)",
+    ),
     *(
         (
             f"distributed.{setting}",
@@ -214,8 +233,27 @@ BAD_VALUES = [
 
 # The other settings a rule needs before it applies.
 RELATED = {
-    ("distributed.process_id", 2): {"distributed.enabled": True, "distributed.num_processes": 2}
+    ("distributed.process_id", 2): {"distributed.enabled": True, "distributed.num_processes": 2},
+    ("distributed.coordinator_address", "localhost:"): {"distributed.enabled": True},
 }
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seed", 2**32 - 1),
+        ("augment.hue", 0.5),
+        ("augment.scale", (1.0, 1.0)),
+        ("eval.threshold", 0.99),
+        ("predict.threshold", -1.0),
+        ("distributed.coordinator_address", "[::1]:1234"),
+    ],
+)
+def test_values_at_the_edge_of_a_rule_pass(field, value):
+    config = figaro.get_config()
+    config.distributed.enabled = True
+    config.update_from_flattened_dict({field: value})
+    assert problems(config) == []
 
 
 @pytest.mark.parametrize("field, value, message", BAD_VALUES)
@@ -466,8 +504,14 @@ def test_a_folder_that_cannot_be_made_is_named_before_it_is_made(monkeypatch, tm
 
 
 def test_a_folder_that_cannot_be_written_is_named(monkeypatch, tmp_path):
-    """E.g. a read-only mount: found before the work, not at the first file written."""
+    """E.g. a read-only mount: found before the work, not at the first file written. Making a
+    file in a folder takes both its write and its search (x) permission."""
     assert config_checks.make_folder(tmp_path / "w", "--workdir") == tmp_path / "w"
+    monkeypatch.setattr(config_checks.os, "access", lambda path, mode: not mode & os.X_OK)
+    with pytest.raises(ConfigError, match="is a folder this user cannot write to"):
+        config_checks.check_folder(tmp_path / "w", "--workdir")
+    monkeypatch.setattr(config_checks.os, "access", lambda path, mode: True)
+    config_checks.check_folder(Path("/hairseg-missing-top/w"), "--workdir")  # / can take it
     monkeypatch.setattr(config_checks.os, "access", lambda path, mode: False)
     with pytest.raises(ConfigError) as error:
         config_checks.make_folder(tmp_path / "w", "--workdir")

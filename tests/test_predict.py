@@ -300,6 +300,10 @@ def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path, caplog
     assert "rerun eval with --config.eval.tune_threshold=True and eval.image_size" in caplog.text
     larger = plain | {"image_size": plain["image_size"] + 32}
     assert evaluate.resolve_threshold(-1, tmp_path, 7, larger) == (0.5, "default")
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, record | {"tta_sizes": [64]})
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain) == (0.5, "default")  # multi-scale
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, record)
+    assert evaluate.resolve_threshold(0.3, tmp_path, 7, plain) == (0.3, "config")  # below 0.5
     files.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 0.3, "step": 7})
     assert evaluate.resolve_threshold(-1, tmp_path, 7, flipped) == (0.3, "tuned")  # unrecorded
     just_tuned = {"threshold": 0.4, "step": 8}  # as tuned by this process, not read back
@@ -317,11 +321,12 @@ def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path, caplog
     assert evaluate.predictor_settings(config, "eval")["tta_sizes"] == [64, 128]
 
 
-def test_a_threshold_json_outside_0_1_is_named_as_such(tmp_path, caplog):
-    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": 1.5, "step": 3})
+@pytest.mark.parametrize("threshold", [1.5, 1.0, 0.0])
+def test_a_threshold_json_outside_0_1_is_named_as_such(tmp_path, caplog, threshold):
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, {"threshold": threshold, "step": 3})
     settings = evaluate.predictor_settings(tiny_config(), "predict")
     assert evaluate.resolve_threshold(-1, tmp_path, 3, settings) == (0.5, "default")
-    assert "unreadable (threshold 1.5 is not in (0, 1))" in caplog.text
+    assert f"unreadable (threshold {threshold} is not in (0, 1))" in caplog.text
 
 
 def test_the_exit_status_counts_unreadable_files_up_to_100(workdir, tmp_path):

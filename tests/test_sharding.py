@@ -254,6 +254,18 @@ def test_the_wait_for_the_coordinator_ends_when_it_listens():
         assert 1.5 <= time.monotonic() - start < 10
 
 
+def test_an_ipv6_coordinator_address_in_brackets_is_reached():
+    if not socket.has_ipv6:
+        pytest.skip("this machine has no IPv6")  # not the dataset: no CI failure needed
+    with socket.socket(socket.AF_INET6) as coordinator:
+        try:
+            coordinator.bind(("::1", 0))
+        except OSError as e:
+            pytest.skip(f"this machine cannot listen on ::1 ({e})")
+        coordinator.listen()
+        sharding.wait_for_coordinator(f"[::1]:{coordinator.getsockname()[1]}", 5)
+
+
 # Two processes of 2 CPU devices each, joined by jax.distributed.
 
 
@@ -296,7 +308,9 @@ def process_worker(process_id: int, port: int, out: str) -> None:
     """Subprocess body: one of 2 processes; process 0 pickles ``tiny_run``'s results."""
     join_two(figaro.get_config().distributed, process_id, port)
     assert (jax.process_count(), jax.device_count()) == (2, 4)
-    results = tiny_run(sharding.data_mesh())
+    mesh = sharding.data_mesh()  # process 0's devices first: its rows of each batch come first
+    assert [device.process_index for device in mesh.devices] == [0, 0, 1, 1]
+    results = tiny_run(mesh)
     if jax.process_index() == 0:
         Path(out).write_bytes(pickle.dumps(results))
 

@@ -295,14 +295,33 @@ def test_pbm_that_is_not_one_bit(folder):
         read_entry(folder, entry("Frame00001"), "pbm")
 
 
-@pytest.mark.parametrize("layout", ["HW3", "HW"])
+@pytest.mark.parametrize("layout", ["HW3", "HW", "HW01"])
 def test_npy_mask_layouts(folder, layout):
-    """The original (H, W, 3) 0/255 layout and a plain (H, W) one both read as 0/1."""
+    """The original (H, W, 3) 0/255 layout and a plain (H, W) one, of 0/255 or 0/1, all read
+    as 0/1."""
     mask = random_mask(seed=5)
-    npy = as_npy(mask) if layout == "HW3" else mask * 255
+    npy = {"HW3": as_npy(mask), "HW": mask * 255, "HW01": mask}[layout]
     write_frame(folder, "Frame00003", random_image(), np_labels=npy)
     _, read = read_entry(folder, entry("Frame00003"), "npy")
     assert read.dtype == np.uint8
+    np.testing.assert_array_equal(read, mask)
+
+
+def test_a_transposed_mask_is_refused(folder):
+    """As many pixels as its image, but 12 wide and 16 high: it would lie across the hair."""
+    write_frame(folder, "Frame00002", random_image(), pbm=random_mask(16, 12))
+    with pytest.raises(DataError, match="is 12x16 but its image is 16x12"):
+        read_entry(folder, entry("Frame00002"), "pbm")
+
+
+def test_a_folder_named_like_a_mask_is_not_taken_for_one(folder):
+    """``auto`` goes on to the next candidate file, as it does where the PBM is missing."""
+    pbm = folder / "GT" / "labels" / "Frame00001-gt.pbm"
+    pbm.unlink()
+    pbm.mkdir()
+    mask = random_mask(seed=7)
+    write_frame(folder, "Frame00001", np_labels=as_npy(mask))
+    _, read = read_entry(folder, entry("Frame00001"), "auto")
     np.testing.assert_array_equal(read, mask)
 
 
@@ -453,3 +472,13 @@ def test_corrupt_file_is_named_or_skipped(folder, broken):
     assert str(bad) in str(e.value)
     examples = read_split(folder, "train", mask_source=source, skip_unreadable=True)
     assert examples.names == ["Frame00001"]
+
+
+def test_the_examples_kept_after_a_skip_keep_their_names(folder):
+    """The first of two is broken: the one left is named, and read, as the second."""
+    (folder / "GT" / "images" / "Frame00001-org.jpg").write_text("not an image")
+    examples = read_split(folder, "train", skip_unreadable=True)
+    assert examples.names == ["Frame00002"]
+    second = read_entry(folder, entry("Frame00002"), "auto")
+    np.testing.assert_array_equal(examples.images[0], second[0])
+    np.testing.assert_array_equal(examples.masks[0], second[1])

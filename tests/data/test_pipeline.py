@@ -76,6 +76,15 @@ def test_the_seed_moves_both_the_order_and_the_augmentation(examples, augment_co
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1], orders
 
 
+def test_an_example_is_augmented_anew_each_epoch(examples, augment_config):
+    """Copies of one image, one batch an epoch: the second epoch's crops are not the first's
+    in another order (each draw follows the stream's position, not the example)."""
+    copies = Examples(["a", "b", "c", "d"], examples.images[:1] * 4, examples.masks[:1] * 4)
+    epochs = take(train_batches(copies, BATCH, SIZE, augment_config, seed=5), 2)
+    drawn = [sorted(image.tobytes() for image in epoch["image"]) for epoch in epochs]
+    assert drawn[0] != drawn[1]
+
+
 @pytest.mark.parametrize("start_step", [1, 4])
 def test_start_step_resumes_the_stream(examples, augment_config, start_step):
     """Resuming at step k (here also past the first epoch of 3 steps) yields steps k, k+1..."""
@@ -136,6 +145,8 @@ def test_size_stages_end_at_their_fractions_of_training():
     assert size_stages(data, 100) == [(100, 227)]
     data.progressive_sizes, data.progressive_until = (64, 96), (0.25, 0.6)
     assert size_stages(data, 100) == [(25, 64), (60, 96), (100, 227)]
+    data.progressive_sizes, data.progressive_until = (64,), (0.257,)
+    assert size_stages(data, 100) == [(26, 64), (100, 227)]  # the nearest step
 
 
 @pytest.mark.parametrize("start_step", [0, 1, 3])

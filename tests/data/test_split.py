@@ -55,7 +55,16 @@ def test_seed(frames: list[str]):
     assert stratified_split(frames, seed=5) != stratified_split(frames, seed=6)
 
 
-@pytest.mark.parametrize("fractions", [(0.5, 0.2, 0.1), (1.2, -0.1, -0.1), (0.5, 0.5)])
+def test_each_hair_type_is_shuffled_on_its_own():
+    """Not one permutation for all seven types: their test frames sit at other places."""
+    test = stratified_split(SYNTHETIC_FRAMES)["test"]
+    places = {kind: {int(n[5:]) % 150 for n in test if hair_type(n) == kind} for kind in HAIR_TYPES}
+    assert len({frozenset(p) for p in places.values()}) == len(HAIR_TYPES)
+
+
+@pytest.mark.parametrize(
+    "fractions", [(0.5, 0.2, 0.1), (0.7, 0.2, 0.105), (1.2, -0.1, -0.1), (0.5, 0.5)]
+)
 def test_bad_fractions(fractions: tuple[float, ...]):
     with pytest.raises(ValueError, match="[Ff]ractions"):
         stratified_split(SYNTHETIC_FRAMES, fractions)
