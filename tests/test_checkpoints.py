@@ -74,19 +74,24 @@ def test_a_half_written_checkpoint_is_never_restored_and_is_deleted(tmp_path):
 
 
 def test_a_reader_of_best_leaves_a_save_in_progress_alone(tmp_path):
-    """Evaluating while training writes a better model: the reader deletes nothing."""
+    """Evaluating while training writes a better model: the reader deletes nothing (nor does
+    a reader of the train states)."""
     writer = checkpoints.best_manager(tmp_path)
     checkpoints.save(writer, 2, TREE, metrics={checkpoints.BEST_METRIC: 0.5})
     writer.wait_until_finished()
+    assert checkpoints.holds_checkpoints(tmp_path)  # best/ alone: a workdir trained in
     in_progress = tmp_path / "best" / "4.orbax-checkpoint-tmp"
     in_progress.mkdir()
+    state_in_progress = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"
+    state_in_progress.mkdir(parents=True)
 
     reader = checkpoints.best_manager(tmp_path, read_only=True)
     assert reader.best_step() == 2
     restored = checkpoints.restore(reader, 2, TREE)
     np.testing.assert_array_equal(restored["params"]["kernel"], TREE["params"]["kernel"])
+    assert checkpoints.latest_manager(tmp_path, read_only=True).latest_step() is None
     time.sleep(1.0)  # a cleaning manager deletes such a folder in the background by now
-    assert in_progress.is_dir()
+    assert in_progress.is_dir() and state_in_progress.is_dir()
     assert checkpoints.best_manager(tmp_path / "new", read_only=True).best_step() is None
     assert not (tmp_path / "new").exists()  # nor does a reader create folders
 
@@ -219,6 +224,10 @@ def test_check_reports_a_failed_background_save_without_waiting_for_one_in_progr
     failed = BackgroundSave(tmp_path, saving=False, error=failure)
     with pytest.raises(checkpoints.UnwritableError, match=r"\(RESOURCE_EXHAUSTED: [^\n]*\)\."):
         checkpoints.check(failed)
+    wrapped = RuntimeError("Error occurred in a background thread.")  # orbax's wrapping
+    wrapped.__cause__ = OSError(28, "No space left on device")
+    with pytest.raises(checkpoints.UnwritableError, match=r"\(\[Errno 28\] No space left"):
+        checkpoints.check(BackgroundSave(tmp_path, saving=False, error=wrapped))
     in_progress = BackgroundSave(tmp_path, saving=True, error=None)
     checkpoints.check(in_progress)
     assert not in_progress.waited

@@ -206,3 +206,31 @@ def test_a_config_saved_by_an_older_version_gets_the_fields_added_since(tmp_path
     config_checks.check_config(config)
     for group, defaults in export.ADDED_FIELDS.items():
         assert {field: config[group][field] for field in defaults} == defaults
+    saved["augment"]["device_max_side"] = 384  # a field added since, which it has: kept
+    files.write_json(tmp_path / "config.json", saved)
+    assert export.read_config(tmp_path).augment.device_max_side == 384
+
+
+def test_a_configured_threshold_is_the_one_recorded(workdir, tmp_path, monkeypatch):
+    """``predict.threshold`` set: it, not the workdir's tuned one, is the export's."""
+    monkeypatch.setattr(tf.saved_model, "save", lambda module, path, signatures: None)
+    config = tiny_config()
+    config.predict.threshold = 0.6
+    record = export.export(config, workdir, tmp_path / "out")
+    assert (record["threshold"], record["threshold_source"]) == (0.6, "config")
+    assert json.loads((tmp_path / "out" / "hairseg.json").read_text())["threshold"] == 0.6
+
+
+def test_a_damaged_checkpoint_is_one_fatal_line(tmp_path):
+    (tmp_path / "config.json").write_text(tiny_config().to_json_best_effort(indent=2))
+    with checkpoints.closed_after(checkpoints.best_manager(tmp_path)) as best:
+        checkpoints.save(best, 5, {"w": np.ones(2, np.float32)}, metrics={"dice": 0.25})
+    (tmp_path / "best" / "5" / "metrics" / "metrics").write_text('{"dice": 0.2')
+    out = tmp_path / "out"
+    result = run_python("-m", "hairseg_jax.export", f"--workdir={tmp_path}", f"--out={out}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"FATAL The checkpoint at step 5 of {tmp_path / 'best'} cannot be read (")
+    )

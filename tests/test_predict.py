@@ -251,6 +251,7 @@ def test_inputs_and_output_names(inputs, tmp_path):
         predict.find_inputs(str(tmp_path / "nothing*.jpg"))
     names = predict.output_names([Path("a/x.jpg"), Path("b/x.png"), Path("c/x.jpg"), Path("y.jpg")])
     assert names == ["x_jpg", "x_png", "x_jpg_2", "y"]
+    assert predict.output_names([Path("a/x.jpg"), Path("b/x.png")]) == ["x_jpg", "x_png"]
 
 
 def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path):
@@ -346,6 +347,8 @@ def test_an_image_that_cannot_be_written_fails_alone_but_a_full_disk_stops(tmp_p
     why = predict.write_or_explain(tmp_path, "wide", image, logits, 0.5, "png")
     assert why == "ValueError: the overlay's 70000x2 px exceed JPEG's 65500 px"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide_mask.png", "wide_prob.png"]
+    assert predict.write_or_explain(tmp_path, "edge", image[:, :65500], logits, 0.5, "") == ""
+    assert (tmp_path / "edge_overlay.jpg").is_file()  # JPEG's largest side
 
     def refused_name(path, data):  # as exFAT, FAT or SMB refuse a name with ":"
         raise OSError(errno.EINVAL, "Invalid argument", str(path))
@@ -360,6 +363,35 @@ def test_an_image_that_cannot_be_written_fails_alone_but_a_full_disk_stops(tmp_p
     monkeypatch.setattr(files, "write_atomically", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
         predict.write_or_explain(tmp_path, "small", image[:, :8], logits, 0.5, "")
+
+
+def test_a_failure_in_the_first_batch_is_counted_and_only_process_0_writes(
+    workdir, tmp_path, monkeypatch
+):
+    """One image a batch: the first one's outputs cannot be written (over JPEG's side), the
+    second's are. As process 1 of a multi-process run, the same run writes nothing."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (70000, 2), (120, 90, 60)).save(folder / "a_wide.png")
+    Image.new("RGB", (8, 8), (120, 90, 60)).save(folder / "tiny.png")
+    config = tiny_config()
+    config.predict.input, config.predict.output = str(folder), str(tmp_path / "out")
+    config.predict.batch_size = 1
+    summary = predict.predict(config, workdir)
+    assert summary["failed"] == [str(folder / "a_wide.png")] and summary["num_written"] == 1
+    assert predict.failure_line(summary) == (
+        f"1 of 2 input files could not be predicted: {folder / 'a_wide.png'}"
+    )
+    many = {"failed": list("abcdef"), "num_files": 9}
+    assert predict.failure_line(many) == (
+        "6 of 9 input files could not be predicted: a, b, c, d, e and 1 more"
+    )
+    assert predict.failure_line(many | {"failed": list("abcde")}).endswith(": a, b, c, d, e")
+
+    config.predict.output = str(tmp_path / "out_of_process_1")
+    monkeypatch.setattr(predict.jax, "process_index", lambda: 1)
+    predict.predict(config, workdir)
+    assert list((tmp_path / "out_of_process_1").iterdir()) == []
 
 
 def test_running_out_of_host_memory_stops_instead_of_blaming_each_file(workdir, inputs, tmp_path):

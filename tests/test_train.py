@@ -227,6 +227,95 @@ def test_changed_config_stops_before_any_work(tmp_path):
     assert snapshot(tmp_path) == before and not list(tmp_path.glob("events.*"))
 
 
+def test_the_last_step_off_the_schedules_is_validated_logged_and_saved(
+    tmp_path, pixel_net, monkeypatch, caplog
+):
+    """3 steps, validated and logged every 2, saved every step: step 3 is validated and logged
+    too; a checkpoint between logs keeps the loss since the last one, one at a log step none;
+    and each best model is committed before the train state of its step."""
+    events = []
+    save, check = checkpoints.save, checkpoints.check
+
+    def recording_save(manager, step, *args, **kwargs):
+        events.append(("save", manager.directory.name, step))
+        return save(manager, step, *args, **kwargs)
+
+    def recording_check(manager, wait=False):
+        events.append(("check", manager.directory.name, wait))
+        return check(manager, wait)
+
+    monkeypatch.setattr(checkpoints, "save", recording_save)
+    monkeypatch.setattr(checkpoints, "check", recording_check)
+    config = tiny_config()
+    config.train.num_steps, config.train.checkpoint_every_steps = 3, 1
+    config.train.keep_checkpoints = 3
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(config, tmp_path)
+    assert "[3] val_dice" in caplog.text and "[3] learning_rate" in caplog.text
+    with checkpoints.latest_manager(tmp_path, read_only=True) as manager:
+        assert manager.all_steps() == [1, 2, 3]
+        assert checkpoints.step_metadata(manager, 1)["train_loss_count"] == 1
+        assert checkpoints.step_metadata(manager, 2) == checkpoints.step_metadata(manager, 3) == {}
+    best_saves = [i for i, event in enumerate(events) if event[:2] == ("save", "best")]
+    assert best_saves
+    for i in best_saves:
+        state_save = events.index(("save", "checkpoints", events[i][2]))
+        assert ("check", "best", True) in events[i:state_save]
+
+
+def test_the_logged_loss_is_the_mean_since_the_last_log(tmp_path, pixel_net, monkeypatch):
+    """Logged every 2 steps, step 4's loss is the mean of steps 3 and 4 as logged every step."""
+    logged = {}
+    create = train.metric_writers.create_default_writer
+
+    def recording(workdir, *args, **kwargs):
+        writer = create(workdir, *args, **kwargs)
+        write = writer.write_scalars
+
+        def write_scalars(step, scalars):
+            if "train_loss" in scalars:
+                logged.setdefault(Path(workdir).name, {})[step] = float(scalars["train_loss"])
+            write(step, scalars)
+
+        writer.write_scalars = write_scalars
+        return writer
+
+    monkeypatch.setattr(train.metric_writers, "create_default_writer", recording)
+    for name, every in (("each", 1), ("pairs", 2)):
+        config = tiny_config()
+        config.train.log_every_steps = every
+        train.train_and_evaluate(config, tmp_path / name)
+    each, pairs = logged["each"], logged["pairs"]
+    assert sorted(pairs) == [2, 4]
+    np.testing.assert_allclose(pairs[4], (each[3] + each[4]) / 2, rtol=1e-5)
+
+
+def test_a_save_that_failed_in_the_background_stops_training_at_the_next_step(
+    tmp_path, pixel_net, monkeypatch
+):
+    make = checkpoints.latest_manager
+
+    def failing_latest(*args, **kwargs):
+        manager = make(*args, **kwargs)
+        check_for_errors = manager.check_for_errors
+
+        def fail_once_a_step_is_saved():
+            if manager.all_steps():
+                raise OSError(28, "No space left on device")
+            check_for_errors()
+
+        manager.check_for_errors = fail_once_a_step_is_saved
+        return manager
+
+    monkeypatch.setattr(checkpoints, "latest_manager", failing_latest)
+    config = tiny_config()
+    config.train.checkpoint_every_steps = 1
+    with pytest.raises(checkpoints.UnwritableError, match="No space left on device"):
+        train.train_and_evaluate(config, tmp_path)
+    with make(tmp_path, read_only=True) as manager:
+        assert manager.all_steps() == [1]
+
+
 def test_a_config_saved_with_no_checkpoint_is_replaced(tmp_path):
     """A run that saved nothing (say, its first step was not finite) binds no later run."""
     config = tiny_config()
@@ -237,9 +326,9 @@ def test_a_config_saved_with_no_checkpoint_is_replaced(tmp_path):
 
 
 def test_best_holds_the_step_of_the_highest_validation_dice(tmp_path, pixel_net, monkeypatch):
-    """Validation scores 0.3, 0.6, then 0.5 (at steps 2, 4, 6): best/ is replaced by step 4's
-    model, and step 6's does not replace it."""
-    scripted, real = [0.3, 0.6, 0.5], evaluate.score_examples
+    """Validation scores 0.3, 0.6, then 0.6 again (at steps 2, 4, 6): best/ is replaced by
+    step 4's model, and step 6's, only as good, does not replace it."""
+    scripted, real = [0.3, 0.6, 0.6], evaluate.score_examples
 
     def score_examples(*args, **kwargs):
         scores = real(*args, **kwargs)
@@ -260,7 +349,7 @@ def test_nonfinite_step_stops_naming_it_and_leaves_best_untouched(tmp_path, pixe
     train.train_and_evaluate(config, tmp_path)
     best_before = snapshot(tmp_path / "best")
     assert list(checkpoints.best_manager(tmp_path).all_steps()) == [2]
-    nan_image_at(monkeypatch, 3)
+    nan_image_at(monkeypatch, 4)  # a step to log, validate and save: none of it happens
     config.train.num_steps = 6
     config.train.allow_config_change = True
 
@@ -268,7 +357,7 @@ def test_nonfinite_step_stops_naming_it_and_leaves_best_untouched(tmp_path, pixe
         train.train_and_evaluate(config, tmp_path)
 
     assert str(error.value) == (
-        "Non-finite loss, gradient or update at step 3: stopped without saving it or any "
+        "Non-finite loss, gradient or update at step 4: stopped without saving it or any "
         "later step (newest checkpoint: step 2). Lower the learning rate (and resume with "
         "--config.train.allow_config_change=True), or pass "
         "--config.train.skip_nonfinite=True to skip such steps."
@@ -461,6 +550,8 @@ def test_events_that_cannot_be_written_stop_with_one_error_and_keep_the_steps(
     )
     with checkpoints.latest_manager(tmp_path, read_only=True) as manager:
         assert manager.all_steps() == kept
+        if kept[-1] == 3:  # a log step: its loss was logged (or lost with the events)
+            assert checkpoints.step_metadata(manager, 3) == {}
     if failing.endswith("+full"):
         assert "Step 3 could not be saved either: Cannot write a checkpoint" in caplog.text
     elif kept[-1] > 2:
