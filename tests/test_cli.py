@@ -47,3 +47,10 @@ def test_orbax_info_lines_are_dropped_and_its_errors_kept_without_tracebacks():
         assert quiet.filter(kept) and "Traceback" in logging.Formatter().format(kept)
     finally:
         absl_logging.set_verbosity(verbosity)
+
+
+def test_orbax_warnings_pass_the_quiet_filter():
+    quiet = cli._QuietLibraries()
+    orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    record = logging.LogRecord("absl", logging.WARNING, orbax, 1, "message", None, None)
+    assert quiet.filter(record)

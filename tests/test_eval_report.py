@@ -13,8 +13,9 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import figaro
-from hairseg_jax import checkpoints, evaluate, sharding, steps, train
+from hairseg_jax import checkpoints, evaluate, pictures, sharding, steps, train
 from hairseg_jax.data import sources
+from hairseg_jax.data.examples import Examples
 from hairseg_jax.data.figaro1k import HAIR_TYPES
 from tests.conftest import SHARED_TRAIN_STEP
 
@@ -276,3 +277,18 @@ def test_dice_per_threshold_is_the_dice_of_each_threshold():
     counts = [evaluate.metrics.confusion(at_cuts > evaluate.logit(t), hair) for t in thresholds]
     scored = [evaluate.metrics.dice(c["tp"], c["fp"], c["fn"]) for c in counts]
     np.testing.assert_array_equal(evaluate.dice_per_threshold(at_cuts, hair), scored)
+
+
+def test_worst_contact_sheet_shows_image_truth_then_prediction():
+    truth = np.zeros((20, 20), np.uint8)
+    truth[:, :10] = 1  # left half
+    prediction = np.zeros((20, 20), np.uint8)
+    prediction[:10] = 1  # top half
+    examples = Examples(["a"], [np.full((20, 20, 3), 90, np.uint8)], [truth])
+    rows = [{"name": "a", "hair_type": "", "dice": 0.5}]
+    sheet = evaluate.worst_contact_sheet(examples, rows, [(0, prediction)])
+    box, h = evaluate.SHEET_BOX, pictures.CAPTION_HEIGHT
+    assert sheet.shape == (h + box, 3 * box, 3)
+    np.testing.assert_array_equal(
+        sheet[h:], pictures.panel(examples.images[0], truth, prediction, box)
+    )

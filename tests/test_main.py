@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -325,3 +326,21 @@ def test_sigterm_checkpoints_and_exits_cleanly(figaro_dir, tmp_path):
     state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(saved[0]) / "default")
     assert int(state["step"]) == saved[0]
     assert {"params", "opt_state", "batch_stats"} <= state.keys()
+
+
+def test_an_interrupt_exits_130_with_one_line(monkeypatch, capsys):
+    import main  # here: importing it defines its absl flags
+
+    def interrupted(config, workdir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "run", interrupted)
+    monkeypatch.setattr(
+        main,
+        "FLAGS",
+        types.SimpleNamespace(config=types.SimpleNamespace(mode="train"), workdir="w"),
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["main.py"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "FATAL Interrupted in train mode."

@@ -42,3 +42,13 @@ def test_save_writes_the_format_of_the_suffix_whole(tmp_path):
         np.testing.assert_array_equal(np.asarray(png), pixels)
         assert np.abs(np.asarray(jpeg).astype(int) - pixels).mean() < 3
     assert (tmp_path / "c.jpg").stat().st_size < (tmp_path / "b.JPG").stat().st_size
+
+
+def test_contact_sheet_puts_each_caption_above_its_panel():
+    first = np.full((10, 30, 3), 77, np.uint8)
+    second = np.full((10, 30, 3), 200, np.uint8)
+    sheet = pictures.contact_sheet([first, second], ["a", "b"])
+    h = pictures.CAPTION_HEIGHT
+    assert sheet.shape == (2 * (h + 10), 30, 3)
+    assert (sheet[h : h + 10] == 77).all() and (sheet[2 * h + 10 :] == 200).all()
+    assert sheet[:h].max() > 0 and not (sheet[:h] == 77).all(axis=-1).any()  # text, not the panel

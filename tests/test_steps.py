@@ -501,3 +501,55 @@ def test_initial_weights_are_those_of_the_plain_threefry_key():
     expected = TinyNet().init(jax.random.split(key)[0], jnp.zeros((1, 8, 8, 3)))
     jax.tree.map(np.testing.assert_array_equal, state.params, expected["params"])
     assert float(jnp.abs(state.params["Conv_0"]["kernel"]).sum()) > 0
+
+
+def tiny_batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "image": rng.integers(0, 256, (2, 4, 4, 3), np.uint8),
+        "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
+    }
+
+
+def test_dropout_masks_change_from_step_to_step_and_repeat_from_the_same_state():
+    """Frozen weights (SGD at rate 0): two steps on one batch draw other dropout masks, so
+    other losses; the same state draws the same masks again."""
+    state = steps.create_train_state(jax.random.key(0), TinyNet(dropout=0.5), 4, optax.sgd(0.0))
+    train = jax.jit(lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0))
+    batch = tiny_batch()
+    first, metrics = train(state, batch)
+    _, second = train(first, batch)
+    _, again = train(state, batch)
+    assert float(metrics["loss"]) == float(again["loss"])
+    assert float(metrics["loss"]) != float(second["loss"])
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_restarted_state_starts_afresh_around_the_imported_weights(ema):
+    """As from pretrained weights: step, optimizer count and momentum at zero, the params and
+    BatchNorm statistics those given, an EMA (where the state kept one) starting from them."""
+    optim = ml_collections.ConfigDict(figaro.get_config().optim.to_dict())
+    optim.update(learning_rate=0.1, schedule="constant")
+    tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
+    train = jax.jit(
+        lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0, ema_decay=0.5)
+    )
+    state, _ = train(
+        steps.create_train_state(jax.random.key(0), TinyNet(), 4, tx, ema=ema), tiny_batch()
+    )
+    variables = {
+        "params": jax.tree.map(lambda p: jnp.full_like(p, 0.25), state.params),
+        "batch_stats": jax.tree.map(lambda s: jnp.full_like(s, 0.5), state.batch_stats),
+    }
+    new = steps.restarted_state(state, variables)
+    assert int(new.step) == 0 and steps.optimizer_count(new.opt_state) == 0
+    jax.tree.map(np.testing.assert_array_equal, new.params, variables["params"])
+    jax.tree.map(np.testing.assert_array_equal, new.batch_stats, variables["batch_stats"])
+    moments = [
+        leaf for leaf in jax.tree.leaves(new.opt_state) if jnp.issubdtype(leaf, jnp.floating)
+    ]
+    assert moments and not any(np.any(leaf) for leaf in moments)
+    if ema:
+        jax.tree.map(np.testing.assert_array_equal, new.ema_params, variables["params"])
+    else:
+        assert new.ema_params is None

@@ -242,3 +242,50 @@ def test_resize_whole_image_keeps_constant_images():
     image = np.full((30, 20, 3), (12, 200, 99), np.uint8)
     out = augment.resize_whole_image(tf.constant(image), 24).numpy()
     np.testing.assert_array_equal(out, np.full((24, 24, 3), (12, 200, 99), np.uint8))
+
+
+def seeds_of(s: int) -> tf.Tensor:
+    """The 11 stateless seeds ``train_transform`` splits an example's seed [7, s] into."""
+    return tf.random.experimental.stateless_split(tf.constant([7, s], tf.int64), num=11)
+
+
+def crop_fraction(cfg, s: int, side: int = 100, size: int = 10) -> float:
+    """The crop's area over the image's, from the drawn map's determinant."""
+    m = augment.sample_affine(seeds_of(s)[:7], side, side, size, cfg).numpy()
+    return abs(np.linalg.det(m[:2, :2])) * size * size / (side * side)
+
+
+def test_crop_scale_spans_the_configured_range():
+    cfg = augment_config(scale=(0.1, 1.0))
+    fractions = [crop_fraction(cfg, s) for s in range(24)]
+    assert min(fractions) >= 0.1 - 1e-4 and max(fractions) <= 1.0 + 1e-4
+    assert min(fractions) < 0.3 and max(fractions) > 0.7, fractions
+
+
+def test_colour_draws_are_independent_of_the_crop_draws():
+    cfg = augment_config(scale=(0.1, 1.0), brightness=0.2)
+    grey = tf.fill([40, 40, 3], tf.constant(128, tf.uint8))
+    mask = tf.zeros([40, 40], tf.uint8)
+    shifts, fractions = [], []
+    for s in range(32):
+        image, _ = augment.train_transform(grey, mask, tf.constant([7, s], tf.int64), 16, cfg)
+        shifts.append(image.numpy().astype(float).mean() - 128)
+        fractions.append(crop_fraction(cfg, s, side=40, size=16))
+    assert abs(np.corrcoef(shifts, fractions)[0, 1]) < 0.8
+
+
+def test_contrast_jitter_both_lowers_and_raises_contrast():
+    y, x = np.mgrid[:32, :32]
+    image = tf.constant(np.stack([4 * y + 40, 3 * x + 60, 2 * (x + y) + 30], -1).astype(np.uint8))
+    mask = tf.zeros([32, 32], tf.uint8)
+    cfg = augment_config(contrast=0.5)
+    before = image.numpy().astype(float).std()
+    ratios = [
+        augment.train_transform(image, mask, tf.constant([7, s], tf.int64), 32, cfg)[0]
+        .numpy()
+        .astype(float)
+        .std()
+        / before
+        for s in range(16)
+    ]
+    assert min(ratios) < 0.9 and max(ratios) > 1.1, ratios

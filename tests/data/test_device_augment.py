@@ -293,3 +293,56 @@ def test_labels_stay_on_the_pixels_they_describe(augment_config):
         out = batch(packed, step)
         agree = (np.asarray(out["image"][..., 0]) > 127) == np.asarray(out["mask"]).astype(bool)
         assert agree.mean() > 0.97
+
+
+def test_device_colour_draws_are_independent_of_the_crop_draws():
+    cfg = figaro.get_config().augment
+    cfg.scale, cfg.ratio, cfg.rotation, cfg.hflip, cfg.vflip = (
+        (0.1, 1.0),
+        (1.0, 1.0),
+        0.0,
+        False,
+        False,
+    )
+    cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue = 0.2, 0.0, 0.0, 0.0
+    image = jnp.full((64, 64, 3), 128, jnp.uint8)
+    mask = jnp.asarray((np.arange(64)[None, :] // 8 % 2).repeat(64, 0), jnp.uint8)  # stripes
+    one = jax.jit(
+        lambda k: device_augment.augment_example(k, image, mask, jnp.array([64, 64]), 16, cfg)
+    )
+    shifts, stripes = [], []
+    for s in range(32):
+        out_image, out_mask = one(jax.random.key(s))
+        shifts.append(float(np.asarray(out_image, float).mean()) - 128)
+        stripes.append(np.abs(np.diff(np.asarray(out_mask, int), axis=1)).sum())  # ~ crop width
+    assert np.std(stripes) > 0 and np.std(shifts) > 0
+    assert abs(np.corrcoef(shifts, stripes)[0, 1]) < 0.8
+
+
+def test_device_contrast_keeps_each_channels_mean_as_tensorflow_does():
+    cfg = figaro.get_config().augment
+    cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue = 0.0, 0.5, 0.0, 0.0
+    noise = np.random.default_rng(0).uniform(-0.1, 0.1, (8, 8, 3))
+    image = jnp.asarray(np.array([0.3, 0.5, 0.7]) + noise, jnp.float32)
+    for k in range(4):
+        out = np.asarray(device_augment.colour_jitter(jax.random.key(k), image, cfg))
+        np.testing.assert_allclose(
+            out.mean(axis=(0, 1)), np.asarray(image).mean(axis=(0, 1)), atol=1e-5
+        )
+        # and it is tf.image.adjust_contrast at the drawn factor
+        factor = out[..., 0].std() / np.asarray(image)[..., 0].std()
+        expected = tf.image.adjust_contrast(tf.constant(np.asarray(image)), factor).numpy()
+        np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_device_saturation_alone_changes_colours_and_keeps_grey_levels():
+    cfg = figaro.get_config().augment
+    cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue = 0.0, 0.0, 0.5, 0.0
+    image = jax.random.uniform(jax.random.key(0), (8, 8, 3), minval=0.3, maxval=0.7)
+    luma = np.asarray(image) @ np.array([0.299, 0.587, 0.114])
+    changed = 0
+    for k in range(4):
+        out = np.asarray(device_augment.colour_jitter(jax.random.key(k), image, cfg))
+        np.testing.assert_allclose(out @ np.array([0.299, 0.587, 0.114]), luma, atol=1e-4)
+        changed += not np.allclose(out, image, atol=1e-3)
+    assert changed == 4

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hairseg_jax.models import DeepLabV3Plus, build_model
-from hairseg_jax.models.deeplab import resize
+from hairseg_jax.models.deeplab import ASPP, resize
 from tests.models import abstract_init, conv_dilations, key
 
 # Narrow head so the one compiled model stays quick on CPU.
@@ -105,8 +105,46 @@ def test_train_mode_updates_batch_stats(variables, images, train_apply):
     assert np.isfinite(logits).all()
     old, new = variables["batch_stats"], updates["batch_stats"]
     assert jax.tree.structure(new) == jax.tree.structure(old)
-    assert not np.allclose(new["aspp"]["bn1"]["mean"], old["aspp"]["bn1"]["mean"])
-    assert not np.allclose(new["backbone"]["bn1"]["var"], old["backbone"]["bn1"]["var"])
+    # Every BatchNorm (backbone, ASPP and its image pooling, decoder) normalises by the batch
+    # and moves its running mean and variance in training.
+    for (path, before), after in zip(
+        jax.tree_util.tree_leaves_with_path(old), jax.tree.leaves(new), strict=True
+    ):
+        assert not np.allclose(before, after), jax.tree_util.keystr(path)
+
+
+def test_aspp_drops_out_its_projection_in_training_only():
+    """Its dropout (0.5, the original's) zeroes about half the projection's units and
+    doubles the rest, differently for each dropout key."""
+    x = jax.random.normal(key(0), (2, 5, 5, 8))
+    aspp = ASPP(features=16, rates=(1, 2, 3), dropout=0.5)
+    variables = aspp.init(key(1), x, train=False)
+
+    def train(module, seed):
+        y, _ = module.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key(seed)}
+        )
+        return np.asarray(y)
+
+    kept = train(ASPP(features=16, rates=(1, 2, 3), dropout=0.0), 2)
+    first, other = train(aspp, 2), train(aspp, 3)
+    assert not np.allclose(first, other)
+    dropped = (first == 0) & (kept != 0)
+    assert 0.3 < dropped.sum() / (kept != 0).sum() < 0.7
+    np.testing.assert_allclose(first[~dropped], 2 * kept[~dropped], rtol=1e-5, atol=1e-6)
+
+
+def test_head_convs_draw_kaiming_normal_weights():
+    """As the original's ``kaiming_normal_`` (fan in, gain sqrt 2): std sqrt(2 / fan_in)."""
+    x = np.zeros((2, 5, 5, 64), np.float32)
+    params = ASPP(features=256, rates=(1, 2, 3), dropout=0.0).init(key(0), x, train=False)
+    params = params["params"]
+    for kernel, fan_in in (
+        (params["conv1"]["kernel"], 5 * 256),
+        (params["aspp2"]["atrous_conv"]["kernel"], 9 * 64),
+    ):
+        np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / fan_in), rtol=0.05)
+        assert abs(np.mean(kernel)) < 0.1 * np.sqrt(2.0 / fan_in)
 
 
 def test_dropout_is_random_in_train_and_off_in_eval(model, variables, images, train_apply):

@@ -124,3 +124,18 @@ def test_missing_torch_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     with pytest.raises(ConversionError, match=r"needs PyTorch: pip install -e '\.\[torch\]'"):
         load_state_dict(tmp_path / "resnet18.pth")
+
+
+def test_batch_norm_takes_running_mean_as_mean_and_running_var_as_var():
+    state = StateDict(
+        {
+            "bn.weight": np.array([1.0]),
+            "bn.bias": np.array([2.0]),
+            "bn.running_mean": np.array([3.0]),
+            "bn.running_var": np.array([4.0]),
+        }
+    )
+    params, stats = state.batch_norm("bn")
+    assert (params["scale"][0], params["bias"][0]) == (1.0, 2.0)
+    assert (stats["mean"][0], stats["var"][0]) == (3.0, 4.0)
+    assert state.unused() == []
