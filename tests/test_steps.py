@@ -546,7 +546,7 @@ def test_restarted_state_starts_afresh_around_the_imported_weights(ema):
     jax.tree.map(np.testing.assert_array_equal, new.params, variables["params"])
     jax.tree.map(np.testing.assert_array_equal, new.batch_stats, variables["batch_stats"])
     moments = [
-        leaf for leaf in jax.tree.leaves(new.opt_state) if jnp.issubdtype(leaf, jnp.floating)
+        leaf for leaf in jax.tree.leaves(new.opt_state) if jnp.issubdtype(leaf.dtype, jnp.floating)
     ]
     assert moments and not any(np.any(leaf) for leaf in moments)
     if ema:
