@@ -50,7 +50,6 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -143,24 +142,21 @@ def base_config(spec: str, overrides: list[str]):
         config = module.get_config(variant) if variant else module.get_config()
     except (AttributeError, TypeError, ValueError) as e:  # no get_config, an unknown variant
         sys.exit(f"--config {spec}: {e}")
+    config.lock()  # as main.py's --config: an override names a field it has
     for item in overrides:
         key, equals, text = item.partition("=")
         if not equals:
             sys.exit(f"--set {item}: expected KEY=VALUE.")
         if key in CASE_FIELDS:
             sys.exit(f"--set {key}: this script's own flags set it in each case.")
-        *sections, name = key.split(".")
-        parent = config
-        for section in sections:
-            parent = parent.get(section) if isinstance(parent, ml_collections.ConfigDict) else None
-        if not isinstance(parent, ml_collections.ConfigDict) or name not in parent:
-            sys.exit(f"--set {key}: {path} has no such field.")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
         try:
             config.update_from_flattened_dict({key: value})
+        except KeyError:  # locked: a field it does not have is not added
+            sys.exit(f"--set {key}: {path} has no such field.")
         except TypeError as e:  # ml-collections' type check
             sys.exit(f"--set {item}: {e}")
     return config

@@ -294,11 +294,15 @@ def weights_digest(state: steps.TrainState) -> str:
 
 
 def read_tuned_threshold(
-    workdir: Path, step: int, settings: dict[str, Any], digest: str | None = None
+    workdir: Path,
+    step: int,
+    settings: dict[str, Any],
+    digest: Callable[[], str] | None = None,
 ) -> dict | None:
     """``workdir``'s ``threshold.json`` if it was tuned for the checkpoint of ``step`` (and
-    ``digest``, ``weights_digest``, where the file records one) with the predictor
-    ``settings`` (``predictor_settings``; those the file records)."""
+    the weights whose ``weights_digest`` ``digest()`` gives, where the file records one;
+    called only then) with the predictor ``settings`` (``predictor_settings``; those the file
+    records)."""
     path = Path(workdir) / THRESHOLD_FILE
     if not path.is_file():
         return None
@@ -320,7 +324,7 @@ def read_tuned_threshold(
             step,
         )
         return None
-    if digest and tuned.get("weights_digest", digest) != digest:
+    if digest and "weights_digest" in tuned and tuned["weights_digest"] != digest():
         logging.warning(
             "Ignoring %s: threshold %s tuned for other weights of step %d (%s; another "
             "pretrained file, or a workdir trained again); rerun eval with "
@@ -353,11 +357,11 @@ def resolve_threshold(
     step: int,
     settings: dict[str, Any],
     tuned: dict[str, Any] | None = None,
-    digest: str | None = None,
+    digest: Callable[[], str] | None = None,
 ) -> tuple[float, str]:
     """The threshold to use and where it comes from: ``configured`` if positive ("config"),
-    else the one tuned for ``step`` (and ``digest``) and the predictor ``settings``
-    (``tuned``, or read from ``workdir``) ("tuned"), else 0.5 ("default")."""
+    else the one tuned for ``step`` (and ``digest()``'s weights) and the predictor
+    ``settings`` (``tuned``, or read from ``workdir``) ("tuned"), else 0.5 ("default")."""
     if configured > 0:
         return float(configured), "config"
     tuned = tuned or read_tuned_threshold(workdir, step, settings, digest)
@@ -561,7 +565,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     workdir = Path(workdir)
     mesh = sharding.data_mesh()
     state, weights, step = load_state(config, workdir, mesh)
-    digest = weights_digest(state)
+    # Read once, and only where a threshold is tuned or a tuned one is checked.
+    digest = functools.cache(functools.partial(weights_digest, state))
     settings = predictor_settings(config, "eval")
     run = scorer(config, state, mesh)
     leader = jax.process_index() == 0
@@ -571,7 +576,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     tuned = None
     if config.eval.tune_threshold:
         val = sources.load_examples(config, "val", config.eval.max_images)
-        checkpoint = {"step": step, "weights": weights, "weights_digest": digest}
+        checkpoint = {"step": step, "weights": weights, "weights_digest": digest()}
         tuned = tune_threshold(run, val, "val") | checkpoint | settings
         if leader:
             files.write_json(workdir / THRESHOLD_FILE, tuned)

@@ -16,6 +16,7 @@ step. Decoding is not inside: the images are the upright, opaque RGB that predic
 ``read_photo`` gives (EXIF orientation applied, transparency over white).
 """
 
+import functools
 import os
 import shutil
 import sys
@@ -81,7 +82,11 @@ def export(
     out = config_checks.make_folder(out, "--out")  # before the conversion, the long part
     settings = evaluate.predictor_settings(config, "predict")
     threshold, source = evaluate.resolve_threshold(
-        config.predict.threshold, workdir, step, settings, digest=evaluate.weights_digest(state)
+        config.predict.threshold,
+        workdir,
+        step,
+        settings,
+        digest=functools.partial(evaluate.weights_digest, state),
     )
     variables = jax.device_get(steps.inference_variables(state))
 

@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
+import functools
 import glob
 import io
 import logging
@@ -78,16 +79,16 @@ def without_outputs(files: Sequence[Path], output: Path) -> list[Path]:
       FileNotFoundError: nothing else is left.
     """
     output = output.resolve()
+    folders = {f: f.resolve().parent for f in files}
     sources = collections.defaultdict(set)  # folder -> the names its images' outputs take
     for f in files:
         if not f.name.endswith(OUTPUT_SUFFIXES):
-            sources[f.resolve().parent].update({f.stem, f.name.replace(".", "_")})
+            sources[folders[f]].update({f.stem, f.name.replace(".", "_")})
 
     def earlier_output(f: Path) -> bool:
         suffix = next((s for s in OUTPUT_SUFFIXES if f.name.endswith(s)), None)
-        folder = f.resolve().parent
         return suffix is not None and (
-            folder == output or f.name.removesuffix(suffix) in sources[folder]
+            folders[f] == output or f.name.removesuffix(suffix) in sources[folders[f]]
         )
 
     kept = [f for f in files if not earlier_output(f)]
@@ -230,7 +231,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     config_checks.make_folder(output, "predict.output")
     settings = evaluate.predictor_settings(config, "predict")
     threshold, source = evaluate.resolve_threshold(
-        pc.threshold, workdir, step, settings, digest=evaluate.weights_digest(state)
+        pc.threshold,
+        workdir,
+        step,
+        settings,
+        digest=functools.partial(evaluate.weights_digest, state),
     )
     image_size = settings["image_size"]
     batch_size = sharding.padded_batch_size(pc.batch_size, mesh)

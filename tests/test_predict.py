@@ -313,8 +313,11 @@ def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path, caplog
     assert [p.name for p in tmp_path.iterdir()] == [evaluate.THRESHOLD_FILE]  # no temp left
     # Other weights of the same step: another pretrained file (step 0), a workdir trained again.
     files.write_json(tmp_path / evaluate.THRESHOLD_FILE, record | {"weights_digest": "a1"})
-    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain, digest="a1") == (0.3, "tuned")
-    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain, digest="b2") == (0.5, "default")
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain, digest=lambda: "a1") == (0.3, "tuned")
+    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain, digest=lambda: "b2") == (
+        0.5,
+        "default",
+    )
     assert "tuned for other weights of step 7" in caplog.text
     # Multi-scale sizes in another order average the same logits.
     config = tiny_config()

@@ -22,6 +22,15 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
+def tiny_batch() -> dict[str, np.ndarray]:
+    """Two random 4 x 4 images and masks."""
+    rng = np.random.default_rng(0)
+    return {
+        "image": rng.integers(0, 256, (2, 4, 4, 3), np.uint8),
+        "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
+    }
+
+
 # normalize.
 
 
@@ -308,11 +317,7 @@ def test_ema_follows_ramped_decay_and_is_used_for_prediction():
     optim = optim_config(learning_rate=0.1, schedule="constant")
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
     state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, tx, ema=True)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.integers(0, 256, (2, 4, 4, 3), np.uint8),
-        "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
-    }
+    batch = tiny_batch()
     train, predict = steps.jit_steps(config)
     expected = jax.tree.map(np.array, state.params)
     for step in (1, 2, 3):
@@ -339,11 +344,7 @@ def test_dice_weight_adds_that_many_soft_dice_losses_to_the_train_loss():
     dice_weight times the soft Dice of the train-mode logits (no dropout in the tiny net)."""
     optim = optim_config(learning_rate=0.1, schedule="constant")
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.integers(0, 256, (2, 4, 4, 3), np.uint8),
-        "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
-    }
+    batch = tiny_batch()
     config = figaro.get_config()
     state = steps.create_train_state(jax.random.key(0), TinyNet(), 4, tx)
     seen = {}
@@ -503,14 +504,6 @@ def test_initial_weights_are_those_of_the_plain_threefry_key():
     assert float(jnp.abs(state.params["Conv_0"]["kernel"]).sum()) > 0
 
 
-def tiny_batch() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {
-        "image": rng.integers(0, 256, (2, 4, 4, 3), np.uint8),
-        "mask": rng.integers(0, 2, (2, 4, 4), np.uint8),
-    }
-
-
 def test_dropout_masks_change_from_step_to_step_and_repeat_from_the_same_state():
     """Frozen weights (SGD at rate 0): two steps on one batch draw other dropout masks, so
     other losses; the same state draws the same masks again."""
@@ -528,8 +521,7 @@ def test_dropout_masks_change_from_step_to_step_and_repeat_from_the_same_state()
 def test_restarted_state_starts_afresh_around_the_imported_weights(ema):
     """As from pretrained weights: step, optimizer count and momentum at zero, the params and
     BatchNorm statistics those given, an EMA (where the state kept one) starting from them."""
-    optim = ml_collections.ConfigDict(figaro.get_config().optim.to_dict())
-    optim.update(learning_rate=0.1, schedule="constant")
+    optim = optim_config(learning_rate=0.1, schedule="constant")
     tx = steps.create_optimizer(optim, steps.learning_rate_schedule(optim, 10))
     train = jax.jit(
         lambda s, b: steps.train_step(s, b, preprocess=lambda x: x / 255.0, ema_decay=0.5)
