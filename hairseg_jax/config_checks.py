@@ -153,7 +153,11 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     need(data.dataset in ("figaro1k", "synthetic"), "data.dataset", "is not figaro1k or synthetic")
     need(data.mask_source in MASK_SOURCES, "data.mask_source", f"is not one of {MASK_SOURCES}")
     if data.dataset == "synthetic":
-        need("synthetic_size" in data, "data.dataset", "needs data.synthetic_size and _counts")
+        need(
+            "synthetic_size" in data,
+            "data.dataset",
+            "needs data.synthetic_size and _counts: start from configs/synthetic.py",
+        )
         if "synthetic_size" in data:
             need(data.synthetic_size > 0, "data.synthetic_size", "must be positive")
             counts = data.get("synthetic_counts") or {}
@@ -241,8 +245,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         "augment.ratio",
         "must be (low, high) with 0 < low <= high",
     )
-    for name in ("rotation", "brightness", "contrast", "saturation"):
+    for name in ("rotation", "brightness"):
         need(aug[name] >= 0, f"augment.{name}", "must not be negative")
+    # Their factors are drawn from [1 - x, 1 + x]: below 0 would invert the image's colours
+    # (TensorFlow refuses it).
+    for factor in ("contrast", "saturation"):
+        need(0 <= aug[factor] <= 1, f"augment.{factor}", "must be in [0, 1]")
     need(0 <= aug.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
     need(aug.device_max_side > 0, "augment.device_max_side", "must be positive")
     return found

@@ -38,7 +38,8 @@ BAD_VALUES = [
     (
         "data.dataset",
         "synthetic",
-        "data.dataset='synthetic' needs data.synthetic_size and _counts",
+        "data.dataset='synthetic' needs data.synthetic_size and _counts: start from "
+        "configs/synthetic.py",
     ),
     (
         "data.mask_source",
@@ -186,8 +187,10 @@ BAD_VALUES = [
     ),
     ("augment.rotation", -1.0, "augment.rotation=-1.0 must not be negative"),
     ("augment.brightness", -0.1, "augment.brightness=-0.1 must not be negative"),
-    ("augment.contrast", -0.2, "augment.contrast=-0.2 must not be negative"),
-    ("augment.saturation", -0.3, "augment.saturation=-0.3 must not be negative"),
+    ("augment.contrast", -0.2, "augment.contrast=-0.2 must be in [0, 1]"),
+    ("augment.contrast", 1.5, "augment.contrast=1.5 must be in [0, 1]"),
+    ("augment.saturation", -0.3, "augment.saturation=-0.3 must be in [0, 1]"),
+    ("augment.saturation", 1.01, "augment.saturation=1.01 must be in [0, 1]"),
     ("augment.hue", 0.6, "augment.hue=0.6 must be in [0, 0.5]"),
     ("augment.hue", -0.01, "augment.hue=-0.01 must be in [0, 0.5]"),
     ("augment.device_max_side", 0, "augment.device_max_side=0 must be positive"),
@@ -243,6 +246,15 @@ RELATED = {
     [
         ("seed", 2**32 - 1),
         ("augment.hue", 0.5),
+        ("augment.contrast", 1.0),
+        ("augment.saturation", 1.0),
+        *((f"augment.{name}", 0.0) for name in ("rotation", "brightness", "contrast")),
+        *((f"augment.{name}", 0.0) for name in ("saturation", "hue")),  # 0: off
+        ("model.dropout", 0.0),
+        ("optim.momentum", 0.0),
+        ("optim.weight_decay", 0.0),
+        ("eval.preview_images", 0),
+        ("train.batch_size", 2),
         ("augment.scale", (1.0, 1.0)),
         ("eval.threshold", 0.99),
         ("predict.threshold", -1.0),

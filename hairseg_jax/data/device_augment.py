@@ -30,6 +30,10 @@ from hairseg_jax.data import whole_images
 from hairseg_jax.data.affine import crop_map_rows, prefilter_size
 from hairseg_jax.data.examples import Examples
 
+# Every matrix product here in full float32: GPUs' default (TF32, 10-bit mantissas) would move
+# a 1000 px image's sample points by about a pixel and its grey levels by about 0.1.
+FLOAT32 = jax.lax.Precision.HIGHEST
+
 
 class Packed(NamedTuple):
     """Examples padded into one array: example i is ``images[i, :h, :w]``, ``(h, w) = sizes[i]``."""
@@ -143,13 +147,14 @@ def colour_jitter(key: jax.Array, image: jax.Array, cfg: ml_collections.ConfigDi
         mean = image.mean(axis=(0, 1))
         image = (image - mean) * (1 + uniform(keys[1], cfg.contrast)) + mean
     if cfg.saturation or cfg.hue:
-        yiq = image @ jnp.asarray(_TO_YIQ.T, jnp.float32)
+        yiq = jnp.matmul(image, jnp.asarray(_TO_YIQ.T, jnp.float32), precision=FLOAT32)
         chroma = yiq[..., 1:] * (1 + uniform(keys[2], cfg.saturation))
         angle = uniform(keys[3], cfg.hue) * (2 * math.pi)  # hue: a fraction of the colour wheel
         cos, sin = jnp.cos(angle), jnp.sin(angle)
-        chroma = chroma @ jnp.array([[cos, sin], [-sin, cos]])
+        chroma = jnp.matmul(chroma, jnp.array([[cos, sin], [-sin, cos]]), precision=FLOAT32)
         yiq = jnp.concatenate([yiq[..., :1], chroma], axis=-1)
-        image = yiq @ jnp.asarray(np.linalg.inv(_TO_YIQ).T, jnp.float32)
+        to_rgb = jnp.asarray(np.linalg.inv(_TO_YIQ).T, jnp.float32)
+        image = jnp.matmul(yiq, to_rgb, precision=FLOAT32)
     return jnp.clip(image, 0.0, 1.0)
 
 
@@ -182,7 +187,7 @@ def prefilter(
     new_height, new_width, rescale = prefilter_size(height, width, affine, jnp)
     shrunk = _resize_corner(image, (height, width), (new_height, new_width), image.shape[:2])
     new_size = jnp.stack([new_height, new_width]).astype(jnp.int32)
-    return shrunk, new_size, jnp.array(rescale) @ affine
+    return shrunk, new_size, jnp.matmul(jnp.array(rescale), affine, precision=FLOAT32)
 
 
 def resize_whole_image(image: jax.Array, size_hw: jax.Array, size: int) -> jax.Array:
@@ -203,7 +208,8 @@ def _resize_corner(
         whole_images.resize_weights(in_hw[axis], out_hw[axis], image.shape[axis], jnp, padded)
         for axis, padded in enumerate(out_shape)
     )
-    return jnp.einsum("ys,xt,stc->yxc", rows, columns, image.astype(jnp.float32))
+    image = image.astype(jnp.float32)
+    return jnp.einsum("ys,xt,stc->yxc", rows, columns, image, precision=FLOAT32)
 
 
 def stream_keys(seed: int) -> tuple[jax.Array, jax.Array]:

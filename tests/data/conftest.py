@@ -70,3 +70,26 @@ def folder(tmp_path) -> Path:
         write_frame(root, name, random_image(seed=i), pbm=random_mask(seed=i))
     write_split(root / "train_val_test.json", ["Frame00001", "Frame00002"], split="train")
     return root
+
+
+def assert_crops_and_rotations_span_their_ranges(
+    maps: list[np.ndarray], side: int, size: int, scale: tuple, ratio: tuple, rotation: float
+) -> None:
+    """Checks the draws of ``sample_affine`` (no flips, a ``side``^2 image, crops that fit):
+    angles within +-``rotation`` degrees, both ways; crop areas and aspects across
+    ``scale`` and ``ratio``, aspect drawn apart from area."""
+    angles, areas, aspects = [], [], []
+    for m in maps:
+        across, down = m[:2, 0] * size, m[:2, 1] * size  # the crop's sides in the input
+        angles.append(np.degrees(np.arctan2(across[1], across[0])))
+        width, height = np.hypot(*across), np.hypot(*down)
+        areas.append(width * height / side**2)
+        aspects.append(width / height)
+    assert max(np.abs(angles)) <= rotation + 1e-3, angles
+    assert min(angles) < -rotation / 2 and max(angles) > rotation / 2, angles
+    assert scale[0] - 1e-4 <= min(areas) and max(areas) <= scale[1] + 1e-4, areas
+    assert ratio[0] - 1e-4 <= min(aspects) and max(aspects) <= ratio[1] + 1e-4, aspects
+    low, high = np.log(ratio)
+    assert min(np.log(aspects)) < low + (high - low) / 4, aspects
+    assert max(np.log(aspects)) > high - (high - low) / 4, aspects
+    assert abs(np.corrcoef(np.log(aspects), areas)[0, 1]) < 0.8

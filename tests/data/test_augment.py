@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from hairseg_jax.data import augment
-from tests.data.conftest import checkerboard
+from tests.data.conftest import assert_crops_and_rotations_span_their_ranges, checkerboard
 
 SHAPE_COLOUR = np.array([230, 40, 20], np.uint8)
 BACKGROUND = np.array([20, 60, 200], np.uint8)
@@ -260,6 +260,12 @@ def test_crop_scale_spans_the_configured_range():
     fractions = [crop_fraction(cfg, s) for s in range(24)]
     assert min(fractions) >= 0.1 - 1e-4 and max(fractions) <= 1.0 + 1e-4
     assert min(fractions) < 0.3 and max(fractions) > 0.7, fractions
+
+
+def test_rotations_turn_both_ways_and_aspects_are_drawn_apart_from_areas():
+    cfg = augment_config(scale=(0.1, 0.5), ratio=(0.75, 4 / 3), rotation=15.0)
+    maps = [augment.sample_affine(seeds_of(s)[:7], 1000, 1000, 10, cfg).numpy() for s in range(40)]
+    assert_crops_and_rotations_span_their_ranges(maps, 1000, 10, cfg.scale, cfg.ratio, 15.0)
 
 
 def test_colour_draws_are_independent_of_the_crop_draws():

@@ -13,7 +13,7 @@ from hairseg_jax.data import augment, device_augment, whole_images
 from hairseg_jax.data.examples import Examples
 from hairseg_jax.data.synthetic import make_examples
 from tests.conftest import TinyNet
-from tests.data.conftest import checkerboard
+from tests.data.conftest import assert_crops_and_rotations_span_their_ranges, checkerboard
 
 
 @pytest.fixture
@@ -193,6 +193,17 @@ def test_sample_affine_flips_about_half_of_the_draws_of_each_flag_on(hflip, vfli
             assert mirrored == 0, (axis, mirrored)
 
 
+def test_rotations_turn_both_ways_and_aspects_are_drawn_apart_from_areas(augment_config):
+    cfg = augment_config
+    cfg.scale, cfg.ratio, cfg.rotation, cfg.hflip = (0.1, 0.5), (0.75, 4 / 3), 15.0, False
+    side = jnp.array(1000)
+    maps = [
+        np.asarray(device_augment.sample_affine(jax.random.key(k), side, side, 10, cfg))
+        for k in range(40)
+    ]
+    assert_crops_and_rotations_span_their_ranges(maps, 1000, 10, cfg.scale, cfg.ratio, 15.0)
+
+
 def test_colour_jitter_off_is_the_identity_and_stays_in_range(augment_config):
     image = jax.random.uniform(jax.random.key(0), (8, 8, 3))
     plain = device_augment.colour_jitter(jax.random.key(1), image, no_colour(augment_config))
@@ -346,3 +357,43 @@ def test_device_saturation_alone_changes_colours_and_keeps_grey_levels():
         np.testing.assert_allclose(out @ np.array([0.299, 0.587, 0.114]), luma, atol=1e-4)
         changed += not np.allclose(out, image, atol=1e-3)
     assert changed == 4
+
+
+def chroma(rgb) -> np.ndarray:
+    """Each pixel's chroma (YIQ's I + iQ) as a complex number."""
+    yiq = np.asarray(rgb, np.float64) @ device_augment._TO_YIQ.T
+    return yiq[..., 1] + 1j * yiq[..., 2]
+
+
+@pytest.mark.parametrize("saturation, hue", [(0.5, 0.0), (0.0, 0.1), (0.5, 0.1)])
+def test_device_saturation_scales_and_hue_turns_the_chroma_within_their_strengths(saturation, hue):
+    """Saturation multiplies every chroma by one factor in [1 - s, 1 + s], hue turns it by one
+    angle within +-hue of the colour wheel: both ways, each from a draw of its own."""
+    cfg = figaro.get_config().augment
+    cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue = 0.0, 0.0, saturation, hue
+    image = jax.random.uniform(jax.random.key(0), (8, 8, 3), minval=0.4, maxval=0.6)
+    before = chroma(image)
+    factors, turns = [], []
+    for k in range(24):
+        after = chroma(device_augment.colour_jitter(jax.random.key(k), image, cfg))
+        change = np.vdot(before, after) / np.vdot(before, before)  # factor * e^(i angle)
+        np.testing.assert_allclose(after, change * before, atol=1e-4)
+        factors.append(abs(change))
+        turns.append(np.angle(change) / (2 * np.pi))  # a fraction of the colour wheel
+    for values, spread, centre in ((factors, saturation, 1.0), (turns, hue, 0.0)):
+        assert max(np.abs(np.subtract(values, centre))) <= spread + 1e-4, values
+        if spread:
+            assert min(values) < centre - spread / 2 and max(values) > centre + spread / 2
+    if saturation and hue:
+        assert abs(np.corrcoef(factors, turns)[0, 1]) < 0.8
+
+
+def test_every_matrix_product_of_the_device_augmentation_is_full_float32(augment_config):
+    """GPUs' default precision for float32 products (TF32) would move a large image's sample
+    points by about a pixel: each product asks for HIGHEST."""
+    packed = device_augment.pack(flat_examples(3, shape=(40, 30)), max_side=40)
+    batch = device_augment.batch_fn(2, 32, augment_config, seed=0)
+    text = jax.jit(batch).lower(packed, 0).as_text()
+    products = [line for line in text.splitlines() if "dot_general" in line]
+    assert len(products) >= 5  # the two resizes' pairs, the rescale, YIQ there and back
+    assert all("precision = [HIGHEST, HIGHEST]" in line for line in products), products
