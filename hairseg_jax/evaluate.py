@@ -348,6 +348,14 @@ def read_tuned_threshold(
             used_with,
         )
         return None
+    # A threshold tuned with eval.max_images set fits those images only: say so.
+    logging.info(
+        "Using threshold %s of %s, tuned on %s %s images.",
+        threshold,
+        path,
+        tuned.get("num_images", "the"),
+        tuned.get("split", "val"),
+    )
     return tuned
 
 
@@ -401,15 +409,17 @@ def tune_threshold(run: Callable[..., Scores], examples: Examples, split: str) -
 
     Returns:
       ``{"threshold", "dice", "dice_at_0.5", "split", "num_images", "sweep"}``; ties go to
-      the threshold nearest 0.5.
+      the threshold nearest 0.5, then to the lower one.
     """
     scores = run(examples, sweep=True)
     dice = scores.sweep
-    best = max(range(len(dice)), key=lambda i: (dice[i], -abs(SWEEP_THRESHOLDS[i] - 0.5)))
+    half = SWEEP_THRESHOLDS.index(DEFAULT_THRESHOLD)
+    # Steps from 0.5 counted on the sweep's indices: as floats, 0.5 - 0.3 > 0.7 - 0.5.
+    best = max(range(len(dice)), key=lambda i: (dice[i], -abs(i - half), -i))
     return {
         "threshold": SWEEP_THRESHOLDS[best],
         "dice": float(dice[best]),
-        "dice_at_0.5": float(dice[SWEEP_THRESHOLDS.index(DEFAULT_THRESHOLD)]),
+        "dice_at_0.5": float(dice[half]),
         "split": split,
         "num_images": len(examples),
         "sweep": {f"{t:.2f}": float(d) for t, d in zip(SWEEP_THRESHOLDS, dice, strict=True)},

@@ -207,6 +207,35 @@ def test_scores_of_known_logits_are_their_dice_iou_and_bce():
         grey_logits, None, flat_examples(), 8, 2, threshold=0.55, mesh=sharding.data_mesh()
     )
     np.testing.assert_allclose([row["dice"] for row in at_055.rows], dice_at[0.5], atol=1e-12)
+    # Pooled over the pixels (50, 100 and 150 of 200 hair): at 0.6 image 1 is 50 true and 150
+    # false positives, images 2 and 3 are 250 false negatives; at 0.5 image 2 adds 100 of each.
+    assert scores.summary["pooled_dice"] == pytest.approx(100 / (100 + 150 + 250))
+    assert scores.summary["pooled_dice_at_0.5"] == pytest.approx(300 / (300 + 250 + 150))
+    at_half = evaluate.score_examples(
+        grey_logits, None, flat_examples(), 8, 2, threshold=0.5, mesh=sharding.data_mesh()
+    )
+    assert "dice_at_0.5" not in at_half.summary and "pooled_dice_at_0.5" not in at_half.summary
+
+
+def test_the_plain_channel_is_scored_as_no_tta_and_the_worst_images_kept_worst_first():
+    """Channel 1 (negated logits here: image 3 all hair at 0.6, 150 true and 50 false
+    positives) gives ``no_tta``; at 0.5 the images' Dice are 0.4, 0.67 and 0."""
+
+    def with_plain(state, images):
+        logits = grey_logits(state, images)
+        return jnp.concatenate([logits, -logits], axis=-1)
+
+    scores = evaluate.score_examples(
+        with_plain, None, flat_examples(), 8, 2, threshold=0.6, mesh=sharding.data_mesh()
+    )
+    assert scores.summary["no_tta"] == pytest.approx(
+        {"dice": 300 / 350 / 3, "pooled_dice": 300 / 500, "iou": 0.75 / 3, "pooled_iou": 150 / 350}
+    )
+    worst = evaluate.score_examples(
+        grey_logits, None, flat_examples(), 8, 2, mesh=sharding.data_mesh(), num_worst=2
+    ).worst
+    assert [index for index, _ in worst] == [2, 0]
+    assert not worst[0][1].any() and worst[1][1].all()  # image 3 none, image 1 all hair
 
 
 def test_previews_show_image_truth_then_prediction():
@@ -220,13 +249,17 @@ def test_previews_show_image_truth_then_prediction():
     assert list(row[:, 2 * box + x]) == [255, 0, 0]  # the prediction: image 1 all hair
 
 
-def test_the_tuned_threshold_is_the_best_and_ties_go_nearest_half():
+@pytest.mark.parametrize(
+    "tied, best",
+    [((0.3, 0.6), 0.6), ((0.3, 0.7), 0.3), ((0.7, 0.3), 0.3), ((0.05, 0.95), 0.05)],
+)
+def test_the_tuned_threshold_is_the_best_and_ties_go_nearest_half_then_lower(tied, best):
+    """Whatever the floats' rounding: 0.5 - 0.3 is above 0.7 - 0.5, 0.95 - 0.5 below 0.5 - 0.05."""
     dice = np.linspace(0.1, 0.2, len(evaluate.SWEEP_THRESHOLDS))
-    best = evaluate.SWEEP_THRESHOLDS.index(0.3), evaluate.SWEEP_THRESHOLDS.index(0.6)
-    dice[list(best)] = 0.9  # a tie of 0.3 and 0.6
+    dice[[evaluate.SWEEP_THRESHOLDS.index(t) for t in tied]] = 0.9
     run = lambda examples, sweep: evaluate.Scores({}, [], dice)  # noqa: E731
     tuned = evaluate.tune_threshold(run, flat_examples(), "val")
-    assert (tuned["threshold"], tuned["dice"]) == (0.6, 0.9)
+    assert (tuned["threshold"], tuned["dice"]) == (best, 0.9)
     assert tuned["dice_at_0.5"] == dice[evaluate.SWEEP_THRESHOLDS.index(0.5)]
 
 

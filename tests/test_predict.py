@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -292,8 +293,10 @@ def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path):
 def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path, caplog):
     plain = evaluate.predictor_settings(tiny_config(), "predict")
     record = {"threshold": 0.3, "step": 7} | plain
-    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, record)
-    assert evaluate.resolve_threshold(-1, tmp_path, 7, plain) == (0.3, "tuned")
+    files.write_json(tmp_path / evaluate.THRESHOLD_FILE, record | {"num_images": 8})
+    with caplog.at_level(logging.INFO):
+        assert evaluate.resolve_threshold(-1, tmp_path, 7, plain) == (0.3, "tuned")
+    assert "Using threshold 0.3 of" in caplog.text and "tuned on 8 val images." in caplog.text
     assert evaluate.resolve_threshold(-1, tmp_path, 8, plain) == (0.5, "default")
     assert evaluate.resolve_threshold(0.6, tmp_path, 7, plain) == (0.6, "config")
     flipped = plain | {"tta": "flip"}  # tuned without TTA, predicting with it
