@@ -8,6 +8,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import figaro
 from hairseg_jax import cli
 
 FLAGS = flags.FLAGS
@@ -35,6 +36,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Checks ``config`` and ``workdir`` (``~`` expanded in both), then trains, evaluates or
     predicts as ``config.mode`` says."""
     # Imported after the flags: a mistyped flag or override is answered without loading JAX.
+    import jax
+
     from hairseg_jax import config_checks, evaluate, predict, sharding, steps
     from hairseg_jax.data.figaro1k import DataError
     from hairseg_jax.weights.tensors import ConversionError
@@ -44,7 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     try:
         folder = config_checks.folder_flag(workdir, "--workdir")
         config_checks.expand_user(config)
-        config_checks.check_config(config)
+        config_checks.check_config(config, template=figaro.get_config())
         use_compilation_cache(config.compilation_cache)
         sharding.initialize_distributed(config.distributed)
         sharding.start_backend()
@@ -67,6 +70,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         sys.exit(f"FATAL {e}")
     except MemoryError as e:  # the host's, e.g. NumPy's for a mistyped eval.image_size
         sys.exit(f"FATAL Out of host memory in {config.mode} mode ({e}): lower the sizes.")
+    except jax.errors.JaxRuntimeError as e:  # the accelerator's, for too large a batch or size
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        cause = str(e).strip().splitlines()[0]
+        sys.exit(
+            f"FATAL Out of accelerator memory in {config.mode} mode ({cause}): lower the batch "
+            "size or the image size, or set model.dtype=bfloat16."
+        )
     if config.mode == "predict" and result["failed"]:
         # Exit status: the number of files that could not be predicted (at most 100).
         print(f"FATAL {predict.failure_line(result)}", file=sys.stderr)
@@ -74,12 +85,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def use_compilation_cache(folder: str) -> None:
-    """Keeps JAX's compiled programs in ``folder`` (``~`` expanded), where later runs of the same
-    model and shapes load them instead of compiling; none if ``folder`` is "" or cannot be made
-    (a warning). ``$JAX_COMPILATION_CACHE_DIR``, where set, is JAX's own choice and stays."""
+    """Keeps JAX's compiled programs in ``folder``, where later runs of the same model and
+    shapes load them instead of compiling; none if ``folder`` is "" or cannot be made (a
+    warning). ``$JAX_COMPILATION_CACHE_DIR``, where set, is JAX's own choice and stays."""
     if not folder or "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
-    path = Path(folder).expanduser()
+    path = Path(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -5,6 +5,7 @@ Standard library and absl only, so a mistyped flag is answered before JAX is loa
 """
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,18 @@ def innermost(error: BaseException) -> object:
     return cause
 
 
+def home_expanded(value: str, name: str) -> str:
+    """``value`` with a leading ``~`` or ``~user`` expanded, as a shell would (it leaves
+    ``--flag=~/x`` as it is). Raises ValueError, naming the flag or field ``name``, for a
+    ``~user`` of no known user (``~runs/x`` for ``~/runs/x``): left as it is, it would name a
+    folder called ``~runs``."""
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        user = value[1:].split(os.sep)[0]
+        raise ValueError(f"{name}={value!r}: there is no user {user!r} ('~/' is your home).")
+    return expanded
+
+
 def _names_config(argv: list[str]) -> bool:
     """Whether ``argv`` gives a ``--config`` file."""
     return any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:])
@@ -51,6 +64,9 @@ def parse_flags(argv: list[str]) -> list[str]:
                 "FATAL Cannot load the --config file: it has no variants (the ':name' after "
                 "the file's name)."
             )
+        if "Error whilst parsing config file:" in str(e):  # its get_config() raised
+            cause = str(e).strip().splitlines()[-1].strip()  # after the traceback
+            sys.exit(f"FATAL Cannot load the --config file: {cause}")
         if "Unknown command line flag 'config." in str(e) and not _names_config(argv):
             sys.exit(
                 "FATAL Flags parsing error: --config.* overrides need a --config file to "

@@ -29,26 +29,47 @@ class ConfigError(ValueError):
 
 
 # Config fields that name files or folders (``expand_user``).
-PATH_FIELDS = ("data.data_dir", "data.split_file", "model.pretrained", "predict.output")
+PATH_FIELDS = (
+    "compilation_cache",
+    "data.data_dir",
+    "data.split_file",
+    "model.pretrained",
+    "predict.input",
+    "predict.output",
+)
+
+
+def home_expanded(value: str, name: str) -> str:
+    """``cli.home_expanded``, raising ConfigError."""
+    try:
+        return cli.home_expanded(value, name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def folder_flag(value: str | None, name: str) -> Path:
-    """The folder that the flag ``name`` gives, ``~`` expanded (a shell leaves ``--flag=~/x``
-    as it is). Raises ConfigError if the flag is empty (e.g. an unset shell variable), which
-    would otherwise mean the current folder."""
+    """The folder that the flag ``name`` gives, ``~`` expanded (``cli.home_expanded``). Raises
+    ConfigError if the flag is empty (e.g. an unset shell variable), which would otherwise mean
+    the current folder, or names a file."""
     if not value or not value.strip():
         raise ConfigError(f"{name} is empty: it must name a folder.")
-    return Path(value).expanduser()
+    path = Path(home_expanded(value, name))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}={value!r} is a file, not a folder.")
+    return path
 
 
 def expand_user(config: ml_collections.ConfigDict) -> None:
-    """Expands a leading ``~`` in ``config``'s ``PATH_FIELDS``, in place: a shell leaves
-    ``--config.data.data_dir=~/Figaro1k`` as it is."""
+    """Expands a leading ``~`` in ``config``'s ``PATH_FIELDS`` (``cli.home_expanded``), in place:
+    a shell leaves ``--config.data.data_dir=~/Figaro1k`` as it is."""
     for field in PATH_FIELDS:
-        section, name = field.split(".")
-        value = config.get(section, {}).get(name)
+        *sections, name = field.split(".")
+        parent = config
+        for section in sections:
+            parent = parent.get(section, {})
+        value = parent.get(name)
         if isinstance(value, str) and value.startswith("~"):
-            config[section][name] = os.path.expanduser(value)
+            parent[name] = home_expanded(value, field)
 
 
 def check_folder(path: str | os.PathLike, name: str) -> None:
@@ -316,14 +337,37 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
     ]
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming every impossible value of ``config``, or a field it lacks."""
+def missing_fields(
+    config: ml_collections.ConfigDict, template: ml_collections.ConfigDict
+) -> list[str]:
+    """The fields of ``template`` that ``config`` lacks, a whole missing section by its name."""
+    missing = []
+    for field in traverse_util.flatten_dict(template.to_dict(), sep="."):
+        parts, node = field.split("."), config
+        for depth, part in enumerate(parts, 1):
+            if not isinstance(node, ml_collections.ConfigDict | dict) or part not in node:
+                name = ".".join(parts[:depth])
+                missing += [name] if name not in missing else []
+                break
+            node = node[part]
+    return missing
+
+
+def check_config(
+    config: ml_collections.ConfigDict, template: ml_collections.ConfigDict | None = None
+) -> None:
+    """Raises ConfigError naming every impossible value of ``config``, or a field it lacks:
+    any of ``template``'s (the fields every config file has, e.g. configs/figaro.py's) where
+    given, else one the checks read."""
+    missing = ", ".join(map(repr, missing_fields(config, template))) if template else ""
     try:
         found = problems(config)
     except (AttributeError, KeyError) as e:  # ConfigDict's, for a missing field
+        missing = missing or str(cli.innermost(e))
+    if missing:
         raise ConfigError(
-            f"Bad config: it has no field {cli.innermost(e)}. A config file should start "
-            "from one of configs/*.py (e.g. configs.figaro.get_config()) and change fields."
-        ) from None
+            f"Bad config: it has no field {missing}. A config file should start from one of "
+            "configs/*.py (e.g. configs.figaro.get_config()) and change fields."
+        )
     if found:
         raise ConfigError("Bad config: " + "; ".join(found) + ".")

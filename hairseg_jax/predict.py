@@ -53,7 +53,7 @@ def find_inputs(spec: str) -> list[Path]:
     Raises:
       FileNotFoundError: nothing matches.
     """
-    path = Path(spec).expanduser()
+    path = Path(spec)
     if path.is_file():
         return [path]
     found = path.iterdir() if path.is_dir() else map(Path, glob.glob(str(path), recursive=True))

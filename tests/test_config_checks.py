@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from flax import traverse_util
 
 from configs import figaro, figaro_cpu, synthetic
 from hairseg_jax import config_checks
@@ -27,7 +28,37 @@ from hairseg_jax.config_checks import ConfigError, check_config, config_changes,
 )
 def test_shipped_configs_pass(config):
     assert problems(config) == []
-    check_config(config)
+    check_config(config, template=figaro.get_config())  # main.py's template: all it has
+
+
+def test_the_config_files_import_only_ml_collections_and_each_other():
+    """So main.py answers a mistyped flag before JAX loads, and a config reads anywhere."""
+    for path in sorted(Path(figaro.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module]
+            else:
+                continue
+            assert all(name.split(".")[0] in ("ml_collections", "configs") for name in names), (
+                path.name,
+                names,
+            )
+
+
+def test_a_config_lacking_fields_of_the_template_names_them_all():
+    """Fields the checks do not read (a path, a switch) were found only when the run used
+    them, after its folders and writers were made."""
+    config = figaro.get_config()
+    del config.augment["on_device"], config["compilation_cache"]
+    with pytest.raises(ConfigError) as error:
+        check_config(config, template=figaro.get_config())
+    assert str(error.value).startswith(
+        "Bad config: it has no field 'augment.on_device', 'compilation_cache'. A config file "
+    )
+    check_config(config)  # without the template, only the fields the checks read
 
 
 # One impossible value per rule of problems(): (field set, value, the problem it gives). Every
@@ -488,14 +519,16 @@ def test_path_fields_get_the_home_expanded(monkeypatch, tmp_path):
     config = figaro.get_config()
     config.data.data_dir, config.model.pretrained = "~/Figaro1k", "~/w/resnet101.pth"
     config.predict.output, config.data.split_file = "~/masks", "train_val_test.json"
+    config.predict.input, config.compilation_cache = "~/photos/*.jpg", "~/.cache/jax"
     config_checks.expand_user(config)
     assert config.data.data_dir == str(tmp_path / "Figaro1k")
     assert config.model.pretrained == str(tmp_path / "w" / "resnet101.pth")
     assert config.predict.output == str(tmp_path / "masks")
+    assert config.predict.input == str(tmp_path / "photos" / "*.jpg")
+    assert config.compilation_cache == str(tmp_path / ".cache" / "jax")
     assert config.data.split_file == "train_val_test.json"  # relative to data_dir, as it was
-    for field in config_checks.PATH_FIELDS:  # each one a field of the shipped configs
-        section, name = field.split(".")
-        assert name in config[section]
+    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    assert set(config_checks.PATH_FIELDS) <= flat.keys()  # each a field of the shipped configs
 
 
 def test_a_folder_that_cannot_be_made_is_named_before_it_is_made(monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import figaro
 from hairseg_jax.data import figaro1k
 from tests.conftest import REPO, run_python
 
@@ -141,7 +142,11 @@ def test_bad_input_gives_one_clear_line(override, message, tmp_path):
     "spec, message",
     [
         ("configs/none.py", "Cannot load the --config file: [Errno 2] No such file or directory"),
-        ("configs/figaro.py:smok", "Unknown variant 'smok' of configs/figaro.py"),
+        (
+            "configs/figaro.py:smok",
+            "FATAL Cannot load the --config file: ValueError: Unknown variant 'smok' of "
+            "configs/figaro.py; known: smoke, scratch.\n",
+        ),
         ("configs/figaro_cpu.py:smoke", "file: it has no variants (the ':name' after the file's"),
     ],
 )
@@ -194,7 +199,9 @@ def test_a_config_lacking_a_section_names_it(tmp_path):
     )
     result = run_python("main.py", f"--config={tmp_path / 'partial.py'}", f"--workdir={tmp_path}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "FATAL Bad config: it has no field 'data'." in result.stderr
+    assert "FATAL Bad config: it has no field 'augment', 'compilation_cache', 'data', " in (
+        result.stderr
+    )
 
 
 def test_a_damaged_checkpoint_gives_one_clear_line(trained, tmp_path):
@@ -213,11 +220,10 @@ def test_a_damaged_checkpoint_gives_one_clear_line(trained, tmp_path):
 def test_a_workdir_that_cannot_be_a_folder_gives_one_clear_line(figaro_dir, tmp_path):
     taken = tmp_path / "a_file"
     taken.write_text("")
-    result = run_main(f"--workdir={taken}", figaro_dir=figaro_dir)
+    result = run_main(f"--workdir={taken / 'w'}", figaro_dir=figaro_dir)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"FATAL --workdir='{taken}' cannot be made a folder ({taken} is a file)." in (
-        result.stderr
-    )
+    message = f"FATAL --workdir='{taken / 'w'}' cannot be made a folder ({taken} is a file)."
+    assert message in result.stderr
     assert "Reading" not in result.stderr  # before the data
 
 
@@ -238,9 +244,11 @@ def test_distributed_without_a_cluster_or_coordinator_gives_one_clear_line(tmp_p
 def test_paths_and_settings_that_would_fail_later_are_named_before_any_work(tmp_path):
     """An empty --workdir (an unset shell variable), ``~`` (which the shell leaves in
     ``--flag=~/x``), distributed settings without distributed.enabled, a missing pretrained
-    file and the host's memory running out: one line each from main.run, in one process,
+    file, a ``~user`` of no user, a file as the workdir, config fields missing, and the host's
+    or the accelerator's memory running out: one line each from main.run, in one process,
     before any folder is made."""
     code = f"""
+import jax
 import main
 from configs import figaro
 from hairseg_jax import evaluate
@@ -248,9 +256,15 @@ from hairseg_jax import evaluate
 def out_of_memory(config, workdir):
     raise MemoryError("Unable to allocate 37.3 TiB for an array")
 
-def attempt(workdir, **fields):
+def out_of_device_memory(config, workdir):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB.\\nmore")
+
+def attempt(workdir, *missing, **fields):
     config = figaro.get_config("smoke")
     config.update_from_flattened_dict(fields)
+    for field in missing:
+        section, name = field.split(".")
+        del config[section][name]
     try:
         main.run(config, workdir)
     except SystemExit as e:
@@ -261,11 +275,18 @@ attempt("~/w", mode="eval")
 attempt("{tmp_path / "w"}", **{{"data.data_dir": "~/nofig"}})
 attempt("{tmp_path / "w"}", **{{"distributed.process_id": 0}})
 attempt("{tmp_path / "w"}", **{{"model.pretrained": "~/gone.pth"}})
+attempt("~hairseg-no-such-user/w")
+attempt("{tmp_path / "w"}", **{{"predict.input": "~hairseg-no-such-user/*.jpg"}})
+attempt("{tmp_path / "file"}", mode="eval")
+attempt("{tmp_path / "w"}", "data.split_file", "train.skip_nonfinite")
 evaluate.evaluate = out_of_memory  # as NumPy's for a mistyped eval.image_size=100000
+attempt("{tmp_path / "w"}", mode="eval")
+evaluate.evaluate = out_of_device_memory
 attempt("{tmp_path / "w"}", mode="eval")
 """
     home = tmp_path / "home"
     home.mkdir()
+    (tmp_path / "file").write_text("")
     result = run_python("-c", code, env={"HOME": str(home)})
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
@@ -277,8 +298,19 @@ attempt("{tmp_path / "w"}", mode="eval")
         "FATAL Bad config: distributed.process_id=0 is set, but distributed.enabled is False: "
         "enable it to join the other processes.",
         f"FATAL Pretrained weights not found: {home / 'gone.pth'}",
+        "FATAL --workdir='~hairseg-no-such-user/w': there is no user 'hairseg-no-such-user' "
+        "('~/' is your home).",
+        "FATAL predict.input='~hairseg-no-such-user/*.jpg': there is no user "
+        "'hairseg-no-such-user' ('~/' is your home).",
+        f"FATAL --workdir='{tmp_path / 'file'}' is a file, not a folder.",
+        "FATAL Bad config: it has no field 'data.split_file', 'train.skip_nonfinite'. A config "
+        "file should start from one of configs/*.py (e.g. configs.figaro.get_config()) and "
+        "change fields.",
         "FATAL Out of host memory in eval mode (Unable to allocate 37.3 TiB for an array): "
         "lower the sizes.",
+        "FATAL Out of accelerator memory in eval mode (RESOURCE_EXHAUSTED: Out of memory "
+        "allocating 9 GiB.): lower the batch size or the image size, or set "
+        "model.dtype=bfloat16.",
     ]
     assert not (tmp_path / "w").exists() and not (home / "w").exists()  # no folder made
 
@@ -344,3 +376,14 @@ def test_an_interrupt_exits_130_with_one_line(monkeypatch, capsys):
         main.main(["main.py"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "FATAL Interrupted in train mode."
+
+
+def test_run_quiets_the_libraries_before_any_work(monkeypatch):
+    """orbax's INFO chatter and tracebacks are left out of every mode's log."""
+    import main
+
+    quieted = []
+    monkeypatch.setattr(main.cli, "quiet_libraries", lambda: quieted.append(True))
+    with pytest.raises(SystemExit, match="--workdir is empty"):
+        main.run(figaro.get_config("smoke"), "")
+    assert quieted == [True]

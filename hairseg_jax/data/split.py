@@ -110,7 +110,11 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     flag = flags.FLAGS
-    data_dir = Path(flag.data_dir).expanduser()  # a shell leaves --data_dir=~/x as it is
+    try:
+        data_dir = Path(cli.home_expanded(flag.data_dir, "--data_dir"))
+        out = Path(cli.home_expanded(flag.out, "--out"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if not data_dir.is_dir():
         what = "is not a folder" if data_dir.exists() else "does not exist"
         raise SystemExit(f"error: data directory {data_dir} {what}.")
@@ -122,7 +126,6 @@ def main(argv: Sequence[str]) -> None:
         split = stratified_split(images, fractions, flag.seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    out = Path(flag.out).expanduser()
     _write_json(split_to_json(split), out, flag.overwrite)
     _print_counts(split)
     print(f"wrote {out}")

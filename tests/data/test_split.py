@@ -159,6 +159,7 @@ def test_cli_expands_a_leading_tilde_as_main_does(data_dir: Path, tmp_path: Path
         (["--data_dir={data}", "--fractions=0.5,0.2,0.1"], "sum to 1"),
         (["--data_dir={data}", "--fractions=1.2,-0.1,-0.1"], "negative"),
         (["--data_dir={data}", "--fractions=nan,0,1"], "must be finite"),
+        (["--data_dir=~hairseg-no-such-user/x"], "there is no user 'hairseg-no-such-user'"),
     ],
 )
 def test_cli_errors(data_dir: Path, tmp_path: Path, args: list[str], error: str):
