@@ -551,7 +551,9 @@ def _pretrained_variables(config: ml_collections.ConfigDict, template: dict[str,
     Raises:
       ConversionError: the file holds only a backbone: its ASPP and decoder would be random.
     """
-    variables = convert.load_pretrained(config.model.pretrained, template, config.model)
+    variables = convert.load_pretrained(
+        config.model.pretrained, template, config.model, config.input
+    )
     if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(variables)):
         raise ConversionError(
             f"config.model.pretrained={config.model.pretrained!r} holds only a backbone, so the "

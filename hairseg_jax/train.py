@@ -108,17 +108,18 @@ def resumed_state(
 
 
 def load_pretrained(
-    state: steps.TrainState, model_config: ml_collections.ConfigDict, mesh: Mesh | None = None
+    state: steps.TrainState, config: ml_collections.ConfigDict, mesh: Mesh | None = None
 ) -> steps.TrainState:
     """``state`` restarted (``steps.restarted_state``) from the weights named by
-    ``model_config.pretrained`` (see ``hairseg_jax.weights.convert.load_pretrained``),
+    ``config.model.pretrained`` (see ``hairseg_jax.weights.convert.load_pretrained``),
     replicated over ``mesh`` (default: every device)."""
     variables = convert.load_pretrained(
-        model_config.pretrained,
+        config.model.pretrained,
         {"params": state.params, "batch_stats": state.batch_stats},
-        model_config,
+        config.model,
+        config.input,
     )
-    logging.info("Loaded pretrained weights from %s.", model_config.pretrained)
+    logging.info("Loaded pretrained weights from %s.", config.model.pretrained)
     return steps.restarted_state(state, variables, mesh)
 
 
@@ -253,7 +254,8 @@ def _train_and_evaluate(
     check_saved_config(config, workdir)
     config_checks.check_folder(workdir, "--workdir")  # made once the data are found usable
     if config.model.get("pretrained") and not checkpoints.holds_checkpoints(workdir):
-        convert.check_pretrained(config.model.pretrained)  # a mistyped name before any work
+        # A mistyped name, or another backbone's weights, before any work.
+        convert.check_pretrained(config.model.pretrained, config.model.backbone)
     mesh = sharding.data_mesh()
     batch_size = config.train.batch_size
     sharding.check_batch_size(batch_size, mesh, "config.train.batch_size")
@@ -302,7 +304,7 @@ def _train_and_evaluate(
     if resume_step is not None:
         state = resumed_state(config, workdir, latest, resume_step, state)
     elif config.model.get("pretrained"):  # a resumed run has its weights in the checkpoint
-        state = load_pretrained(state, config.model, mesh)
+        state = load_pretrained(state, config, mesh)
     start_step = int(state.step)
     if start_step >= total_steps:
         logging.warning(

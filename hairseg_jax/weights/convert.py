@@ -261,19 +261,16 @@ def load_variables(path: str | os.PathLike) -> Variables:
 
 
 def torchvision_file(name: str) -> Path:
-    """The official torchvision file of ``name`` in the torch hub cache, downloaded if needed.
+    """The official torchvision file of ``name`` (one of ``TORCHVISION_FILES``) in the torch
+    hub cache, downloaded if needed.
 
     Raises:
-        ConversionError: unknown name, or no file and no download; says where to put it.
+        ConversionError: no file and no download; says where to put it.
     """
     try:
         import torch.hub
     except ImportError as e:
         raise ConversionError(f"torchvision:{name} needs PyTorch: pip install -e '.[torch]'") from e
-    if name not in TORCHVISION_FILES:
-        raise ConversionError(
-            f"Unknown torchvision model {name!r}; known: {', '.join(TORCHVISION_FILES)}."
-        )
     filename = TORCHVISION_FILES[name]
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not path.is_file():
@@ -289,10 +286,18 @@ def torchvision_file(name: str) -> Path:
     return path
 
 
-def check_pretrained(spec: str) -> None:
+def check_pretrained(spec: str, backbone: str) -> None:
     """Raises ConversionError if ``spec`` (as ``load_pretrained`` takes it) cannot name
-    weights: an unknown kind of file, or a local file that is not there. Reads nothing."""
+    weights for ``backbone``: an unknown kind of file, a local file that is not there, an
+    unknown torchvision model or another backbone's. Reads nothing."""
     if spec.startswith("torchvision:"):
+        name = spec.removeprefix("torchvision:")
+        if name not in TORCHVISION_FILES:
+            raise ConversionError(
+                f"Unknown torchvision model {name!r}; known: {', '.join(TORCHVISION_FILES)}."
+            )
+        if name != backbone:
+            raise ConversionError(f"{spec} does not fit config.model.backbone={backbone!r}")
         return
     if not spec.endswith((".msgpack", *_TORCH_SUFFIXES)):
         raise ConversionError(
@@ -303,7 +308,31 @@ def check_pretrained(spec: str) -> None:
         raise ConversionError(f"Pretrained weights not found: {spec}")
 
 
-def load_pretrained(spec: str | None, variables: Variables, model_config: Any) -> Variables:
+def unlike_the_original(model_config: Any, input_config: Any = None) -> list[str]:
+    """The overrides that give the original project's upsampling (``align_corners``) and, where
+    ``input_config`` is given, its preprocessing (BGR, mean 98, std 80 on 0-255 values),
+    which its whole models need; empty where the configs have them."""
+    unlike = []
+    if not model_config.get("align_corners", False):
+        unlike.append("--config.model.align_corners=True")
+    if input_config is not None:
+        wanted = {"channel_order": "BGR", "mean": {98}, "std": {80}}
+        given = {
+            "channel_order": input_config.channel_order,
+            "mean": set(input_config.mean),
+            "std": set(input_config.std),
+        }
+        unlike += [
+            f"--config.input.{name}={min(value) if isinstance(value, set) else value}"
+            for name, value in wanted.items()
+            if given[name] != value
+        ]
+    return unlike
+
+
+def load_pretrained(
+    spec: str | None, variables: Variables, model_config: Any, input_config: Any = None
+) -> Variables:
     """The model's ``variables`` with pretrained weights put in, for the trainer.
 
     Args:
@@ -313,6 +342,8 @@ def load_pretrained(spec: str | None, variables: Variables, model_config: Any) -
         variables: the freshly initialised ``{"params", "batch_stats"}``; also the template
             every loaded tensor's shape is checked against.
         model_config: ``config.model``; its ``backbone`` picks the converter.
+        input_config: ``config.input``, compared with the original project's preprocessing
+            where the file is a whole original model (None: not compared).
 
     Returns:
         ``variables`` with the backbone replaced (backbone files) or everything replaced
@@ -323,12 +354,10 @@ def load_pretrained(spec: str | None, variables: Variables, model_config: Any) -
     """
     if not spec:
         return variables
-    check_pretrained(spec)
     backbone = model_config.get("backbone", DeepLabV3Plus.backbone)
+    check_pretrained(spec, backbone)
     if spec.startswith("torchvision:"):
         name = spec.removeprefix("torchvision:")
-        if name != backbone:
-            raise ConversionError(f"{spec} does not fit config.model.backbone={backbone!r}")
         loaded = convert_backbone(
             StateDict(load_state_dict(torchvision_file(name)), spec), backbone
         )
@@ -341,11 +370,13 @@ def load_pretrained(spec: str | None, variables: Variables, model_config: Any) -
     loaded = jax.tree.map(jnp.asarray, loaded)
     if whole:
         merged = loaded
-        if not model_config.get("align_corners", False):
+        unlike = unlike_the_original(model_config, input_config)
+        if unlike:
             logging.warning(
-                "%s is a whole model; the original upsampled with align_corners=True, set "
-                "config.model.align_corners=True to reproduce it.",
+                "%s is a whole model of the original project, trained with other settings: "
+                "to reproduce its predictions, set %s.",
                 spec,
+                " ".join(unlike),
             )
     else:
         merged = {

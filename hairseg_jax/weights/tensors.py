@@ -20,17 +20,26 @@ class ConversionError(ValueError):
 
 
 def _safe_globals() -> list[tuple[Any, str]]:
-    """NumPy scalar types that the original project's checkpoints pickle next to the tensors
-    (its ``best_pred`` may be a NumPy float), allowed by name so that torch.load can keep
-    ``weights_only=True``; both numpy 1's and numpy 2's module names."""
+    """NumPy scalar types that checkpoints pickle next to the tensors (the original project's
+    ``best_pred`` may be a NumPy float, another's epoch a NumPy int), allowed by name so that
+    torch.load can keep ``weights_only=True``; both numpy 1's and numpy 2's module names."""
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
     return [
         (scalar, "numpy.core.multiarray.scalar"),
         (scalar, "numpy._core.multiarray.scalar"),
         (np.dtype, "numpy.dtype"),
-        (np.dtypes.Float64DType, "numpy.dtypes.Float64DType"),
-        (np.dtypes.Float32DType, "numpy.dtypes.Float32DType"),
+        *(
+            (dtype, f"numpy.dtypes.{dtype.__name__}")
+            for dtype in (
+                np.dtypes.Float64DType,
+                np.dtypes.Float32DType,
+                np.dtypes.Float16DType,
+                np.dtypes.Int64DType,
+                np.dtypes.Int32DType,
+                np.dtypes.BoolDType,
+            )
+        ),
     ]
 
 
@@ -85,11 +94,14 @@ def _describe(path: str, error: BaseException) -> str:
     """Why torch.load failed on ``path``, in one line."""
     with open(path, "rb") as f:
         head = f.read(4)
-    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    unsafe = re.search(  # a global torch would not look up, or a type it would not build
+        r"Unsupported global: GLOBAL (\S+)|add_safe_globals`, but got <class '([^']+)'>",
+        str(error),
+    )
     if unsafe:
         return (
-            f"{path} pickles a {unsafe.group(1)}, not only tensors (refused for safety); "
-            "save model.state_dict() instead"
+            f"{path} pickles a {unsafe.group(1) or unsafe.group(2)}, not only tensors (refused "
+            "for safety); save the state dict alone (model.state_dict()) instead"
         )
     if head.startswith(b"PK"):
         return f"{path} is truncated or corrupt: {str(error).split('.')[0]}"

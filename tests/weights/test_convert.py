@@ -170,7 +170,8 @@ def test_torchvision_name_without_network_says_where_to_place_the_file(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
 
-    def offline(url, dst, *args, **kwargs):
+    def offline(url, dst, hash_prefix, *args, **kwargs):
+        assert hash_prefix == "f37072fd"  # torch checks the download's sha256 against it
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
@@ -214,7 +215,9 @@ def parse_figaro_config(monkeypatch, *overrides: str) -> ml_collections.ConfigDi
     return flag_values.config
 
 
-def test_original_checkpoint_with_its_preprocessing(torch, reference, tmp_path, monkeypatch):
+def test_original_checkpoint_with_its_preprocessing(
+    torch, reference, tmp_path, monkeypatch, caplog
+):
     """An original project checkpoint (DataParallel, two classes, align_corners=True) fed
     BGR images normalised by 98 / 80 predicts exactly its argmax, through the trainer's path."""
     torch.manual_seed(0)
@@ -243,7 +246,9 @@ def test_original_checkpoint_with_its_preprocessing(torch, reference, tmp_path, 
     assert tuple(config.input.mean) == (98,) and tuple(config.input.std) == (80,)
     config_checks.check_config(config)  # README's command for these files passes the checks
     state = zero_state(models.build_model(config.model))
-    state = train.load_pretrained(state, config.model)
+    with caplog.at_level(logging.WARNING):
+        state = train.load_pretrained(state, config)
+    assert "trained with other settings" not in caplog.text
     _, predict_step = steps.jit_steps(config)
     images = np.random.default_rng(0).integers(0, 256, (2, 131, 97, 3), dtype=np.uint8)
     logits = np.asarray(predict_step(state, images))[..., 0]
@@ -263,6 +268,21 @@ def test_original_checkpoint_with_its_preprocessing(torch, reference, tmp_path, 
     loaded = {"params": state.params, "batch_stats": state.batch_stats}
     jax.tree.map(np.testing.assert_array_equal, again, loaded)
 
+    # Loaded with this project's own settings, it would predict from other inputs: named.
+    mine = parse_figaro_config(monkeypatch, "--config.model.backbone=resnet18")
+    with caplog.at_level(logging.WARNING):
+        convert.load_pretrained(str(converted), fresh_variables("resnet18"), mine.model, mine.input)
+    assert (
+        f"{converted} is a whole model of the original project, trained with other settings: "
+        "to reproduce its predictions, set --config.model.align_corners=True "
+        "--config.input.channel_order=BGR --config.input.mean=98 --config.input.std=80."
+    ) in caplog.text
+    mine.input.mean = (98.0, 98.0, 98.0)  # the same as (98,)
+    assert convert.unlike_the_original(mine.model, mine.input)[1:] == [
+        "--config.input.channel_order=BGR",
+        "--config.input.std=80",
+    ]
+
 
 def test_training_starts_from_a_converted_backbone(resnet18_file, tmp_path, caplog):
     converted = tmp_path / "resnet18.msgpack"
@@ -271,7 +291,7 @@ def test_training_starts_from_a_converted_backbone(resnet18_file, tmp_path, capl
     config.model.pretrained = str(converted)
     fresh = zero_state(models.build_model(config.model), ema=True)
     caplog.set_level(logging.INFO)
-    state = train.load_pretrained(fresh, config.model)
+    state = train.load_pretrained(fresh, config)
     assert f"Loaded pretrained weights from {converted}." in caplog.text
     want = convert.load_variables(converted)
     same = functools.partial(jax.tree.map, np.testing.assert_array_equal)
@@ -282,6 +302,28 @@ def test_training_starts_from_a_converted_backbone(resnet18_file, tmp_path, capl
     # Placed as the jitted steps take it: replicated over every device.
     replicated = sharding.replicated(sharding.data_mesh())
     assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("torchvision:resnet10", "Unknown torchvision model 'resnet10'; known: resnet18, "),
+        ("torchvision:", "Unknown torchvision model ''; known: resnet18, "),
+        ("torchvision:resnet50", "torchvision:resnet50 does not fit config.model.backbone="),
+    ],
+)
+def test_a_torchvision_name_that_cannot_fit_stops_training_before_the_data(
+    tmp_path, monkeypatch, spec, message
+):
+    config = tiny_config()
+    config.model.pretrained = spec
+
+    def load_examples(*args):
+        raise AssertionError("the data are read after the check")
+
+    monkeypatch.setattr(train.sources, "load_examples", load_examples)
+    with pytest.raises(ConversionError, match=message):
+        train.train_and_evaluate(config, tmp_path)
 
 
 def test_training_loads_config_model_pretrained(resnet18_file, tmp_path):

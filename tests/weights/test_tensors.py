@@ -75,7 +75,20 @@ def test_unreadable_files_give_one_line(torch, original_file, tmp_path):
     assert "holds no tensors" in one_line_error(no_tensors)
     pickled_module = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 2), pickled_module)
-    assert "save model.state_dict()" in one_line_error(pickled_module)
+    assert "save the state dict alone (model.state_dict())" in one_line_error(pickled_module)
+    # A type torch would not build (not a global it would not look up): named, not "corrupt".
+    other_type = tmp_path / "complex.pth"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "z": np.complex64(1)}, other_type)
+    assert "pickles a numpy.dtypes.Complex64DType, not only tensors" in one_line_error(other_type)
+
+
+def test_numpy_scalars_beside_the_tensors_load(torch, tmp_path):
+    """An epoch as np.int64, a flag as np.bool_, a score as np.float16 or np.float32."""
+    path = tmp_path / "scalars.pth"
+    scalars = {"epoch": np.int64(3), "step": np.int32(7), "best": np.float32(0.5)}
+    scalars |= {"half": np.float16(1), "done": np.bool_(True), "best_pred": np.float64(0.9)}
+    torch.save({"state_dict": {"w": torch.ones(2)}, **scalars}, path)
+    np.testing.assert_array_equal(load_state_dict(path)["w"], [1.0, 1.0])
 
 
 def test_state_dict_takes_converts_and_reports_leftovers():
