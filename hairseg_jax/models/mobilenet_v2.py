@@ -14,7 +14,7 @@ Only ``features.0`` .. ``features.17`` are built: DeepLab drops the 1x1 320 -> 1
 Convs have no bias; a depthwise kernel is (3, 3, 1, C), torch's (C, 1, 3, 3) transposed.
 Each conv zero-pads its own input as torchvision does. (jfzhang95/pytorch-deeplab-xception's
 MobileNetV2 pads a block's input once, before the 1x1 expand conv, so its borders differ, and
-its checkpoints use other keys; only its dilation rule, ``block_plan``, is followed here.)
+its checkpoints use other keys.)
 """
 
 from typing import Any
@@ -44,26 +44,29 @@ LOW_LEVEL_BLOCKS = 3
 def block_plan(output_stride: int) -> list[tuple[int, int, int, int]]:
     """``(expand_ratio, channels, stride, dilation)`` of features.1 .. features.17.
 
-    The rule of jfzhang95/pytorch-deeplab-xception's MobileNetV2 (after TF-slim's): once the
-    stride so far equals ``output_stride``, a group of blocks keeps stride 1 and uses the
-    dilation reached so far, and the dilation of the *following* groups is multiplied by the
-    group's stride. So at output stride 16 only features.17 is dilated (2); at 8, features.7
-    (the first 64-channel block) loses its stride but features.7 .. 10 keep dilation 1,
-    features.11 .. 16 use 2 and features.17 uses 4.
+    TF-slim's rule (``mobilenet_base``, as DeepLab's MobileNetV2 uses it), block by block:
+    once the stride so far equals ``output_stride``, a block keeps stride 1 and uses the
+    dilation reached so far, and the dilation of every *later* block is multiplied by the
+    stride the block gave up; so each pretrained block sees the spacing it was trained on.
+    At output stride 16, features.14 (the first 160-channel block) loses its stride and
+    features.15 .. 17 use dilation 2; at 8, features.7 loses its stride, features.8 .. 14
+    use 2 and features.15 .. 17 use 4. (jfzhang95's port dilates a whole group alike, which
+    leaves features.15 and 16 undilated at 16; its MobileNetV2 checkpoints cannot be loaded
+    here anyway.)
     """
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be one of [8, 16, 32], got {output_stride}.")
     plan = []
     current_stride, rate = 2, 1  # after the stride-2 stem
     for expand_ratio, channels, num_blocks, group_stride in INVERTED_RESIDUAL_SETTINGS:
-        if current_stride == output_stride:
-            stride, dilation = 1, rate
-            rate *= group_stride
-        else:
-            stride, dilation = group_stride, 1
-            current_stride *= group_stride
         for i in range(num_blocks):
-            plan.append((expand_ratio, channels, stride if i == 0 else 1, dilation))
+            stride = group_stride if i == 0 else 1
+            if current_stride == output_stride:
+                plan.append((expand_ratio, channels, 1, rate))
+                rate *= stride
+            else:
+                plan.append((expand_ratio, channels, stride, 1))
+                current_stride *= stride
     return plan
 
 

@@ -21,14 +21,17 @@ def abstract_init(model: nn.Module, height: int, width: int, dtype=jnp.float32):
     return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
 
 
-def conv_dilations(model: nn.Module, size: int) -> list[int]:
-    """The ``dilation`` of every ``Conv2d`` that ``model.init`` calls on a ``size``-pixel image,
-    in call order (abstractly traced; read from the modules, whichever way each computes)."""
+def conv_dilations(model: nn.Module, size: int, under: str = "") -> list[int]:
+    """The ``dilation`` of every ``Conv2d`` (of the submodule ``under``, if named) that
+    ``model.init`` calls on a ``size``-pixel image, in call order (abstractly traced; read
+    from the modules, whichever way each computes)."""
     dilations = []
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, Conv2d) and context.method_name == "__call__":
-            dilations.append(context.module.dilation)
+        module = context.module
+        called = isinstance(module, Conv2d) and context.method_name == "__call__"
+        if called and (not under or module.scope.path[0] == under):
+            dilations.append(module.dilation)
         return next_fun(*args, **kwargs)
 
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)

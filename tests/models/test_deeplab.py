@@ -53,10 +53,23 @@ def test_logits_have_input_size(output_stride, height, width):
 
 
 def test_bfloat16_keeps_float32_params_and_logits():
+    """The classifier too computes in float32: logits rounded to bf16, then cast, would not be
+    float32 logits."""
     model = DeepLabV3Plus(backbone="resnet18", dtype=jnp.bfloat16)
     logits, variables = abstract_init(model, 64, 96)
     assert logits.dtype == jnp.float32
     assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
+    images = jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32)
+    _, state = jax.eval_shape(
+        lambda v, x: model.apply(
+            v, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        ),
+        variables,
+        images,
+    )
+    decoder = state["intermediates"]["decoder"]
+    assert decoder["last_conv_4"]["__call__"][0].dtype == jnp.bfloat16
+    assert decoder["last_conv_8"]["__call__"][0].dtype == jnp.float32
 
 
 def test_head_param_names_mirror_pytorch_project():
@@ -86,17 +99,19 @@ def test_head_param_names_mirror_pytorch_project():
 @pytest.mark.parametrize(
     ("output_stride", "aspp_rates", "expected"),
     [
-        (16, None, {1, 2, 4, 6, 12, 18}),
-        (8, None, {1, 2, 4, 8, 12, 24, 36}),
-        (32, None, {1, 2, 3, 6, 9}),
-        (16, (3, 5, 7), {1, 2, 4, 3, 5, 7}),
+        (16, None, (6, 12, 18)),
+        (8, None, (12, 24, 36)),
+        (32, None, (3, 6, 9)),
+        (16, (3, 5, 7), (3, 5, 7)),
     ],
 )
 def test_aspp_rates(output_stride, aspp_rates, expected):
+    """aspp2, aspp3 and aspp4 in that order (the original's checkpoints name them so), between
+    the 1x1 aspp1 and the image pooling and projection."""
     model = DeepLabV3Plus(
         backbone="resnet18", output_stride=output_stride, aspp_rates=aspp_rates, **SMALL
     )
-    assert set(conv_dilations(model, 64)) == expected
+    assert conv_dilations(model, 64, under="aspp") == [1, *expected, 1, 1]
 
 
 def test_train_mode_updates_batch_stats(variables, images, train_apply):
