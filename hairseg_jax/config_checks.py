@@ -344,12 +344,16 @@ def missing_fields(
     missing = []
     for field in traverse_util.flatten_dict(template.to_dict(), sep="."):
         parts, node = field.split("."), config
-        for depth, part in enumerate(parts, 1):
-            if not isinstance(node, ml_collections.ConfigDict | dict) or part not in node:
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict | dict):  # a section set to a value
                 name = ".".join(parts[:depth])
-                missing += [name] if name not in missing else []
-                break
-            node = node[part]
+            elif part not in node:
+                name = ".".join(parts[: depth + 1])
+            else:
+                node = node[part]
+                continue
+            missing += [name] if name not in missing else []
+            break
     return missing
 
 

@@ -7,6 +7,7 @@ import os
 import textwrap
 from pathlib import Path
 
+import ml_collections
 import pytest
 from flax import traverse_util
 
@@ -59,6 +60,25 @@ def test_a_config_lacking_fields_of_the_template_names_them_all():
         "Bad config: it has no field 'augment.on_device', 'compilation_cache'. A config file "
     )
     check_config(config)  # without the template, only the fields the checks read
+
+
+def test_a_template_names_every_missing_field_even_one_the_checks_read():
+    """augment.hue is read by problems() (a KeyError), augment.on_device is not: both named."""
+    config = figaro.get_config()
+    del config.augment["hue"], config.augment["on_device"]
+    with pytest.raises(ConfigError) as error:
+        check_config(config, template=figaro.get_config())
+    assert str(error.value).startswith(
+        "Bad config: it has no field 'augment.hue', 'augment.on_device'. A config file "
+    )
+
+
+def test_a_section_set_to_a_value_is_named_as_missing():
+    """E.g. a config file's ``config.augment = None``: the section, not a TypeError."""
+    fields = figaro.get_config().to_dict()
+    fields["augment"] = None
+    with pytest.raises(ConfigError, match="^Bad config: it has no field 'augment'. A config"):
+        check_config(ml_collections.ConfigDict(fields), template=figaro.get_config())
 
 
 # One impossible value per rule of problems(): (field set, value, the problem it gives). Every

@@ -1,5 +1,6 @@
 """``evaluate.load_state``: the state to evaluate, built without compiling ``model.init``."""
 
+import json
 import logging
 
 import jax
@@ -273,3 +274,11 @@ def test_per_hair_type_means_each_types_scores():
         "straight": {"dice": 0.9, "iou": 0.8, "num_images": 1},
         "wavy": {"dice": pytest.approx(0.6), "iou": pytest.approx(0.3), "num_images": 2},
     }
+
+
+def test_the_tuned_threshold_line_names_its_split_and_image_count(tmp_path, caplog):
+    record = {"threshold": 0.3, "step": 7, "num_images": 20, "split": "test"}
+    (tmp_path / evaluate.THRESHOLD_FILE).write_text(json.dumps(record))
+    with caplog.at_level(logging.INFO):
+        assert evaluate.read_tuned_threshold(tmp_path, 7, {}) == record
+    assert "tuned on 20 test images." in caplog.text

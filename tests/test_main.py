@@ -259,6 +259,9 @@ def out_of_memory(config, workdir):
 def out_of_device_memory(config, workdir):
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB.\\nmore")
 
+def a_compiler_bug(config, workdir):
+    raise jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")
+
 def attempt(workdir, *missing, **fields):
     config = figaro.get_config("smoke")
     config.update_from_flattened_dict(fields)
@@ -283,6 +286,11 @@ evaluate.evaluate = out_of_memory  # as NumPy's for a mistyped eval.image_size=1
 attempt("{tmp_path / "w"}", mode="eval")
 evaluate.evaluate = out_of_device_memory
 attempt("{tmp_path / "w"}", mode="eval")
+evaluate.evaluate = a_compiler_bug  # not called out of memory: its traceback stays
+try:
+    attempt("{tmp_path / "w"}", mode="eval")
+except jax.errors.JaxRuntimeError as e:
+    print("raised", e)
 """
     home = tmp_path / "home"
     home.mkdir()
@@ -311,6 +319,7 @@ attempt("{tmp_path / "w"}", mode="eval")
         "FATAL Out of accelerator memory in eval mode (RESOURCE_EXHAUSTED: Out of memory "
         "allocating 9 GiB.): lower the batch size or the image size, or set "
         "model.dtype=bfloat16.",
+        "raised INTERNAL: a compiler bug",
     ]
     assert not (tmp_path / "w").exists() and not (home / "w").exists()  # no folder made
 

@@ -172,6 +172,15 @@ def test_cli_errors(data_dir: Path, tmp_path: Path, args: list[str], error: str)
     assert not out.exists()
 
 
+def test_an_out_of_no_known_user_is_one_line(data_dir: Path):
+    result = _cli(f"--data_dir={data_dir}", "--out=~hairseg-no-such-user/split.json")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "error: --out='~hairseg-no-such-user/split.json': there is no user "
+        "'hairseg-no-such-user' ('~/' is your home)."
+    )
+
+
 def test_an_out_file_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypatch):
     """E.g. into the dataset's own folder, read-only for most users."""
 

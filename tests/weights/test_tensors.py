@@ -152,3 +152,11 @@ def test_batch_norm_takes_running_mean_as_mean_and_running_var_as_var():
     assert (params["scale"][0], params["bias"][0]) == (1.0, 2.0)
     assert (stats["mean"][0], stats["var"][0]) == (3.0, 4.0)
     assert state.unused() == []
+
+
+def test_numpy_dtype_classes_pickled_by_name_load(torch, tmp_path):
+    """A dtype class pickled by reference (GLOBAL numpy.dtypes.Int64DType) is looked up by
+    the name given to torch's allowlist."""
+    path = tmp_path / "classes.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "kind": np.dtypes.Int64DType}, path)
+    np.testing.assert_array_equal(load_state_dict(path)["w"], [1.0, 1.0])
