@@ -6,6 +6,7 @@ Standard library and absl only, so a mistyped flag is answered before JAX is loa
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -85,7 +86,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"FATAL Cannot load the --config file: {type(e).__name__}: {e}{hint}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         cause = innermost(e)
-        overrides = " ".join(a for a in argv if a.startswith("--config."))
+        overrides = [a for a in argv if a.startswith("--config.")]
+        named = re.match(r"'([^']+)'", cause) if isinstance(cause, str) else None
+        if named:  # a field no config has: only the overrides that name it
+            name = named.group(1)
+            overrides = [a for a in overrides if name in a.split("=")[0].split(".")] or overrides
+        overrides = " ".join(overrides)
         if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
             sys.exit("FATAL Cannot load the --config file: it defines no get_config().")
         if not overrides:  # then the config file's own code raised it

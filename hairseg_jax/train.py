@@ -254,7 +254,7 @@ def _train_and_evaluate(
     check_saved_config(config, workdir)
     config_checks.check_folder(workdir, "--workdir")  # made once the data are found usable
     if config.model.get("pretrained") and not checkpoints.holds_checkpoints(workdir):
-        # A mistyped name, or another backbone's weights, before any work.
+        # A mistyped name, another backbone's weights or a failed download: before any work.
         convert.check_pretrained(config.model.pretrained, config.model.backbone)
     mesh = sharding.data_mesh()
     batch_size = config.train.batch_size

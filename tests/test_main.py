@@ -138,6 +138,16 @@ def test_bad_input_gives_one_clear_line(override, message, tmp_path):
     assert not workdir.exists()
 
 
+def test_a_misspelt_override_is_named_alone(tmp_path):
+    result = run_main(
+        f"--workdir={tmp_path / 'w'}", "--config.train.batch_size=8", "--config.train.batchsize=8"
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        "FATAL Bad config override (--config.train.batchsize=8): no such field 'batchsize'"
+    ) in result.stderr
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

@@ -289,7 +289,8 @@ def torchvision_file(name: str) -> Path:
 def check_pretrained(spec: str, backbone: str) -> None:
     """Raises ConversionError if ``spec`` (as ``load_pretrained`` takes it) cannot name
     weights for ``backbone``: an unknown kind of file, a local file that is not there, an
-    unknown torchvision model or another backbone's. Reads nothing."""
+    unknown torchvision model or another backbone's, or a torchvision file that is neither in
+    torch's hub cache nor downloadable (it is downloaded here). Reads no weights."""
     if spec.startswith("torchvision:"):
         name = spec.removeprefix("torchvision:")
         if name not in TORCHVISION_FILES:
@@ -298,6 +299,7 @@ def check_pretrained(spec: str, backbone: str) -> None:
             )
         if name != backbone:
             raise ConversionError(f"{spec} does not fit config.model.backbone={backbone!r}")
+        torchvision_file(name)
         return
     if not spec.endswith((".msgpack", *_TORCH_SUFFIXES)):
         raise ConversionError(

@@ -65,6 +65,10 @@ def zero_state(model: models.DeepLabV3Plus, ema: bool = False) -> steps.TrainSta
     )
 
 
+def no_data(*args):
+    raise AssertionError("the data are read after the check")
+
+
 def model_config(backbone: str, **fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"backbone": backbone, **fields})
 
@@ -184,6 +188,13 @@ def test_torchvision_name_without_network_says_where_to_place_the_file(
         f"(<urlopen error no network>); place the file at {expected} or set "
         "config.model.pretrained to a local path"
     )
+    # Training stops there before reading the data or making a folder.
+    training = tiny_config()
+    training.model.pretrained = "torchvision:resnet18"
+    monkeypatch.setattr(train.sources, "load_examples", no_data)
+    with pytest.raises(ConversionError, match="^could not download https://download.pytorch"):
+        train.train_and_evaluate(training, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
     # Placed there, the file is used without a download.
     expected.write_bytes(resnet18_file.read_bytes())
     variables = convert.load_pretrained("torchvision:resnet18", fresh_variables("resnet18"), config)
@@ -317,11 +328,7 @@ def test_a_torchvision_name_that_cannot_fit_stops_training_before_the_data(
 ):
     config = tiny_config()
     config.model.pretrained = spec
-
-    def load_examples(*args):
-        raise AssertionError("the data are read after the check")
-
-    monkeypatch.setattr(train.sources, "load_examples", load_examples)
+    monkeypatch.setattr(train.sources, "load_examples", no_data)
     with pytest.raises(ConversionError, match=message):
         train.train_and_evaluate(config, tmp_path)
 
