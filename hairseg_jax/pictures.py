@@ -25,6 +25,9 @@ def save(path: str | os.PathLike, pixels: np.ndarray, **options) -> None:
     files.write_atomically(path, data.getvalue())
 
 
+TINT_ROWS = 256
+
+
 def tint(
     image: np.ndarray, mask: np.ndarray, colour: Sequence[int] = HAIR_COLOUR, alpha: float = 0.5
 ) -> np.ndarray:
@@ -32,8 +35,11 @@ def tint(
     towards ``colour``."""
     mask = np.asarray(mask) > 0  # a 0/1 integer mask would index rows 0 and 1
     out = image.copy()
-    blended = (1 - alpha) * image[mask].astype(np.float32) + alpha * np.asarray(colour)
-    out[mask] = np.round(blended).astype(np.uint8)
+    colour = alpha * np.asarray(colour, np.float32)
+    # By blocks of rows: a photo may have 179 megapixels, and its float copy several GB.
+    for top in range(0, len(out), TINT_ROWS):
+        rows, hair = out[top : top + TINT_ROWS], mask[top : top + TINT_ROWS]
+        rows[hair] = np.round((1 - alpha) * rows[hair].astype(np.float32) + colour)
     return out
 
 

@@ -46,21 +46,29 @@ JPEG_MAX_SIDE = 65500
 NAME_ERRNOS = (None, errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ)
 
 
+def _file_or_broken_link(path: Path) -> bool:
+    """A file (not a folder, a FIFO, ...), or a link to nothing (or to itself)."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
 def find_inputs(spec: str) -> list[Path]:
     """The files ``spec`` names: one file, or the image files (by suffix, not hidden) of a
-    folder or matching a glob pattern (``**`` recurses), sorted.
+    folder or matching a glob pattern (``**`` recurses), sorted. A broken link counts as a
+    file, to be reported as one that cannot be read rather than passed over.
 
     Raises:
       FileNotFoundError: nothing matches.
     """
     path = Path(spec)
-    if path.is_file():
+    if _file_or_broken_link(path):
         return [path]
     found = path.iterdir() if path.is_dir() else map(Path, glob.glob(str(path), recursive=True))
     files = [  # not hidden files (macOS's "._x.jpg" beside x.jpg), as a glob leaves them out
         p
         for p in found
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.name.startswith(".")
+        and _file_or_broken_link(p)
     ]
     if not files:
         raise FileNotFoundError(
@@ -92,8 +100,14 @@ def without_outputs(files: Sequence[Path], output: Path) -> list[Path]:
         )
 
     kept = [f for f in files if not earlier_output(f)]
-    if len(kept) < len(files):
-        logging.info("Leaving out %d outputs of an earlier run.", len(files) - len(kept))
+    if len(kept) < len(files):  # by their names: a photo named x_mask.png beside x.jpg too
+        left_out = [str(f) for f in files if f not in kept]
+        logging.info(
+            "Leaving out %d files named as the outputs of an earlier run: %s%s",
+            len(left_out),
+            ", ".join(left_out[:5]),
+            ", ..." if len(left_out) > 5 else ".",
+        )
     if not kept:
         raise FileNotFoundError(f"The only images at config.predict.input are outputs in {output}.")
     return kept

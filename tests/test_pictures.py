@@ -1,5 +1,7 @@
 """Pictures of predictions: the hair tint and the boxes of TensorBoard panels."""
 
+import tracemalloc
+
 import numpy as np
 from PIL import Image
 
@@ -15,6 +17,23 @@ def test_tint_blends_the_mask_towards_the_colour_and_leaves_the_rest():
     assert out.dtype == np.uint8 and image[0, 0].tolist() == [0, 0, 0]  # not in place
     ones = pictures.tint(image, mask.astype(np.uint8), colour=(100, 0, 200), alpha=0.25)
     np.testing.assert_array_equal(ones, out)  # a 0/1 mask, not rows 0 and 1
+
+
+def test_tint_of_a_large_photo_works_by_blocks_of_rows():
+    """Several blocks, each pixel as the whole-image formula; the memory of about two copies
+    of the photo (18 in float64 at once: 8 GB for a 13000 px square photo)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (2 * pictures.TINT_ROWS + 7, 500, 3), np.uint8)
+    mask = rng.random(image.shape[:2]) < 0.5
+    expected = image.copy()
+    expected[mask] = np.round(0.5 * image[mask] + 0.5 * np.array(pictures.HAIR_COLOUR))
+    np.testing.assert_array_equal(pictures.tint(image, mask), expected)
+    tall = np.zeros((16 * pictures.TINT_ROWS, 300, 3), np.uint8)
+    tracemalloc.start()
+    pictures.tint(tall, np.ones(tall.shape[:2], bool))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * tall.nbytes, peak / tall.nbytes
 
 
 def test_fit_keeps_the_aspect_ratio_centred_on_grey():

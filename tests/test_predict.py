@@ -3,6 +3,7 @@
 import errno
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -242,6 +243,20 @@ def test_read_photo_applies_exif_orientation_alpha_and_16_bit(inputs, tmp_path):
     assert predict.read_photo(inputs / "tiny.png").shape == (8, 8, 3)
 
 
+def test_broken_links_are_inputs_to_report_not_to_pass_over(tmp_path):
+    """A link to nothing (or to itself) is an input that cannot be read, counted in the exit
+    status, rather than silently left out; a FIFO is still no file (reading it would block)."""
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    found = predict.find_inputs(str(tmp_path))
+    assert [p.name for p in found] == ["a.jpg", "gone.jpg", "loop.jpg"]
+    assert predict.find_inputs(str(tmp_path / "gone.jpg")) == [tmp_path / "gone.jpg"]
+    with pytest.raises(OSError):
+        predict.read_photo(tmp_path / "gone.jpg")
+
+
 def test_inputs_and_output_names(inputs, tmp_path):
     folder = predict.find_inputs(str(inputs))
     assert [p.name for p in folder][:3] == list(FRAMES) and len(folder) == 15
@@ -255,7 +270,7 @@ def test_inputs_and_output_names(inputs, tmp_path):
     assert predict.output_names([Path("a/x.jpg"), Path("b/x.png")]) == ["x_jpg", "x_png"]
 
 
-def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path):
+def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path, caplog):
     """Predicting a folder into itself twice does not predict its own masks, and nor does
     predicting that folder into another one later."""
     names = ("a.jpg", "a_mask.png", "a_overlay.jpg", "a_prob.png", "a_prob.npy", "b_mask.png.jpg")
@@ -268,7 +283,11 @@ def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path):
     for name in once:
         (tmp_path / "once_its_own_output" / name).write_bytes(b"")
     found = predict.find_inputs(str(tmp_path / "**" / "*.*"))
-    kept = predict.without_outputs(found, tmp_path)
+    with caplog.at_level(logging.INFO):
+        kept = predict.without_outputs(found, tmp_path)
+    assert (  # by name: a photo so named would be left out and overwritten, so they are named
+        f"Leaving out 5 files named as the outputs of an earlier run: {tmp_path / 'a_mask.png'}, "
+    ) in caplog.text
     assert [p.relative_to(tmp_path).as_posix() for p in kept] == [
         "a.jpg",
         "b_mask.png.jpg",
