@@ -412,6 +412,10 @@ def test_a_failure_in_the_first_batch_is_counted_and_only_process_0_writes(
         "6 of 9 input files could not be predicted: a, b, c, d, e and 1 more"
     )
     assert predict.failure_line(many | {"failed": list("abcde")}).endswith(": a, b, c, d, e")
+    odd = {"failed": ["in/new\nline.jpg", "in/tab\there.jpg", "in/é.jpg"], "num_files": 3}
+    assert predict.failure_line(odd) == (  # one line, the names' letters as they are
+        "3 of 3 input files could not be predicted: in/new\\nline.jpg, in/tab\\there.jpg, in/é.jpg"
+    )
 
     config.predict.output = str(tmp_path / "out_of_process_1")
     monkeypatch.setattr(predict.jax, "process_index", lambda: 1)
