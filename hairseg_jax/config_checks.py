@@ -363,7 +363,9 @@ def check_config(
     """Raises ConfigError naming every impossible value of ``config``, or a field it lacks:
     any of ``template``'s (the fields every config file has, e.g. configs/figaro.py's) where
     given, else one the checks read."""
-    missing = ", ".join(map(repr, missing_fields(config, template))) if template else ""
+    missing = ""
+    if template is not None:
+        missing = ", ".join(map(repr, missing_fields(config, template)))
     try:
         found = problems(config)
     except (AttributeError, KeyError) as e:  # ConfigDict's, for a missing field

@@ -212,7 +212,7 @@ def write_or_explain(
     return ""
 
 
-def one_line(path: str | Path) -> str:
+def escaped(path: str | Path) -> str:
     """``path`` with its unprintable characters (a newline in a file's name) escaped, so that
     each log line stays one line."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(path))
@@ -220,7 +220,7 @@ def one_line(path: str | Path) -> str:
 
 def failure_line(summary: dict[str, Any]) -> str:
     """One line naming the files that could not be read, or their outputs written."""
-    failed = [one_line(path) for path in summary["failed"]]
+    failed = [escaped(path) for path in summary["failed"]]
     shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
     return f"{len(failed)} of {summary['num_files']} input files could not be predicted: {shown}"
 
@@ -287,7 +287,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             for path, future in writing:
                 if error := future.result():
                     logging.warning(
-                        "Skipping %s: cannot write its outputs (%s).", one_line(path), error
+                        "Skipping %s: cannot write its outputs (%s).", escaped(path), error
                     )
                     failed.append(str(path))
                     failures += 1
@@ -300,7 +300,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             for item in loaded:
                 if item.error:
                     logging.warning(
-                        "Skipping %s: cannot read it (%s).", one_line(item.path), item.error
+                        "Skipping %s: cannot read it (%s).", escaped(item.path), item.error
                     )
                     failed.append(str(item.path))
             good = [item for item in loaded if not item.error]

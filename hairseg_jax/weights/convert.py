@@ -318,17 +318,12 @@ def unlike_the_original(model_config: Any, input_config: Any = None) -> list[str
     if not model_config.get("align_corners", False):
         unlike.append("--config.model.align_corners=True")
     if input_config is not None:
-        wanted = {"channel_order": "BGR", "mean": {98}, "std": {80}}
-        given = {
-            "channel_order": input_config.channel_order,
-            "mean": set(input_config.mean),
-            "std": set(input_config.std),
-        }
-        unlike += [
-            f"--config.input.{name}={min(value) if isinstance(value, set) else value}"
-            for name, value in wanted.items()
-            if given[name] != value
-        ]
+        if input_config.channel_order != "BGR":
+            unlike.append("--config.input.channel_order=BGR")
+        if set(input_config.mean) != {98}:  # (98,) or (98, 98, 98)
+            unlike.append("--config.input.mean=98")
+        if set(input_config.std) != {80}:
+            unlike.append("--config.input.std=80")
     return unlike
 
 
