@@ -38,7 +38,10 @@ def jaxpr_primitives(layer: nn.Module, x: jax.Array) -> set[str]:
         (3, 1, 1, 1, 9),  # undilated, few channels on a narrow map: row-stacked 1-D conv
         (5, 1, 1, 1, 9),
         (3, 2, 1, 1, 9),
-        (3, 1, 2, 4, 9),  # depthwise
+        (3, 1, 2, 4, 9),  # depthwise: on CPU a sum of taps
+        (3, 2, 1, 4, 9),  # depthwise, strided
+        (3, 1, 12, 4, 9),  # depthwise, only the centre tap left
+        (3, 2, 1, 2, 9),  # grouped, not depthwise: XLA's convolution
         (7, 2, 1, 1, 9),
     ],
 )
@@ -362,6 +365,27 @@ def test_undilated_bfloat16_convs_on_cpu_are_column_products_when_differentiated
         ((pixels, 9 * 72), (9 * 72, 16)),  # forward
     ]
     assert all(e.params["preferred_element_type"] == jnp.float32 for e in products)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_depthwise_convs_on_cpu_are_tap_sums_in_float32(dtype):
+    """No convolution forward or backward; a bfloat16 map's taps are multiplied and summed
+    in float32, its result within bfloat16's rounding of the float32 conv's."""
+    x = jax.random.normal(key(0), (2, 9, 7, 8))
+    layer = Conv2d(8, 3, strides=2, groups=8, dtype=dtype)
+    params = Conv2d(8, 3, strides=2, groups=8).init(key(1), x)
+    grad = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32)), (0, 1))
+    jaxpr = jax.make_jaxpr(grad)(params, x.astype(dtype))
+    assert "conv_general_dilated" not in str(jaxpr)
+    products = [e for e in jaxpr.eqns if e.primitive.name == "mul"]
+    assert len(products) >= 9 and {e.outvars[0].aval.dtype for e in products} == {
+        jnp.dtype(jnp.float32)
+    }
+    with layers.reference_formulations():
+        want = layer.apply(params, x.astype(dtype))
+    got = layer.apply(params, x.astype(dtype))
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, atol=0.01 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("kernel_size, strides, groups", [(3, 2, 1), (3, 1, 8), (4, 1, 1)])

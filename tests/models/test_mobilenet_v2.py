@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hairseg_jax.models import DeepLabV3Plus
+from hairseg_jax.models import DeepLabV3Plus, layers
 from hairseg_jax.models.mobilenet_v2 import MobileNetV2, block_plan, mobilenet_v2
 from tests.models import abstract_init
 
@@ -73,7 +73,8 @@ def test_feature_strides(output_stride, height, width):
 def test_dilations_follow_deeplab_rule(output_stride, expected):
     model = mobilenet_v2(output_stride=output_stride)
     x = jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+    with layers.reference_formulations():  # XLA's convolutions, depthwise ones included
+        jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x, train=False))(x)
     convs = [eqn.params for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
     assert [p["rhs_dilation"][0] for p in convs if p["rhs_dilation"][0] != 1] == expected
     assert sum(p["feature_group_count"] > 1 for p in convs) == 17
