@@ -15,6 +15,7 @@ lists them.
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -22,8 +23,10 @@ import glob
 import io
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +165,12 @@ class _Loaded:
     error: str = ""
 
 
+# The file each loader thread is reading, for the warnings it raises.
+_reading = threading.local()
+
+
 def _load(path: Path, name: str, image_size: int) -> _Loaded:
+    _reading.path = path
     try:
         image = read_photo(path)
         return _Loaded(path, name, image, whole_images.resize_image(image, image_size))
@@ -170,6 +178,28 @@ def _load(path: Path, name: str, image_size: int) -> _Loaded:
         raise
     except Exception as e:  # noqa: BLE001  (any undecodable file is reported and skipped)
         return _Loaded(path, name, error=f"{type(e).__name__}: {e}".replace("\n", " "))
+    finally:
+        _reading.path = None
+
+
+@contextlib.contextmanager
+def warnings_naming_their_file() -> Iterator[None]:
+    """Within it, a warning raised while a thread reads an input (Pillow's for a possible
+    decompression bomb, corrupt EXIF data, ...) is logged with the file's name, each time:
+    Python would print it once, with Pillow's source line instead of the file."""
+    with warnings.catch_warnings():  # restores the filters and ``showwarning`` after
+        warnings.filterwarnings("always", module="PIL")
+        show = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+            path = getattr(_reading, "path", None)
+            if path is None:
+                show(message, category, filename, lineno, file, line)
+            else:
+                logging.warning("%s: %s: %s", escaped(path), category.__name__, message)
+
+        warnings.showwarning = showwarning
+        yield
 
 
 def write_outputs(
@@ -276,7 +306,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         list(zip(files[i : i + batch_size], names[i : i + batch_size], strict=True))
         for i in range(0, len(files), batch_size)
     ]
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    with (
+        warnings_naming_their_file(),
+        concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
+    ):
 
         def submit(chunk):
             return [pool.submit(_load, path, name, image_size) for path, name in chunk]

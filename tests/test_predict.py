@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -421,6 +422,29 @@ def test_a_failure_in_the_first_batch_is_counted_and_only_process_0_writes(
     monkeypatch.setattr(predict.jax, "process_index", lambda: 1)
     predict.predict(config, workdir)
     assert list((tmp_path / "out_of_process_1").iterdir()) == []
+
+
+def test_a_files_warnings_name_it_each_time(workdir, tmp_path, monkeypatch, caplog):
+    """Pillow's decompression-bomb warning, for each of two files, names the file (Python
+    would print it once, naming Pillow's source line); other warnings are left as they were."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30)).save(folder / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a warning above it, an error at 2x
+    config = tiny_config()
+    config.predict.input, config.predict.output = str(folder), str(tmp_path / "out")
+    show = warnings.showwarning
+    with caplog.at_level(logging.WARNING):
+        summary = predict.predict(config, workdir)
+    assert summary["num_written"] == 2 and not summary["failed"]
+    bomb = (
+        "DecompressionBombWarning: Image size (1200 pixels) exceeds limit of 1000 pixels, "
+        "could be decompression bomb DOS attack."
+    )
+    named = sorted(r.getMessage() for r in caplog.records if "Bomb" in r.getMessage())
+    assert named == [f"{folder / name}: {bomb}" for name in ("a.png", "b.png")]
+    assert warnings.showwarning is show
 
 
 def test_running_out_of_host_memory_stops_instead_of_blaming_each_file(workdir, inputs, tmp_path):
