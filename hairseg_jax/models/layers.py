@@ -36,12 +36,13 @@ result (up to float32 rounding):
   backward passes 2x faster), and 1x1 ones are ``bf16_pixel_matmul``, forward and backward
   (their weight gradients by ``pixel_products``, which copies one operand channels-major
   first);
-- on CPU, an undilated stride-1 conv with at least 256 output channels on a map of at least
-  32x32 pixels (the decoder's convs from 227 px up) takes its weight gradient row by row
+- on CPU, an undilated stride-1 conv with at least 128 output channels on a map of at least
+  32x32 pixels (the decoder's convs from 227 px up, the CPU recipe's 128-channel ones at 160
+  px, ResNets' layer2 from 256 px) takes its weight gradient row by row
   (``conv_with_row_weight_grad``): XLA's own slows down sharply there (ResNet-101's 227 px
-  train step, batch 4, ran 8% faster); if it is 3x3 and float32, its forward pass and input
-  gradient are Winograd's F(2x2, 3x3) (``winograd_conv3x3``, 2.25x fewer multiplies; that
-  step ran another 5-7% faster).
+  train step, batch 4, ran 8% faster; the CPU recipe's at 160 px, 22-30%); if it is 3x3 and
+  float32, its forward pass and input gradient are Winograd's F(2x2, 3x3)
+  (``winograd_conv3x3``, 2.25x fewer multiplies; that step ran another 5-7% faster).
 
 - on CPU, a depthwise conv is the sum of its taps, each a strided slice of the input times one
   weight per channel, in float32 (``depthwise_taps``): XLA:CPU runs grouped convolutions and
@@ -72,7 +73,7 @@ TAP_PRODUCTS_MAX_FRACTION = 0.85
 
 # Undilated stride-1 convs with at least this many output channels, on maps of at least this
 # many pixels, take their weight gradient row by row on CPU (``conv_with_row_weight_grad``).
-ROW_WEIGHT_GRAD_MIN_FEATURES = 256
+ROW_WEIGHT_GRAD_MIN_FEATURES = 128
 ROW_WEIGHT_GRAD_MIN_PIXELS = 32 * 32
 
 # Undilated stride-1 convs with at most this many input channels, on maps at most this wide,
@@ -482,10 +483,12 @@ def conv_with_row_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
     ``_same_conv`` and whose kernel gradient is computed row by row (``_weight_grad_by_rows``).
 
     XLA:CPU computes a 3x3 conv's weight gradient as a convolution that contracts over the
-    batch innermost, and it slows down sharply with 256 or more output channels on large
+    batch innermost, and it slows down sharply with 128 or more output channels on large
     maps: the decoder's 304 -> 256 conv at 57x57 took 154-205 ms for batch 4 and 1.0-2.2 s for
     batch 16, against 129 and 640-660 ms row by row (where the 1-D convs' batch is every image
-    row). With fewer output channels XLA's is as fast or faster, so those stay XLA's.
+    row); the CPU recipe's 176 -> 128 and 128 -> 128 convs at 40x40, batch 16, forward and both
+    gradients, 225 and 189 ms against 160 and 129 ms (on a 2-core Xeon; the first measurements,
+    on an AMD EPYC, had found XLA's as fast below 256 channels; 64 were not measured here).
     """
     return _same_conv(x, kernel)
 

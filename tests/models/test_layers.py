@@ -231,7 +231,13 @@ def test_same_conv_uses_winograd_only_for_3x3_float32_kernels():
 
 @pytest.mark.parametrize(
     "features, size, strides, rows",
-    [(256, 32, 1, True), (128, 57, 1, False), (256, 31, 1, False), (256, 64, 2, False)],
+    [
+        (256, 32, 1, True),
+        (128, 57, 1, True),
+        (64, 57, 1, False),
+        (256, 31, 1, False),
+        (256, 64, 2, False),
+    ],
 )
 def test_cpu_takes_the_weight_gradient_row_by_row_only_for_wide_convs_on_large_maps(
     features, size, strides, rows
