@@ -42,8 +42,7 @@ result (up to float32 rounding):
   (``conv_with_row_weight_grad``): XLA's own slows down sharply there (ResNet-101's 227 px
   train step, batch 4, ran 8% faster; the CPU recipe's at 160 px, 22-30%); if it is 3x3 and
   float32, its forward pass and input gradient are Winograd's F(2x2, 3x3)
-  (``winograd_conv3x3``, 2.25x fewer multiplies; that step ran another 5-7% faster).
-
+  (``winograd_conv3x3``, 2.25x fewer multiplies; that step ran another 5-7% faster);
 - on CPU, a depthwise conv is the sum of its taps, each a strided slice of the input times one
   weight per channel, in float32 (``depthwise_taps``): XLA:CPU runs grouped convolutions and
   their gradients at well under 1 GFLOP/s, and MobileNetV2's train step at 160 px, batch 16,
