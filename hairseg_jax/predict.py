@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image, ImageOps
 
 from hairseg_jax import config_checks, evaluate, pictures, sharding, steps
@@ -255,6 +256,29 @@ def failure_line(summary: dict[str, Any]) -> str:
     return f"{len(failed)} of {summary['num_files']} input files could not be predicted: {shown}"
 
 
+def shared_by_process_0(
+    unwritten: set[Path],
+    chunk: Sequence[tuple[Path, str]],
+    stop: Exception | None,
+    batch_size: int,
+) -> list[Path]:
+    """The files of ``chunk`` (at most ``batch_size``) whose outputs process 0 could not write,
+    on every process: only process 0 writes, and every process reports the same failures and
+    exit status. ``stop``, process 0's error that ends its run (a full disk), is raised by
+    every process, where the others would wait for it in the next batch's prediction."""
+    if jax.process_count() > 1:
+        flags = np.zeros(batch_size + 1, np.int32)  # one shape: one compiled broadcast
+        flags[: len(chunk)] = [path in unwritten for path, _ in chunk]
+        flags[-1] = stop is not None
+        flags = multihost_utils.broadcast_one_to_all(flags)
+        unwritten = {path for (path, _), bad in zip(chunk, flags, strict=False) if bad}
+        if flags[-1] and stop is None:
+            stop = OSError("Process 0 cannot write predict's outputs (its log says why).")
+    if stop is not None:
+        raise stop
+    return [path for path, _ in chunk if path in unwritten]
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Predicts masks of ``config.predict.input`` with ``workdir``'s best checkpoint.
 
@@ -314,17 +338,22 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         def submit(chunk):
             return [pool.submit(_load, path, name, image_size) for path, name in chunk]
 
-        def finish(writing) -> int:
-            """Waits for ``writing``'s (path, future) pairs; the number that failed."""
-            failures = 0
-            for path, future in writing:
-                if error := future.result():
-                    logging.warning(
-                        "Skipping %s: cannot write its outputs (%s).", escaped(path), error
-                    )
-                    failed.append(str(path))
-                    failures += 1
-            return failures
+        def finish(writing, chunk) -> int:
+            """Waits for ``writing``'s (path, future) pairs, the outputs of ``chunk``; the
+            number that failed, on every process (``shared_by_process_0``)."""
+            unwritten, stop = set(), None
+            try:
+                for path, future in writing:
+                    if error := future.result():
+                        logging.warning(
+                            "Skipping %s: cannot write its outputs (%s).", escaped(path), error
+                        )
+                        unwritten.add(path)
+            except Exception as e:  # a full disk, ...: every process stops
+                stop = e
+            unwritten = shared_by_process_0(unwritten, chunk, stop, batch_size)
+            failed.extend(str(path) for path in unwritten)
+            return len(unwritten)
 
         loading, writing = submit(chunks[0]), []
         for k in range(len(chunks)):
@@ -342,7 +371,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                 batch[: len(good)] = [item.resized for item in good]
                 images = sharding.shard_batch(batch, mesh, whole=True)
                 logits = np.asarray(jax.device_get(predict_fn(state, images)))[..., 0]
-            written -= finish(writing)  # the previous batch's files, before starting on these
+            # The previous batch's files, before starting on these.
+            written -= finish(writing, chunks[k - 1] if k else [])
             writing = []
             if good and leader:
                 writing = [
@@ -373,7 +403,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                     (len(files) - done) / rate,
                 )
                 last_log = now
-        written -= finish(writing)
+        written -= finish(writing, chunks[-1])
 
     summary = {
         "num_files": len(files),

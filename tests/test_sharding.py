@@ -5,6 +5,7 @@ The multi-device checks run in subprocesses: ``--xla_force_host_platform_device_
 takes effect before JAX initialises.
 """
 
+import errno
 import json
 import os
 import pickle
@@ -23,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from configs import figaro, synthetic
 from hairseg_jax import checkpoints, evaluate, models, sharding, steps
@@ -444,30 +446,58 @@ def eval_config():
 
 
 def evaluate_worker(process_id: int, port: int, workdir: str) -> None:
-    """Subprocess body: one of 2 processes evaluating ``workdir``'s best ``TinyNet``; process 1
-    writing any file fails it."""
-    from hairseg_jax import files
+    """Subprocess body: one of 2 processes evaluating ``workdir``'s best ``TinyNet``, then
+    predicting the images of its folders ``refused`` and ``full``, where process 0 cannot
+    write the outputs of files named ``*refused*`` (a name the filesystem refuses) and
+    ``*full*`` (a full disk); process 1 writing any file fails it. Writes what each
+    prediction returned or raised to ``predict<process_id>.json``."""
+    from hairseg_jax import files, predict
 
     config = eval_config()
     join_two(config.distributed, process_id, port)
     models.build_model = lambda model_config: TinyNet()
-    if process_id == 1:
+    write = files.write_atomically
 
-        def write_atomically(path, data):
+    def write_atomically(path, data):
+        if process_id == 1:
             raise AssertionError(f"process 1 wrote {path}")
+        for name, code in (("refused", errno.EINVAL), ("full", errno.ENOSPC)):
+            if name in Path(path).name:
+                raise OSError(code, os.strerror(code), str(path))
+        write(path, data)
 
-        files.write_atomically = write_atomically
+    files.write_atomically = write_atomically
     evaluate.evaluate(config, workdir)
+    results = {}
+    for name in ("refused", "full"):
+        config.predict.update(
+            input=f"{workdir}/{name}", output=f"{workdir}/{name}_out", batch_size=4
+        )
+        try:
+            summary = predict.predict(config, workdir)
+            results[name] = {key: summary[key] for key in ("num_written", "failed")}
+        except OSError as e:
+            results[name] = str(e)
+    Path(workdir, f"predict{process_id}.json").write_text(json.dumps(results))
 
 
 def test_two_processes_evaluate_as_one_and_only_process_0_writes(tmp_path, monkeypatch):
     """2 processes of 2 devices (5 images padded to 8 a batch) tune the threshold and score
-    as one process does; process 1 writes none of the reports."""
+    as one process does; process 1 writes none of the reports. Predicting, both report the
+    files whose outputs process 0 could not write, and both stop where process 0 cannot go
+    on (process 1 reported none, or waited for process 0 in the next batch)."""
     variables = random_variables(TinyNet(), 16)
     for name in ("one", "two"):
         best = checkpoints.best_manager(tmp_path / name)
         checkpoints.save(best, 3, variables, metrics={checkpoints.BEST_METRIC: 0.5})
         best.wait_until_finished()
+    inputs = {"refused": ["a", "b_refused", "c"], "full": ["a_full", *"bcdefghi"]}
+    for folder, names in inputs.items():
+        (tmp_path / "two" / folder).mkdir()
+        for name in names:
+            Image.new("RGB", (12, 10), (120, 90, 60)).save(
+                tmp_path / "two" / folder / f"{name}.png"
+            )
     monkeypatch.setattr(models, "build_model", lambda model_config: TinyNet())
     single = evaluate.evaluate(eval_config(), tmp_path / "one")
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
@@ -481,6 +511,21 @@ def test_two_processes_evaluate_as_one_and_only_process_0_writes(tmp_path, monke
         np.testing.assert_allclose(report[key], single[key], rtol=1e-6)
     rows = [(tmp_path / name / "eval_test.csv").read_text().splitlines() for name in ("one", "two")]
     assert [row.split(",")[:3] for row in rows[0]] == [row.split(",")[:3] for row in rows[1]]
+    refused = {"num_written": 2, "failed": [str(tmp_path / "two" / "refused" / "b_refused.png")]}
+    full = (
+        f"[Errno 28] No space left on device: '{tmp_path / 'two' / 'full_out' / 'a_full_mask.png'}'"
+    )
+    assert json.loads((tmp_path / "two" / "predict0.json").read_text()) == {
+        "refused": refused,
+        "full": full,
+    }
+    assert json.loads((tmp_path / "two" / "predict1.json").read_text()) == {
+        "refused": refused,
+        "full": "Process 0 cannot write predict's outputs (its log says why).",
+    }
+    assert sorted(os.listdir(tmp_path / "two" / "refused_out")) == [
+        f"{name}{suffix}" for name in "ac" for suffix in ("_mask.png", "_overlay.jpg")
+    ]
 
 
 @pytest.mark.parametrize(
