@@ -106,9 +106,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 class _QuietLibraries(logging.Filter):
     """Drops orbax's per-save INFO chatter; its warnings and errors still pass, without their
     tracebacks unless ``--verbosity=1`` or more (a failed background save logs several, and
-    the run reports the same error in its FATAL line)."""
+    the run reports the same error in its FATAL line). Drops JAX's INFO line "Unable to
+    initialize backend 'tpu': ... Failed to open libtpu.so" of every machine without a TPU
+    (a backend that was asked for and fails stops the run with its own line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and str(record.msg).startswith(
+            "Unable to initialize backend 'tpu'"
+        ):
+            return False
         if "/orbax/" not in record.pathname:
             return True
         if record.exc_info and absl_logging.get_verbosity() < 1:

@@ -54,3 +54,17 @@ def test_orbax_warnings_pass_the_quiet_filter():
     orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
     record = logging.LogRecord("absl", logging.WARNING, orbax, 1, "message", None, None)
     assert quiet.filter(record)
+
+
+def test_the_missing_tpu_info_line_is_dropped_and_other_backend_lines_kept():
+    """JAX logs it on every machine without a TPU; a failing CUDA plugin's reason stays."""
+    quiet = cli._QuietLibraries()
+    bridge = "/venv/site-packages/jax/_src/xla_bridge.py"
+
+    def line(level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord("jax._src.xla_bridge", level, bridge, 849, message, None, None)
+
+    tpu = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so"
+    assert not quiet.filter(line(logging.INFO, tpu))
+    assert quiet.filter(line(logging.WARNING, tpu))
+    assert quiet.filter(line(logging.INFO, "Unable to initialize backend 'cuda': no driver"))
