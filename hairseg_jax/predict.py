@@ -371,8 +371,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                 batch[: len(good)] = [item.resized for item in good]
                 images = sharding.shard_batch(batch, mesh, whole=True)
                 logits = np.asarray(jax.device_get(predict_fn(state, images)))[..., 0]
-            # The previous batch's files, before starting on these.
-            written -= finish(writing, chunks[k - 1] if k else [])
+            if k:  # the previous batch's files, before starting on these
+                written -= finish(writing, chunks[k - 1])
             writing = []
             if good and leader:
                 writing = [
