@@ -315,8 +315,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     batch_size = sharding.padded_batch_size(pc.batch_size, mesh)
     predict_fn = steps.jit_predict(config, mesh, tta=pc.tta)
     logging.info(
-        "Predicting %d files with %s at %d px, threshold %.2f (%s), TTA %s, into %s.",
+        "Predicting %d file%s with %s at %d px, threshold %.2f (%s), TTA %s, into %s.",
         len(files),
+        "" if len(files) == 1 else "s",
         weights,
         image_size,
         threshold,
