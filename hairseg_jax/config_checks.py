@@ -1,5 +1,6 @@
 """Checks of a config's values before any work starts: every problem named in one message."""
 
+import difflib
 import itertools
 import json
 import math
@@ -20,6 +21,8 @@ from hairseg_jax.steps import TTA_MODES
 MODES = ("train", "eval", "predict")
 WHOLE_NUMBER_TUPLES = ("data.progressive_sizes", "eval.tta_sizes", "model.multi_grid")
 PROB_FORMATS = ("", "png", "npy")
+# The fields configs/synthetic.py adds to configs/figaro.py's (``unknown_fields``).
+SYNTHETIC_FIELDS = ("data.synthetic_size", "data.synthetic_counts.")
 # The values of the ``distributed`` settings that leave them to be detected.
 DISTRIBUTED_DETECTED = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 
@@ -357,15 +360,45 @@ def missing_fields(
     return missing
 
 
+def unknown_fields(
+    config: ml_collections.ConfigDict, template: ml_collections.ConfigDict
+) -> list[str]:
+    """The fields of ``config`` that ``template`` lacks (a config file's typo, which nothing
+    would read), a whole unknown section by its name, each with the template's closest field
+    or section where one is close; ``SYNTHETIC_FIELDS`` are known."""
+    fields = set(traverse_util.flatten_dict(template.to_dict(), sep="."))
+    sections = {f.rsplit(".", d)[0] for f in fields for d in range(1, f.count(".") + 1)}
+    known = fields | sections
+    unknown: dict[str, set[str]] = {}  # name: the known names of its kind (field or section)
+    for field in traverse_util.flatten_dict(config.to_dict(), sep="."):
+        if field in known or field.startswith(SYNTHETIC_FIELDS):
+            continue  # a section set to a value is missing its fields (``missing_fields``)
+        parts = field.split(".")
+        depth = next(d for d in range(1, len(parts) + 1) if ".".join(parts[:d]) not in sections)
+        unknown[".".join(parts[:depth])] = sections if depth < len(parts) else fields
+    named = []
+    for name, kind in unknown.items():
+        parent, _, last = name.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+        close = difflib.get_close_matches(
+            last, sorted(s for s in siblings if siblings[s] in kind), 1
+        )
+        close = close or difflib.get_close_matches(last, sorted(siblings), 1)
+        named.append(repr(name) + (f" (did you mean {siblings[close[0]]!r}?)" if close else ""))
+    return named
+
+
 def check_config(
     config: ml_collections.ConfigDict, template: ml_collections.ConfigDict | None = None
 ) -> None:
     """Raises ConfigError naming every impossible value of ``config``, or a field it lacks:
     any of ``template``'s (the fields every config file has, e.g. configs/figaro.py's) where
-    given, else one the checks read."""
-    missing = ""
+    given, else one the checks read; and, given ``template``, every field it has that
+    ``template`` lacks."""
+    missing = unknown = ""
     if template is not None:
         missing = ", ".join(map(repr, missing_fields(config, template)))
+        unknown = ", ".join(unknown_fields(config, template))
     try:
         found = problems(config)
     except (AttributeError, KeyError) as e:  # ConfigDict's, for a missing field
@@ -374,6 +407,11 @@ def check_config(
         raise ConfigError(
             f"Bad config: it has no field {missing}. A config file should start from one of "
             "configs/*.py (e.g. configs.figaro.get_config()) and change fields."
+        )
+    if unknown:
+        raise ConfigError(
+            f"Bad config: no such field {unknown}. A config file changes the fields of "
+            "configs/figaro.py's get_config() and adds none."
         )
     if found:
         raise ConfigError("Bad config: " + "; ".join(found) + ".")

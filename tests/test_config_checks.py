@@ -73,6 +73,23 @@ def test_a_template_names_every_missing_field_even_one_the_checks_read():
     )
 
 
+def test_fields_the_template_lacks_are_named_with_the_closest_known_one():
+    """A config file's typo (``config.train.num_stpes = 3``) was saved in config.json and
+    read by nothing: the run trained its default steps."""
+    config = figaro.get_config()
+    config.train.num_stpes = 3
+    config.modle = {"backbone": "resnet18", "output_stride": 8}
+    config.model.foo = 1
+    with pytest.raises(ConfigError) as error:
+        check_config(config, template=figaro.get_config())
+    assert str(error.value) == (
+        "Bad config: no such field 'model.foo', 'modle' (did you mean 'model'?), "
+        "'train.num_stpes' (did you mean 'train.num_steps'?). A config file changes the fields "
+        "of configs/figaro.py's get_config() and adds none."
+    )
+    check_config(config)  # without the template, only the fields the checks read
+
+
 def test_a_section_set_to_a_value_is_named_as_missing():
     """E.g. a config file's ``config.augment = None``: the section, not a TypeError."""
     fields = figaro.get_config().to_dict()
