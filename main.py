@@ -28,8 +28,7 @@ def main(argv: list[str]) -> None:
     try:
         run(FLAGS.config, FLAGS.workdir)
     except KeyboardInterrupt:  # training's loop checkpoints and stops instead
-        print(f"FATAL Interrupted in {FLAGS.config.mode} mode.", file=sys.stderr)
-        sys.exit(130)
+        cli.interrupted(f"in {FLAGS.config.mode} mode")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import flags
 from absl import logging as absl_logging
@@ -103,18 +103,36 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def interrupted(what: str) -> NoReturn:
+    """Ends the program after a Ctrl-C (KeyboardInterrupt) with one line, "FATAL Interrupted
+    ``what``.", and exit status 130, skipping Python's shutdown: an XLA compilation that the
+    interrupt stopped waiting for goes on in its own thread, and crashed that shutdown (a
+    segmentation fault) by using the backend it freed. Callers' ``finally`` blocks have run."""
+    print(f"FATAL Interrupted {what}.", file=sys.stderr)
+    absl_logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 class _QuietLibraries(logging.Filter):
     """Drops orbax's per-save INFO chatter; its warnings and errors still pass, without their
     tracebacks unless ``--verbosity=1`` or more (a failed background save logs several, and
     the run reports the same error in its FATAL line). Drops JAX's INFO line "Unable to
     initialize backend 'tpu': ... Failed to open libtpu.so" of every machine without a TPU
-    (a backend that was asked for and fails stops the run with its own line)."""
+    (a backend that was asked for and fails stops the run with its own line). Drops asyncio's
+    "Task exception was never retrieved" for orbax's tasks, unless ``--verbosity=1`` or more:
+    the reads of a damaged checkpoint that orbax gave up, reported in the run's FATAL line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING and str(record.msg).startswith(
             "Unable to initialize backend 'tpu'"
         ):
             return False
+        if record.name == "asyncio" and absl_logging.get_verbosity() < 1:
+            message = record.getMessage()
+            if message.startswith("Task exception was never retrieved") and "/orbax/" in message:
+                return False
         if "/orbax/" not in record.pathname:
             return True
         if record.exc_info and absl_logging.get_verbosity() < 1:
@@ -122,22 +140,27 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
-def closed_loop_errors_dropped(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-    """A ``sys.unraisablehook`` that drops "Event loop is closed" errors and passes the rest to
-    ``previous``: TensorStore reads still in flight when orbax gives up a restore (a damaged
-    checkpoint) finish after orbax closed its event loop, and each would print a traceback."""
+def late_restore_errors_dropped(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that drops the late errors of a restore that orbax gave up (a
+    damaged checkpoint, which the run reports in its FATAL line) and passes the rest to
+    ``previous``: TensorStore reads still in flight end after orbax closed its event loop ("Event
+    loop is closed"), and orbax's reading coroutines raise their own errors when collected;
+    each would print a traceback."""
 
     def hook(unraisable: Any) -> None:
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if code is not None and "/orbax/" in code.co_filename:
+            return
+        previous(unraisable)
 
     return hook
 
 
 def quiet_libraries() -> None:
     """Leaves orbax's INFO lines and tracebacks out of absl's log (``_QuietLibraries``), and
-    TensorStore's late errors after a failed restore out of stderr
-    (``closed_loop_errors_dropped``)."""
+    the late errors of a failed restore out of stderr (``late_restore_errors_dropped``)."""
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
-    sys.unraisablehook = closed_loop_errors_dropped(sys.unraisablehook)
+    sys.unraisablehook = late_restore_errors_dropped(sys.unraisablehook)

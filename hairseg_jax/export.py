@@ -187,13 +187,17 @@ def main(argv: Sequence[str]) -> None:
         config = FLAGS.config or read_config(workdir)
         config_checks.expand_user(config)
         config_checks.check_config(config)
+        sharding.start_backend()
         export(config, workdir, out, FLAGS.platforms)
     except (
         config_checks.ConfigError,
         ConversionError,
         OSError,  # a file that cannot be read or written (a full disk, ...), checkpoints' too
+        sharding.ShardingError,
     ) as e:
         sys.exit(f"FATAL {e}")
+    except KeyboardInterrupt:
+        cli.interrupted("while exporting")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_restoring_into_other_shapes_names_the_first_difference_and_reads_nothin
 def test_a_damaged_checkpoint_is_named_as_unreadable(tmp_path, monkeypatch):
     # As main.run does (cli.quiet_libraries): TensorStore reads still in flight when orbax gives
     # up the restore end after its event loop closed, each an "Event loop is closed" error.
-    monkeypatch.setattr(sys, "unraisablehook", cli.closed_loop_errors_dropped(sys.unraisablehook))
+    monkeypatch.setattr(sys, "unraisablehook", cli.late_restore_errors_dropped(sys.unraisablehook))
     with checkpoints.latest_manager(tmp_path) as manager:
         checkpoints.save(manager, 3, {**TREE, "params": {"kernel": np.ones((64, 64), np.float32)}})
         manager.wait_until_finished()

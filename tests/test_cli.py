@@ -7,17 +7,57 @@ import types
 from absl import logging as absl_logging
 
 from hairseg_jax import cli
+from tests.conftest import run_python
 
 
-def test_closed_loop_errors_are_dropped_and_others_passed_on():
+def test_a_failed_restores_late_errors_are_dropped_and_others_passed_on():
     seen = []
-    hook = cli.closed_loop_errors_dropped(seen.append)
-    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
-    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
-    value = types.SimpleNamespace(exc_value=ValueError("Event loop is closed"))
-    for unraisable in (closed, other, value):
+    hook = cli.late_restore_errors_dropped(seen.append)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None)
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"), object=None)
+    value = types.SimpleNamespace(exc_value=ValueError("Event loop is closed"), object=None)
+    serialization = "/venv/site-packages/orbax/checkpoint/_src/serialization/serialization.py"
+    reading = types.SimpleNamespace(  # "Exception ignored in: <coroutine object ...>"
+        exc_value=Exception("Encountered error while reading array index: ..."),
+        object=types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename=serialization)),
+    )
+    elsewhere = types.SimpleNamespace(
+        exc_value=Exception("mine"),
+        object=types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename="/work/x.py")),
+    )
+    for unraisable in (closed, other, value, reading, elsewhere):
         hook(unraisable)
-    assert seen == [other, value]
+    assert seen == [other, value, elsewhere]
+
+
+# A compilation that a Ctrl-C interrupts (SIGINT 0.3 s into a compile of a few seconds).
+INTERRUPTED_COMPILE = """
+import os, signal, threading
+import jax, jax.numpy as jnp
+from hairseg_jax import cli
+
+def chain(x):
+    for i in range(300):
+        x = jnp.sin(x @ x + i)
+    return x
+
+lowered = jax.jit(chain).lower(jnp.ones((64, 64)))
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    lowered.compile()
+except KeyboardInterrupt:
+    cli.interrupted("while compiling")
+print("compiled before the interrupt")
+"""
+
+
+def test_an_interrupted_compilation_ends_with_one_line_and_status_130():
+    """Python's shutdown after a Ctrl-C in a compilation (sys.exit) was a segmentation fault:
+    XLA's compiling thread used the backend that the shutdown freed."""
+    result = run_python("-c", INTERRUPTED_COMPILE, timeout=120)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "FATAL Interrupted while compiling."
+    assert "compiled before" not in result.stdout
 
 
 def record(pathname: str, level: int, error: Exception | None = None) -> logging.LogRecord:
@@ -68,3 +108,20 @@ def test_the_missing_tpu_info_line_is_dropped_and_other_backend_lines_kept():
     assert not quiet.filter(line(logging.INFO, tpu))
     assert quiet.filter(line(logging.WARNING, tpu))
     assert quiet.filter(line(logging.INFO, "Unable to initialize backend 'cuda': no driver"))
+
+
+def test_orbax_tasks_errors_nobody_retrieved_are_dropped_and_others_kept():
+    """The reads of a damaged checkpoint that orbax gave up: asyncio logs each failed one when
+    it is collected, after the run's FATAL line has named the checkpoint."""
+    quiet = cli._QuietLibraries()
+    base_events = "/usr/lib/python3.11/asyncio/base_events.py"
+
+    def task(where: str) -> logging.LogRecord:
+        message = (
+            "Task exception was never retrieved\nfuture: <Task finished name='Task-731' "
+            f"coro=<async_deserialize() done, defined at {where}:394> exception=Exception()>"
+        )
+        return logging.LogRecord("asyncio", logging.ERROR, base_events, 1771, message, None, None)
+
+    assert not quiet.filter(task("/venv/site-packages/orbax/checkpoint/_src/serialization.py"))
+    assert quiet.filter(task("/repo/hairseg_jax/predict.py"))

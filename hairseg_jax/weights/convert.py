@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hairseg_jax import cli, files, steps
+from hairseg_jax import cli, files, sharding, steps
 from hairseg_jax.models.deeplab import DeepLabV3Plus
 from hairseg_jax.models.resnet import BACKBONES
 from hairseg_jax.weights.tensors import (
@@ -392,12 +392,15 @@ def main(argv: list[str]) -> None:
         sys.exit(f"FATAL --out={options.out} must end in .msgpack.")
     start = time.perf_counter()
     try:
+        sharding.start_backend()
         variables, whole = convert_file(options.torch, options.backbone)
         save_variables(variables, options.out)
-    except ConversionError as e:
+    except (ConversionError, sharding.ShardingError) as e:
         sys.exit(f"FATAL {e}")
     except OSError as e:  # --out: no permission, a folder of that name, ...
         sys.exit(f"FATAL Cannot write --out={options.out}: {e}")
+    except KeyboardInterrupt:
+        cli.interrupted("while converting")
     what = f"{options.backbone} DeepLabV3+" if whole else f"{options.backbone} backbone"
     print(
         f"Converted {len(jax.tree.leaves(variables))} tensors ({what}) from {options.torch} "
