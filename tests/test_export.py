@@ -234,3 +234,20 @@ def test_a_damaged_checkpoint_is_one_fatal_line(tmp_path):
         .splitlines()[-1]
         .startswith(f"FATAL The checkpoint at step 5 of {tmp_path / 'best'} cannot be read (")
     )
+
+
+def test_a_backend_that_cannot_start_is_one_fatal_line(workdir, tmp_path):
+    """As main.py does; it was JAX's bare AssertionError and 30 lines of traceback."""
+    result = run_python(
+        "-m",
+        "hairseg_jax.export",
+        f"--workdir={workdir}",
+        f"--out={tmp_path / 'out'}",
+        env={"JAX_PLATFORMS": "cuda"},
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("FATAL JAX cannot start its backend (JAX_PLATFORMS='cuda'): ")
+    )

@@ -96,6 +96,24 @@ def test_cli_refuses_an_out_file_that_pretrained_would_not_read_as_msgpack(tmp_p
     assert not out.exists()
 
 
+def test_cli_names_a_backend_that_cannot_start(resnet18_file, tmp_path):
+    """As main.py does; it was JAX's bare AssertionError and 40 lines of traceback."""
+    result = run_python(
+        "-m",
+        "hairseg_jax.weights.convert",
+        f"--torch={resnet18_file}",
+        f"--out={tmp_path / 'resnet18.msgpack'}",
+        "--backbone=resnet18",
+        env={"JAX_PLATFORMS": "cuda"},
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("FATAL JAX cannot start its backend (JAX_PLATFORMS='cuda'): ")
+    )
+
+
 def test_cli_refuses_a_resnet50_file_for_resnet101(torch, reference, tmp_path):
     path = tmp_path / "resnet50.pth"
     save_resnet(torch, reference, "resnet50", path)
