@@ -9,6 +9,7 @@ same fractions, and writes the split as JSON in the original project's format.
 """
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,6 +111,9 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     flag = flags.FLAGS
+    for name, what in (("data_dir", "the Figaro1k folder"), ("out", "the JSON file to write")):
+        if not flag[name].value.strip():  # e.g. an unset shell variable
+            raise SystemExit(f"error: --{name} is empty: it must name {what}.")
     try:
         data_dir = Path(cli.home_expanded(flag.data_dir, "--data_dir"))
         out = Path(cli.home_expanded(flag.out, "--out"))
@@ -122,20 +126,35 @@ def main(argv: Sequence[str]) -> None:
     if not images:
         raise SystemExit(f"error: no *-org.jpg images found in {data_dir / 'GT' / 'images'}.")
     try:
-        fractions = [float(f) for f in flag.fractions]
+        fractions = [_number(f, "--fractions") for f in flag.fractions]
         split = stratified_split(images, fractions, flag.seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     _write_json(split_to_json(split), out, flag.overwrite)
     _print_counts(split)
     print(f"wrote {out}")
+    if empty := [name for name in SPLITS if not split[name]]:
+        print(
+            f"warning: the {' and '.join(empty)} split{' is' if len(empty) == 1 else 's are'} "
+            "empty; main.py stops where it reads an empty split (training reads val, eval "
+            "reads config.eval.split).",
+            file=sys.stderr,
+        )
+
+
+def _number(value: str, name: str) -> float:
+    """``value`` of the flag ``name`` as a float; ValueError naming the flag otherwise."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name}: {value!r} is not a number.") from None
 
 
 def _define_flags() -> None:
     """Defines the CLI flags (only when run as a script, so importing defines none)."""
     flags.DEFINE_string("data_dir", None, "Figaro1k root, holding GT/images/*-org.jpg.")
     flags.DEFINE_string("out", None, "Where to write the split JSON.")
-    flags.DEFINE_integer("seed", 0, "Seed of the shuffle within each hair type.")
+    flags.DEFINE_integer("seed", 0, "Seed of the shuffle within each hair type.", lower_bound=0)
     flags.DEFINE_list("fractions", ["0.7", "0.2", "0.1"], "Train, val and test fractions.")
     flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
     flags.mark_flags_as_required(["data_dir", "out"])

@@ -160,6 +160,9 @@ def test_cli_expands_a_leading_tilde_as_main_does(data_dir: Path, tmp_path: Path
         (["--data_dir={data}", "--fractions=1.2,-0.1,-0.1"], "negative"),
         (["--data_dir={data}", "--fractions=nan,0,1"], "must be finite"),
         (["--data_dir=~hairseg-no-such-user/x"], "there is no user 'hairseg-no-such-user'"),
+        (["--data_dir="], "error: --data_dir is empty: it must name the Figaro1k folder."),
+        (["--data_dir={data}", "--fractions=0.7,x,0.1"], "error: --fractions: 'x' is not a num"),
+        (["--data_dir={data}", "--seed=-1"], "--seed=-1: -1 is not a non-negative integer"),
     ],
 )
 def test_cli_errors(data_dir: Path, tmp_path: Path, args: list[str], error: str):
@@ -170,6 +173,23 @@ def test_cli_errors(data_dir: Path, tmp_path: Path, args: list[str], error: str)
     assert "Traceback" not in result.stderr
     assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
+
+
+def test_an_empty_out_is_named_not_taken_for_the_current_folder(data_dir: Path):
+    result = _cli(f"--data_dir={data_dir}", "--out=")
+    assert result.returncode != 0
+    assert result.stderr.strip() == "error: --out is empty: it must name the JSON file to write."
+
+
+def test_cli_warns_of_an_empty_split_that_main_would_refuse(data_dir: Path, tmp_path: Path):
+    out = tmp_path / "split.json"
+    result = _cli(f"--data_dir={data_dir}", f"--out={out}", "--fractions=1,0,0")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        "warning: the val and test splits are empty; main.py stops where it reads an empty "
+        "split (training reads val, eval reads config.eval.split)."
+    )
+    assert json.loads(out.read_text())["val"] == []
 
 
 def test_an_out_of_no_known_user_is_one_line(data_dir: Path):
