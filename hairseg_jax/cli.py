@@ -49,6 +49,24 @@ def _names_config(argv: list[str]) -> bool:
     return any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:])
 
 
+def _raised_in_config_file(error: BaseException, argv: list[str]) -> bool:
+    """Whether ``error``, or an error it was raised from or during, passed through the code of
+    the ``--config`` file that ``argv`` gives (its get_config() raised it)."""
+    values = [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
+    values += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    files = {os.path.abspath(value.split(":")[0]) for value in values}
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frame = error.__traceback__
+        while frame is not None:
+            if os.path.abspath(frame.tb_frame.f_code.co_filename) in files:
+                return True
+            frame = frame.tb_next
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """Parses flags (absl's ``flags_parser``); a bad flag, an unloadable ``--config`` file or a
     bad ``--config.*`` override ends the program with one readable line."""
@@ -94,7 +112,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         overrides = " ".join(overrides)
         if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
             sys.exit("FATAL Cannot load the --config file: it defines no get_config().")
-        if not overrides:  # then the config file's own code raised it
+        if isinstance(cause, str) and cause.startswith("Attribute <class 'NoneType'>."):
+            sys.exit("FATAL Cannot load the --config file: its get_config() returned None.")
+        if not overrides or _raised_in_config_file(e, argv):
             sys.exit(f"FATAL Cannot load the --config file: {type(e).__name__}: {e}")
         what = (
             f"no such field {cause}" if isinstance(cause, str) and cause.startswith("'") else cause

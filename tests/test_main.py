@@ -178,9 +178,15 @@ def test_a_bad_config_file_gives_one_clear_line(spec, message, tmp_path):
     ],
     ids=["syntax", "import", "none", "no get_config", "its error"],
 )
-def test_a_config_file_that_does_not_load_gives_one_clear_line(source, message, tmp_path):
+@pytest.mark.parametrize("overrides", [[], ["--config.train.num_steps=2"]], ids=["", "override"])
+def test_a_config_file_that_does_not_load_gives_one_clear_line(
+    source, message, overrides, tmp_path
+):
+    """With an override too: it was blamed for the None that get_config() returned."""
     (tmp_path / "bad.py").write_text(source)
-    result = run_python("main.py", f"--config={tmp_path / 'bad.py'}", f"--workdir={tmp_path}")
+    result = run_python(
+        "main.py", f"--config={tmp_path / 'bad.py'}", f"--workdir={tmp_path}", *overrides
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"FATAL Cannot load the --config file: {message}" in result.stderr
 
