@@ -84,23 +84,23 @@ def find_inputs(spec: str) -> list[Path]:
 
 def without_outputs(files: Sequence[Path], output: Path) -> list[Path]:
     """``files`` less the masks, overlays and probability maps that an earlier run wrote: in
-    ``output`` (the input folder may be the output folder), and in any other folder those
-    beside the image they were made from (a folder that was once its own output folder).
+    ``output`` (the input folder may be the output folder), and in any other folder those of
+    an image among ``files`` (beside it, or in an earlier run's output folder that a ``**``
+    pattern reaches).
 
     Raises:
       FileNotFoundError: nothing else is left.
     """
     output = output.resolve()
-    folders = {f: f.resolve().parent for f in files}
-    sources = collections.defaultdict(set)  # folder -> the names its images' outputs take
+    sources = set()  # the names that the outputs of ``files``' images take
     for f in files:
         if not f.name.endswith(OUTPUT_SUFFIXES):
-            sources[folders[f]].update({f.stem, f.name.replace(".", "_")})
+            sources.update({f.stem, f.name.replace(".", "_")})
 
     def earlier_output(f: Path) -> bool:
         suffix = next((s for s in OUTPUT_SUFFIXES if f.name.endswith(s)), None)
         return suffix is not None and (
-            folders[f] == output or f.name.removesuffix(suffix) in sources[folders[f]]
+            f.resolve().parent == output or f.name.removesuffix(suffix) in sources
         )
 
     kept = [f for f in files if not earlier_output(f)]

@@ -273,12 +273,16 @@ def test_inputs_and_output_names(inputs, tmp_path):
 
 def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path, caplog):
     """Predicting a folder into itself twice does not predict its own masks, and nor does
-    predicting that folder into another one later."""
+    predicting that folder into another one later, nor a pattern that reaches the folder
+    where an earlier run wrote the outputs of its images."""
     names = ("a.jpg", "a_mask.png", "a_overlay.jpg", "a_prob.png", "a_prob.npy", "b_mask.png.jpg")
     for name in names:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "c_mask.png").write_bytes(b"")  # no c.* beside it: a photo
+    (tmp_path / "other" / "c_mask.png").write_bytes(b"")  # no c.* among the inputs: a photo
+    (tmp_path / "masks").mkdir()  # an earlier run's output folder, which ** reaches
+    for name in ("a_mask.png", "a_overlay.jpg", "e_png_prob.png"):
+        (tmp_path / "masks" / name).write_bytes(b"")
     once = ("d.jpg", "d_mask.png", "d_overlay.jpg", "e.png", "e.jpg", "e_png_prob.npy")
     (tmp_path / "once_its_own_output").mkdir()
     for name in once:
@@ -287,7 +291,7 @@ def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         kept = predict.without_outputs(found, tmp_path)
     assert (  # by name: a photo so named would be left out and overwritten, so they are named
-        f"Leaving out 5 files named as the outputs of an earlier run: {tmp_path / 'a_mask.png'}, "
+        f"Leaving out 8 files named as the outputs of an earlier run: {tmp_path / 'a_mask.png'}, "
     ) in caplog.text
     assert [p.relative_to(tmp_path).as_posix() for p in kept] == [
         "a.jpg",
