@@ -249,6 +249,22 @@ def escaped(path: str | Path) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(path))
 
 
+def log_progress(done: int, total: int, failed: int, start: float) -> float:
+    """Logs predict's progress line (``done`` of ``total`` files, ``failed`` of them so far,
+    since ``start``); returns the time it was logged."""
+    now = time.perf_counter()
+    rate = done / (now - start)
+    logging.info(
+        "Predict: %d/%d files (%d failed), %.1f images/s, ETA %.0f s.",
+        done,
+        total,
+        failed,
+        rate,
+        (total - done) / rate,
+    )
+    return now
+
+
 def failure_line(summary: dict[str, Any]) -> str:
     """One line naming the files that could not be read, or their outputs written."""
     failed = [escaped(path) for path in summary["failed"]]
@@ -392,19 +408,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                     for i, item in enumerate(good)
                 ]
             written += len(good)
-            done, now = written + len(failed), time.perf_counter()
-            if now - last_log >= LOG_EVERY_SECONDS or done == len(files):
-                rate = done / (now - start)
-                logging.info(
-                    "Predict: %d/%d files (%d failed), %.1f images/s, ETA %.0f s.",
-                    done,
-                    len(files),
-                    len(failed),
-                    rate,
-                    (len(files) - done) / rate,
-                )
-                last_log = now
+            if time.perf_counter() - last_log >= LOG_EVERY_SECONDS and k + 1 < len(chunks):
+                last_log = log_progress(written + len(failed), len(files), len(failed), start)
         written -= finish(writing, chunks[-1])
+        log_progress(len(files), len(files), len(failed), start)  # every write's outcome known
 
     summary = {
         "num_files": len(files),
