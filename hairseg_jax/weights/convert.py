@@ -9,6 +9,7 @@ by itself) into those of the whole model. The trainer reads ``config.model.pretr
 """
 
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -66,19 +67,37 @@ def _resnet_layout(state: StateDict) -> tuple[tuple[int, ...], str]:
     return tuple(counts), "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
 
 
+def _held(state: StateDict) -> str:
+    """What backbone the torchvision tensors of ``state`` are, for an error."""
+    found = _resnet_layout(state)
+    if sum(found[0]):
+        name = next((n for n, layout in BACKBONES.items() if layout == found), None)
+        kind = f"a {name}" if name else "an unknown"
+        return f"{kind} ResNet ({sum(found[0])} {found[1]} blocks {found[0]})"
+    if "features.0.0.weight" in state:
+        return "a mobilenet_v2"
+    return "no ResNet or MobileNetV2 (no layer1.0.conv1.weight, no features.0.0.weight)"
+
+
+def _held_by_variables(backbone_params: Mapping[str, Any]) -> str | None:
+    """The backbone (a ``BACKBONES`` name or ``"mobilenet_v2"``) whose Flax parameters
+    ``backbone_params`` are, or None if none."""
+    if "features_0" in backbone_params:
+        return "mobilenet_v2"
+    counts = tuple(
+        next(j for j in itertools.count() if f"layer{i}_{j}" not in backbone_params)
+        for i in range(1, 5)
+    )
+    block = "bottleneck" if "conv3" in backbone_params.get("layer1_0", {}) else "basic"
+    return next((n for n, layout in BACKBONES.items() if layout == (counts, block)), None)
+
+
 def _resnet_tensors(state: StateDict, backbone: str) -> Variables:
     """Takes the tensors of the torchvision ResNet ``backbone`` from ``state``."""
     expected = BACKBONES[backbone]
-    found = _resnet_layout(state)
-    if found != expected:
-        if not sum(found[0]):
-            held = "no ResNet (no layer1.0.conv1.weight)"
-        else:
-            name = next((n for n, layout in BACKBONES.items() if layout == found), None)
-            kind = f"a {name}" if name else "an unknown"
-            held = f"{kind} ResNet ({sum(found[0])} {found[1]} blocks {found[0]})"
+    if _resnet_layout(state) != expected:
         raise ConversionError(
-            f"{state.source} holds {held}, but backbone {backbone} expects "
+            f"{state.source} holds {_held(state)}, but backbone {backbone} expects "
             f"{sum(expected[0])} {expected[1]} blocks {expected[0]}"
         )
     stage_sizes, block = expected
@@ -108,6 +127,11 @@ def _backbone_tensors(state: StateDict, backbone: str) -> Variables:
     if backbone.startswith("mobilenet"):
         from hairseg_jax.weights import mobilenet_v2_port
 
+        if "features.0.0.weight" not in state:
+            raise ConversionError(
+                f"{state.source} holds {_held(state)}, but backbone {backbone} expects a "
+                "mobilenet_v2 (features.*)"
+            )
         variables = mobilenet_v2_port.convert_mobilenet_v2(state)
         state.check_all_used(mobilenet_v2_port.UNUSED_PREFIXES)
     elif backbone in BACKBONES:
@@ -362,6 +386,12 @@ def load_pretrained(
     elif spec.endswith(".msgpack"):
         loaded = load_variables(spec)
         whole = "backbone" in loaded["params"]
+        held = _held_by_variables(loaded["params"]["backbone"] if whole else loaded["params"])
+        if held and held != backbone:
+            raise ConversionError(
+                f"{spec} holds a {held} {'DeepLabV3+' if whole else 'backbone'}, but "
+                f"config.model.backbone is {backbone!r}"
+            )
     else:  # a PyTorch file (check_pretrained)
         loaded, whole = convert_file(spec, backbone, template=variables)
     loaded = jax.tree.map(jnp.asarray, loaded)

@@ -169,6 +169,20 @@ def test_a_resnet_of_no_known_depth_is_named(resnet18_file):
         convert.convert_backbone(state, "resnet18")
 
 
+def test_a_file_of_the_other_family_is_named(resnet18_file):
+    """A ResNet file for mobilenet_v2 was "has no tensor 'features.0.0.weight'"."""
+    resnet18 = load_state_dict(resnet18_file)
+    with pytest.raises(ConversionError) as info:
+        convert.convert_backbone(resnet18, "mobilenet_v2")
+    assert str(info.value) == (
+        "state dict holds a resnet18 ResNet (8 basic blocks (2, 2, 2, 2)), but backbone "
+        "mobilenet_v2 expects a mobilenet_v2 (features.*)"
+    )
+    mobilenet = {"features.0.0.weight": np.zeros((32, 3, 3, 3), np.float32)}
+    with pytest.raises(ConversionError, match="^state dict holds a mobilenet_v2, but backbone"):
+        convert.convert_backbone(mobilenet, "resnet18")
+
+
 def test_a_kernel_that_is_not_4_d_is_named(resnet18_file):
     state = load_state_dict(resnet18_file)
     state["conv1.weight"] = state["conv1.weight"][..., 0]  # was a NumPy transpose's ValueError
@@ -228,6 +242,12 @@ def test_msgpack_round_trip_and_bad_msgpack(resnet18_file, tmp_path):
     convert.save_variables(variables, path)
     assert [p.name for p in path.parent.iterdir()] == ["resnet18.msgpack"]  # no temp file left
     jax.tree.map(np.testing.assert_array_equal, convert.load_variables(path), variables)
+    for other in ("resnet50", "mobilenet_v2"):  # were 100+ missing and unexpected tensors
+        with pytest.raises(ConversionError) as info:
+            convert.load_pretrained(str(path), fresh_variables(other), model_config(other))
+        assert str(info.value) == (
+            f"{path} holds a resnet18 backbone, but config.model.backbone is {other!r}"
+        )
     bad = tmp_path / "bad.msgpack"
     bad.write_text("hello")
     with pytest.raises(ConversionError, match="is not a converted .msgpack file"):
@@ -296,6 +316,8 @@ def test_original_checkpoint_with_its_preprocessing(
     again = convert.load_pretrained(str(converted), fresh_variables("resnet18"), config.model)
     loaded = {"params": state.params, "batch_stats": state.batch_stats}
     jax.tree.map(np.testing.assert_array_equal, again, loaded)
+    with pytest.raises(ConversionError, match=r"holds a resnet18 DeepLabV3\+, but config.model"):
+        convert.load_pretrained(str(converted), {}, model_config("resnet34"))
 
     # Loaded with this project's own settings, it would predict from other inputs: named.
     mine = parse_figaro_config(monkeypatch, "--config.model.backbone=resnet18")
