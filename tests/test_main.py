@@ -391,12 +391,16 @@ def test_an_interrupt_exits_130_with_one_line(monkeypatch, capsys):
     def interrupted(config, workdir):
         raise KeyboardInterrupt
 
+    def exit_now(status: int):  # here: cli.interrupted's os._exit would end pytest's process
+        raise SystemExit(status)
+
     monkeypatch.setattr(main, "run", interrupted)
     monkeypatch.setattr(
         main,
         "FLAGS",
         types.SimpleNamespace(config=types.SimpleNamespace(mode="train"), workdir="w"),
     )
+    monkeypatch.setattr(os, "_exit", exit_now)
     with pytest.raises(SystemExit) as exit_info:
         main.main(["main.py"])
     assert exit_info.value.code == 130
