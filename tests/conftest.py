@@ -97,6 +97,19 @@ def run_python(
     )
 
 
+def run_without_backend(*args: str) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` with ``JAX_PLATFORMS=cuda`` on this CPU-only install and checks
+    that it stops with main.py's one line naming the backend that cannot start."""
+    result = run_python(*args, env={"JAX_PLATFORMS": "cuda"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("FATAL JAX cannot start its backend (JAX_PLATFORMS='cuda'): ")
+    )
+    return result
+
+
 def missing(message: str) -> NoReturn:
     """Fails the test in CI (``CI`` set to true, yes or 1), else skips it with ``message``."""
     if os.environ.get("CI", "").lower() in ("true", "yes", "1"):
