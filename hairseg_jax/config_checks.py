@@ -375,7 +375,9 @@ def unknown_fields(
             continue  # a section set to a value is missing its fields (``missing_fields``)
         parts = field.split(".")
         depth = next(d for d in range(1, len(parts) + 1) if ".".join(parts[:d]) not in sections)
-        unknown[".".join(parts[:depth])] = sections if depth < len(parts) else fields
+        name = ".".join(parts[:depth])
+        if name not in fields:  # else a value made a section, which problems() names
+            unknown[name] = sections if depth < len(parts) else fields
     named = []
     for name, kind in unknown.items():
         parent, _, last = name.rpartition(".")

@@ -50,6 +50,8 @@ _TORCHVISION_URL = "https://download.pytorch.org/models/"
 # Top-level modules of the original project's DeepLab (its checkpoints' keys start with them).
 _ORIGINAL_MODULES = ("backbone.", "aspp.", "decoder.")
 _TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt")
+# The first tensor of a torchvision MobileNetV2 (a ResNet's is layer1.0.conv1.weight).
+_MOBILENET_FIRST = "features.0.0.weight"
 
 
 def _state(state_dict: Mapping[str, np.ndarray] | StateDict) -> StateDict:
@@ -74,9 +76,9 @@ def _held(state: StateDict) -> str:
         name = next((n for n, layout in BACKBONES.items() if layout == found), None)
         kind = f"a {name}" if name else "an unknown"
         return f"{kind} ResNet ({sum(found[0])} {found[1]} blocks {found[0]})"
-    if "features.0.0.weight" in state:
+    if _MOBILENET_FIRST in state:
         return "a mobilenet_v2"
-    return "no ResNet or MobileNetV2 (no layer1.0.conv1.weight, no features.0.0.weight)"
+    return f"no ResNet or MobileNetV2 (no layer1.0.conv1.weight, no {_MOBILENET_FIRST})"
 
 
 def _held_by_variables(backbone_params: Mapping[str, Any]) -> str | None:
@@ -127,7 +129,7 @@ def _backbone_tensors(state: StateDict, backbone: str) -> Variables:
     if backbone.startswith("mobilenet"):
         from hairseg_jax.weights import mobilenet_v2_port
 
-        if "features.0.0.weight" not in state:
+        if _MOBILENET_FIRST not in state:
             raise ConversionError(
                 f"{state.source} holds {_held(state)}, but backbone {backbone} expects a "
                 "mobilenet_v2 (features.*)"
