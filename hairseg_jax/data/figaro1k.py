@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -207,15 +208,20 @@ def locate(data_dir: Path, entry: dict[str, str], mask_source: str) -> tuple[Pat
     return image_path, mask_path
 
 
-def read_example(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes an image and its mask and checks that they fit together."""
+def _decoded(read: Callable[[Path], np.ndarray], path: Path) -> np.ndarray:
+    """``read(path)``; DataError naming ``path`` for whatever the decoder raises."""
     try:
-        image, mask = read_image(image_path), read_mask(mask_path)
+        return read(path)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001  (PIL and np.load raise many kinds on broken files)
         why = f"{type(e).__name__}: {e}".replace("\n", " ")
-        raise DataError(f"Cannot decode {image_path} or {mask_path}: {why}") from e
+        raise DataError(f"Cannot decode {path}: {why}") from e
+
+
+def read_example(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes an image and its mask and checks that they fit together."""
+    image, mask = _decoded(read_image, image_path), _decoded(read_mask, mask_path)
     if image.shape[:2] != mask.shape:
         raise DataError(
             f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
