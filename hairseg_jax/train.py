@@ -268,10 +268,6 @@ def _train_and_evaluate(
             "training images: lower it, or train on more images."
         )
     config_checks.make_folder(workdir, "--workdir")
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    if jax.process_count() > 1 and jax.process_index() == 0:
-        writer = StopOnWriteError(writer)
-    closing.callback(writer.close)
 
     total_steps = steps.total_train_steps(config.train, len(train_data))
     eval_every = config.train.eval_every_steps or steps_per_epoch
@@ -312,9 +308,13 @@ def _train_and_evaluate(
         )
         return {}
     # Written after the resume and only when a step will run: a run that cannot resume, or
-    # has nothing left to train, leaves config.json as it was.
+    # has nothing left to train, leaves config.json as it was, and makes no event file.
     if jax.process_index() == 0:
         write_config(config, workdir)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        writer = StopOnWriteError(writer)
+    closing.callback(writer.close)
     parameter_overview.log_parameter_overview(state.params)
 
     train_step, predict_step = steps.jit_steps(config, mesh)

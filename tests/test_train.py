@@ -62,6 +62,7 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path, caplog):
     # checkpoint): a file gone since does not stop it. Nor does it initialise the model: the
     # state is restored into its shapes, so nothing is lowered to XLA (let alone compiled).
     saved = (tmp_path / "config.json").read_bytes()
+    events = sorted(tmp_path.glob("events.out.tfevents.*"))
     config = tiny_config()
     config.model.pretrained = str(tmp_path / "gone.msgpack")
     config.train.allow_config_change = True
@@ -74,6 +75,8 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path, caplog):
         monitoring.unregister_event_duration_listener(listener)
     assert "/jax/core/compile/jaxpr_to_mlir_module_duration" not in lowered
     assert (tmp_path / "config.json").read_bytes() == saved  # it still describes the checkpoints
+    assert sorted(tmp_path.glob("events.out.tfevents.*")) == events  # no empty event file
+    assert len(events) == 1
 
     # A model change that the flag allows cannot resume: it stops with one line, and leaves
     # config.json as it was. The line names that change, not others that change no array.
@@ -98,6 +101,7 @@ def test_train_and_evaluate_on_synthetic_data(tmp_path, caplog):
         with pytest.raises(config_checks.ConfigError, match=rf"\(trained with {field}: \S+ -> "):
             train.train_and_evaluate(config, tmp_path)
     assert (tmp_path / "config.json").read_bytes() == saved
+    assert sorted(tmp_path.glob("events.out.tfevents.*")) == events
 
 
 def test_batch_larger_than_the_training_set_stops_before_any_work(tmp_path):
