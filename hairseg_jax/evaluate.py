@@ -626,6 +626,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         threshold=threshold,
         threshold_source=source,
         **settings,
+        skipped=list(examples.skipped),  # unreadable: not in these scores
         per_hair_type=per_hair_type(rows),
         worst=[
             {k: rows[index][k] for k in ("name", "hair_type", "dice", "iou")}
@@ -651,6 +652,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         summary["iou"],
         summary["accuracy"],
     )
+    if examples.skipped:
+        logging.warning(
+            "These scores leave out %d unreadable image%s of %s (data.skip_unreadable): %s.",
+            len(examples.skipped),
+            "" if len(examples.skipped) == 1 else "s",
+            split,
+            ", ".join(examples.skipped),
+        )
     if "dice_at_0.5" in summary:
         logging.info("At threshold 0.5: Dice %.4f.", summary["dice_at_0.5"])
     if "no_tta" in summary:

@@ -1,5 +1,6 @@
 """``evaluate.load_state``: the state to evaluate, built without compiling ``model.init``."""
 
+import dataclasses
 import json
 import logging
 
@@ -282,3 +283,27 @@ def test_the_tuned_threshold_line_names_its_split_and_image_count(tmp_path, capl
     with caplog.at_level(logging.INFO):
         assert evaluate.read_tuned_threshold(tmp_path, 7, {}) == record
     assert "tuned on 20 test images." in caplog.text
+
+
+def test_the_report_names_the_images_skipped_as_unreadable(
+    tmp_path, trained_variables, monkeypatch, caplog
+):
+    """With data.skip_unreadable, a score of fewer images is not taken for the whole split's."""
+    best = checkpoints.best_manager(tmp_path)
+    checkpoints.save(best, 3, trained_variables, metrics={checkpoints.BEST_METRIC: 0.5})
+    best.wait_until_finished()
+    config = tiny_config()
+    config.eval.max_images = 2
+    load = evaluate.sources.load_examples
+
+    def with_a_skip(config, split, limit=0):
+        return dataclasses.replace(load(config, split, limit), skipped=("Frame00009",))
+
+    monkeypatch.setattr(evaluate.sources, "load_examples", with_a_skip)
+    with caplog.at_level(logging.WARNING):
+        summary = evaluate.evaluate(config, tmp_path)
+    assert summary["skipped"] == ["Frame00009"] and summary["num_images"] == 2
+    assert json.loads((tmp_path / "eval_test.json").read_text())["skipped"] == ["Frame00009"]
+    assert (
+        "These scores leave out 1 unreadable image of test (data.skip_unreadable): Frame00009."
+    ) in caplog.text

@@ -304,4 +304,9 @@ def read_split(
         names=[frame_name(e["image"]) for e, _ in kept],
         images=[image for _, (image, _) in kept],
         masks=[mask for _, (_, mask) in kept],
+        skipped=tuple(
+            frame_name(e["image"])
+            for e, r in zip(entries, results, strict=True)
+            if isinstance(r, str)
+        ),
     )

@@ -471,7 +471,7 @@ def test_corrupt_file_is_named_or_skipped(folder, broken):
         read_split(folder, "train", mask_source=source)
     assert f"Cannot decode {bad}: " in str(e.value)  # the broken file alone, not image "or" mask
     examples = read_split(folder, "train", mask_source=source, skip_unreadable=True)
-    assert examples.names == ["Frame00001"]
+    assert examples.names == ["Frame00001"] and examples.skipped == ("Frame00002",)
 
 
 def test_the_examples_kept_after_a_skip_keep_their_names(folder):
