@@ -44,17 +44,16 @@ def home_expanded(value: str, name: str) -> str:
     return expanded
 
 
-def _names_config(argv: list[str]) -> bool:
-    """Whether ``argv`` gives a ``--config`` file."""
-    return any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:])
+def _config_values(argv: list[str]) -> list[str]:
+    """The values ``argv`` gives ``--config`` (``--config=x`` or ``--config x``)."""
+    values = [a.removeprefix("--config=") for a in argv[1:] if a.startswith("--config=")]
+    return values + [b for a, b in zip(argv[1:], argv[2:], strict=False) if a == "--config"]
 
 
 def _raised_in_config_file(error: BaseException, argv: list[str]) -> bool:
     """Whether ``error``, or an error it was raised from or during, passed through the code of
     the ``--config`` file that ``argv`` gives (its get_config() raised it)."""
-    values = [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
-    values += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
-    files = {os.path.abspath(value.split(":")[0]) for value in values}
+    files = {os.path.abspath(value.split(":")[0]) for value in _config_values(argv)}
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -76,7 +75,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         if config is not None:
             config.keys()  # a config file that failed to load raises on any use
     except flags.Error as e:
-        if "--config must have a value other than None" in str(e) and _names_config(argv):
+        if "--config must have a value other than None" in str(e) and _config_values(argv):
             sys.exit("FATAL Cannot load the --config file: its get_config() returned None.")
         if "get_config() takes 0 positional arguments" in str(e):  # e.g. figaro_cpu.py:smoke
             sys.exit(
@@ -86,7 +85,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "Error whilst parsing config file:" in str(e):  # its get_config() raised
             cause = str(e).strip().splitlines()[-1].strip()  # after the traceback
             sys.exit(f"FATAL Cannot load the --config file: {cause}")
-        if "Unknown command line flag 'config." in str(e) and not _names_config(argv):
+        if "Unknown command line flag 'config." in str(e) and not _config_values(argv):
             sys.exit(
                 "FATAL Flags parsing error: --config.* overrides need a --config file to "
                 "override (e.g. --config=configs/figaro.py)."
