@@ -111,10 +111,13 @@ def _is_number(value: Any) -> bool:
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """The config's impossible values, one readable phrase each (empty if none)."""
-    # Every tuple field holds numbers (sizes and rates whole ones), and no number is infinite
-    # (it passes the rules' comparisons); the rules below compare them as such.
+    # Every field has a value (a config file may set one to None; no field takes it), every
+    # tuple field holds numbers (sizes and rates whole ones), and no number is infinite (it
+    # passes the rules' comparisons); the rules below compare them as such.
     found = []
     for field, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items():
+        if value is None:
+            found.append(f"{field}=None must be set to a value (no field takes None)")
         values = value if isinstance(value, tuple | list) else (value,)
         if any(isinstance(v, float) and math.isinf(v) for v in values):
             found.append(f"{field}={value!r} must be finite")

@@ -427,6 +427,16 @@ def test_infinite_values_are_named(field, value):
     assert f"{field}={value!r} must be finite" in problems(config)
 
 
+@pytest.mark.parametrize("field", ["optim.learning_rate", "eval.threshold", "data.data_dir"])
+def test_a_field_set_to_none_is_named_alone(field):
+    """A config file may set a field to None (ml_collections allows it); the rules below would
+    compare it as a number and fail with a TypeError."""
+    config = figaro.get_config()
+    section, name = field.split(".")
+    config[section][name] = None
+    assert problems(config) == [f"{field}=None must be set to a value (no field takes None)"]
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
