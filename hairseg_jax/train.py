@@ -326,6 +326,14 @@ def _train_and_evaluate(
             logging.warning(
                 "The %d px stage has no step: %d steps are too few for it.", side, total_steps
             )
+    larger = [side for side in config.data.progressive_sizes if side >= config.data.image_size]
+    if larger:
+        logging.warning(
+            "data.progressive_sizes %s are not below data.image_size=%d: progressive resizing "
+            "trains smaller crops first.",
+            larger,
+            config.data.image_size,
+        )
     if config.optim.warmup_steps >= total_steps:
         logging.warning(
             "optim.warmup_steps=%d is not below the run's %d steps: the learning rate never "

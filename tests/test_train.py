@@ -489,16 +489,17 @@ def test_a_stop_requested_before_the_first_step_trains_nothing(tmp_path, monkeyp
     assert checkpoints.latest_manager(tmp_path).all_steps() == []
 
 
-def test_a_stage_without_steps_and_a_warmup_past_the_end_are_warned_about(
+def test_a_stage_without_steps_a_larger_crop_and_a_warmup_past_the_end_are_warned_about(
     tmp_path, monkeypatch, caplog
 ):
     interrupt_after_loading(monkeypatch)  # the warnings come before step 1
     config = tiny_config()
-    config.data.progressive_sizes, config.data.progressive_until = (24,), (0.1,)
+    config.data.progressive_sizes, config.data.progressive_until = (24, 40), (0.1, 0.5)
     config.optim.warmup_steps = 4
     with caplog.at_level(logging.WARNING):
         train.train_and_evaluate(config, tmp_path)
     assert "The 24 px stage has no step: 4 steps are too few for it." in caplog.text
+    assert "data.progressive_sizes [40] are not below data.image_size=32" in caplog.text
     assert "optim.warmup_steps=4 is not below the run's 4 steps" in caplog.text
 
 
