@@ -59,14 +59,18 @@ def _state(state_dict: Mapping[str, np.ndarray] | StateDict) -> StateDict:
 
 
 def _resnet_layout(state: StateDict) -> tuple[tuple[int, ...], str]:
-    """(blocks per layer, block kind) of the ResNet whose tensors ``state`` holds."""
-    counts = []
-    for i in range(1, 5):
-        j = 0
-        while f"layer{i}.{j}.conv1.weight" in state:
-            j += 1
-        counts.append(j)
-    return tuple(counts), "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
+    """(blocks per layer, block kind) of the ResNet whose tensors ``state`` holds, from the
+    names of its blocks' tensors (any of them: a missing one is named when it is taken)."""
+    names = [key.split(".") for key in state.tensors if key.startswith("layer")]
+    blocks = {(parts[0], parts[1]) for parts in names if len(parts) > 2}
+    counts = tuple(
+        next(j for j in itertools.count() if (f"layer{i}", str(j)) not in blocks)
+        for i in range(1, 5)
+    )
+    bottleneck = any(
+        parts[:3] in (["layer1", "0", "conv3"], ["layer1", "0", "bn3"]) for parts in names
+    )
+    return counts, "bottleneck" if bottleneck else "basic"
 
 
 def _held(state: StateDict) -> str:
@@ -422,6 +426,7 @@ def main(argv: list[str]) -> None:
     options = flags.FLAGS
     if not options.out.endswith(".msgpack"):  # config.model.pretrained reads by the suffix
         sys.exit(f"FATAL --out={options.out} must end in .msgpack.")
+    cli.quiet_libraries()
     start = time.perf_counter()
     try:
         sharding.start_backend()
