@@ -7,8 +7,9 @@ reports: building the state (``state_s``: the model, the template and the restor
 workdir's best checkpoint, or of ``config.model.pretrained``), reading the split at original
 resolution (``read_s``), and predicting and scoring it (``predict_score_s``, with
 ``config.eval``'s TTA and the threshold eval would use; it includes the predict step's
-compile). Without a checkpoint or pretrained weights it evaluates randomly initialised
-weights (``weights=random``; that state is built by ``steps.create_train_state``).
+compile). Without ``--workdir`` and pretrained weights it evaluates randomly initialised
+weights (``weights=random``; that state is built by ``steps.create_train_state``); a
+``--workdir`` without a best checkpoint stops with main.py's error.
 ``--warm_pass`` adds ``predict_score_warm_s``, a second pass with the predict step compiled.
 """
 
@@ -25,8 +26,11 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ import each other
-from hairseg_jax import evaluate, models, sharding, steps  # noqa: E402
+from configs import figaro  # noqa: E402
+from hairseg_jax import checkpoints, cli, config_checks, evaluate, models, sharding, steps  # noqa: E402
 from hairseg_jax.data import sources  # noqa: E402
+from hairseg_jax.data.figaro1k import DataError  # noqa: E402
+from hairseg_jax.weights.tensors import ConversionError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/figaro_cpu.py.")
@@ -46,13 +50,34 @@ def random_state(config: ml_collections.ConfigDict, mesh: Mesh) -> steps.TrainSt
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    config = FLAGS.config
+    try:
+        config_checks.expand_user(FLAGS.config)
+        config_checks.check_config(FLAGS.config, template=figaro.get_config())
+        print(measure(FLAGS.config, FLAGS.workdir), flush=True)
+    except (
+        ConversionError,
+        DataError,
+        FileNotFoundError,
+        checkpoints.UnreadableError,
+        config_checks.ConfigError,
+        sharding.ShardingError,
+    ) as e:
+        sys.exit(f"FATAL {e}")
+    except KeyboardInterrupt:
+        cli.interrupted("while evaluating")
+
+
+def measure(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The benchmark's line for ``config``'s evaluation of ``workdir`` ("": random weights
+    where ``config`` has no pretrained ones)."""
+    if workdir and not Path(workdir).is_dir():
+        raise FileNotFoundError(f"--workdir={workdir} is not a folder.")
     mesh = sharding.data_mesh()
     start = time.perf_counter()
-    try:
-        state, _, step = evaluate.load_state(config, Path(FLAGS.workdir), mesh)
+    if workdir or config.model.pretrained:
+        state, _, step = evaluate.load_state(config, Path(workdir), mesh)
         weights = f"step_{step}" if step else "pretrained"
-    except FileNotFoundError:
+    else:
         state, weights, step = random_state(config, mesh), "random", 0
     jax.block_until_ready(state)
     state_s = time.perf_counter() - start
@@ -64,7 +89,7 @@ def main(argv: list[str]) -> None:
     run = evaluate.scorer(config, state, mesh)
     threshold, _ = evaluate.resolve_threshold(
         config.eval.threshold,
-        Path(FLAGS.workdir),
+        Path(workdir),
         step,
         evaluate.predictor_settings(config, "eval"),
     )
@@ -84,10 +109,9 @@ def main(argv: list[str]) -> None:
     )
     if FLAGS.warm_pass:
         line += f" predict_score_warm_s={predict_and_score()[1]:.2f}"
-    print(
+    return (
         f"{line} dice={summary['dice']:.4f} pooled_dice={summary['pooled_dice']:.4f} "
-        f"devices={jax.device_count()}x{jax.devices()[0].device_kind} host_cores={os.cpu_count()}",
-        flush=True,
+        f"devices={jax.device_count()}x{jax.devices()[0].device_kind} host_cores={os.cpu_count()}"
     )
 
 

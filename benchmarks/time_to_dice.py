@@ -27,8 +27,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ import each other
-from hairseg_jax import evaluate, models, sharding, steps  # noqa: E402
+from configs import figaro  # noqa: E402
+from hairseg_jax import cli, config_checks, evaluate, models, sharding, steps  # noqa: E402
 from hairseg_jax.data import device_augment, sources  # noqa: E402
+from hairseg_jax.data.figaro1k import DataError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/figaro.py:scratch.")
@@ -41,9 +43,33 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.log_every < 1:
+        raise app.UsageError("--log_every must be positive.")
+    if FLAGS.budget_s < 0:
+        raise app.UsageError("--budget_s must not be negative (0: none).")
     config = FLAGS.config
     if config.data.progressive_sizes:
         raise app.UsageError("Progressive resizing is not supported here; pass '()'.")
+    try:
+        config_checks.expand_user(config)
+        config_checks.check_config(config, template=figaro.get_config())
+        if FLAGS.out:  # before the run, not after it
+            out = Path(FLAGS.out)
+            if out.is_dir():
+                raise config_checks.ConfigError(f"--out={FLAGS.out} is a folder.")
+            config_checks.make_folder(out.absolute().parent, "the folder of --out")
+        summary = train_and_score(config)
+        if FLAGS.out:
+            Path(FLAGS.out).write_text(json.dumps(summary, indent=2, default=str))
+    except (DataError, OSError, config_checks.ConfigError, sharding.ShardingError) as e:
+        sys.exit(f"FATAL {e}")
+    except KeyboardInterrupt:
+        cli.interrupted("while timing")
+
+
+def train_and_score(config) -> dict:
+    """Trains ``config`` from scratch, scores its eval split, prints the lines and returns
+    the summary."""
     begin = time.perf_counter()
     mesh = sharding.data_mesh()
     batch_size, image_size = config.train.batch_size, config.data.image_size
@@ -144,8 +170,7 @@ def main(argv: list[str]) -> None:
         f"nonfinite_steps={summary['nonfinite_steps']} device={summary['device']}",
         flush=True,
     )
-    if FLAGS.out:
-        Path(FLAGS.out).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hairseg_jax import models, sharding, steps  # noqa: E402
+from hairseg_jax import config_checks, models, sharding, steps  # noqa: E402
 from hairseg_jax.models import layers  # noqa: E402
+from hairseg_jax.models.deeplab import BACKBONE_NAMES  # noqa: E402
 from hairseg_jax.models.resnet import BACKBONES  # noqa: E402
 
 
@@ -125,13 +126,14 @@ CASE_FIELDS = (
     "train.batch_size",
 )
 DTYPES = ("float32", "bfloat16")
+OUTPUT_STRIDES = (8, 16, 32)  # as config_checks allows
 
 
 def base_config(spec: str, overrides: list[str]):
     """The config of ``FILE`` or ``FILE:VARIANT`` (as ``main.py --config`` takes it) with
     ``key=value`` overrides of its fields (``model.dropout=0``); values are Python literals,
     else strings. Exits with one line for a missing file, an unknown field, an ill-typed
-    value or one of ``CASE_FIELDS``."""
+    value, one of ``CASE_FIELDS`` or a value that ``main.py`` would refuse."""
     path, _, variant = spec.partition(":")
     if not Path(path).is_file():
         sys.exit(f"--config: no config file {path}.")
@@ -159,6 +161,10 @@ def base_config(spec: str, overrides: list[str]):
             sys.exit(f"--set {key}: {path} has no such field.")
         except TypeError as e:  # ml-collections' type check
             sys.exit(f"--set {item}: {e}")
+    try:
+        config_checks.check_config(config)
+    except config_checks.ConfigError as e:
+        sys.exit(f"--config {spec}: {e}")
     return config
 
 
@@ -366,6 +372,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def backbone_name(text: str) -> str:
+    """An argparse type: one of the model's ``BACKBONE_NAMES``."""
+    if text not in BACKBONE_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(BACKBONE_NAMES)}, got {text!r}"
+        )
+    return text
+
+
 def dtype_name(text: str) -> str:
     """An argparse type: one of ``DTYPES``."""
     if text not in DTYPES:
@@ -386,21 +401,21 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def add_grid_flags(parser: argparse.ArgumentParser, size: int, batch: int, dtype: str) -> None:
     """The config flags and a grid of cases: backbones x sizes x batches x dtypes."""
     add_config_flags(parser)
-    parser.add_argument("--backbones", type=csv_list(str), default=["resnet101"])
+    parser.add_argument("--backbones", type=csv_list(backbone_name), default=["resnet101"])
     parser.add_argument("--sizes", type=csv_list(positive_int), default=[size])
     parser.add_argument("--batches", type=csv_list(positive_int), default=[batch])
     parser.add_argument("--dtypes", type=csv_list(dtype_name), default=[dtype])
-    parser.add_argument("--output_stride", type=int, default=16)
+    parser.add_argument("--output_stride", type=int, default=16, choices=OUTPUT_STRIDES)
 
 
 def add_case_flags(parser: argparse.ArgumentParser, size: int, batch: int) -> None:
     """The config flags and one case: backbone, size, batch, dtype (``case_from_flags``)."""
     add_config_flags(parser)
-    parser.add_argument("--backbone", default="resnet101")
+    parser.add_argument("--backbone", type=backbone_name, default="resnet101")
     parser.add_argument("--size", type=positive_int, default=size)
     parser.add_argument("--batch", type=positive_int, default=batch)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--output_stride", type=int, default=16)
+    parser.add_argument("--output_stride", type=int, default=16, choices=OUTPUT_STRIDES)
 
 
 def case_from_flags(args: argparse.Namespace):

@@ -153,6 +153,11 @@ def test_base_config_takes_a_variant_and_only_overrides_of_its_own_fields():
         train_step.base_config("configs/figaro.py:nope", [])
     with pytest.raises(SystemExit, match="^--config: no config file configs/none.py"):
         train_step.base_config("configs/none.py", [])
+    with pytest.raises(
+        SystemExit,
+        match=r"^--config configs/figaro.py: Bad config: optim.learning_rate=-1.0 must be positive",
+    ):
+        train_step.base_config("configs/figaro.py", ["optim.learning_rate=-1"])
 
 
 @pytest.mark.parametrize(
@@ -165,6 +170,9 @@ def test_base_config_takes_a_variant_and_only_overrides_of_its_own_fields():
         (["--rounds=2"], "--rounds alternates JAX and PyTorch: pass --torch too"),
         (["--batches=1"], "--batches: a train step needs at least 2 images"),
         (["--torch", "--backbones=mobilenet_v2"], "the PyTorch reference has no backbone"),
+        # Both were tracebacks once the cases before them had run.
+        (["--backbones=resnet18,resnet99"], "argument --backbones: expected one of resnet18,"),
+        (["--output_stride=7"], "argument --output_stride: invalid choice: 7"),
     ],
 )
 def test_train_step_flags_are_checked_before_any_work(monkeypatch, capsys, args, error):
@@ -289,6 +297,50 @@ def test_eval_benchmark_scores_the_split_as_eval_does_without_tensorflow(figaro_
     report = evaluate.evaluate(config, tmp_path)
     assert report["threshold"] == 0.3 and abs(report["dice"] - report["dice_at_0.5"]) > 1e-3
     assert float(line["dice"]) == pytest.approx(report["dice"], abs=5e-5)
+
+
+@pytest.mark.parametrize(
+    "flag, fatal",
+    [
+        # A mistyped workdir was scored as random weights, with status 0.
+        ("--workdir={tmp}/typo", "FATAL --workdir={tmp}/typo is not a folder."),
+        (
+            "--workdir={tmp}",
+            "FATAL No best checkpoint in {tmp}/best and no config.model.pretrained; train "
+            "there first.",
+        ),
+        # A traceback (range() arg 3 must not be zero) after reading the split.
+        ("--config.eval.batch_size=0", "FATAL Bad config: eval.batch_size=0 must be positive."),
+    ],
+)
+def test_eval_benchmark_stops_with_main_pys_line(tmp_path, flag, fatal):
+    result = run_script(
+        "benchmarks/eval.py",
+        ["--config=configs/figaro.py:smoke", flag.format(tmp=tmp_path)],
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == fatal.format(tmp=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "flag, fatal",
+    [
+        # Written after the run: a traceback then, and the run's summary lost.
+        ("--out={tmp}", "FATAL --out={tmp} is a folder."),
+        # Trained with loss nan at -25 img/s, and reported with status 0.
+        (
+            "--config.train.batch_size=-2",
+            "FATAL Bad config: train.batch_size=-2 must be at least 2 (BatchNorm over the batch).",
+        ),
+    ],
+)
+def test_time_to_dice_stops_with_one_line_before_training(tmp_path, flag, fatal):
+    result = run_script(
+        "benchmarks/time_to_dice.py",
+        ["--config=configs/figaro.py:smoke", flag.format(tmp=tmp_path)],
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == fatal.format(tmp=tmp_path)
 
 
 def test_input_pipeline_benchmark_times_augmented_batches(figaro_dir):
