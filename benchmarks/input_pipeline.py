@@ -19,15 +19,23 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ import each other
+from configs import figaro  # noqa: E402
+from hairseg_jax import config_checks  # noqa: E402
 from hairseg_jax.data import pipeline, sources  # noqa: E402
 from hairseg_jax.data.examples import Examples  # noqa: E402
+from hairseg_jax.data.figaro1k import DataError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/figaro.py.")
 flags.DEFINE_list("sizes", [], "Crop sizes to time; default: config.data.image_size.")
-flags.DEFINE_integer("warmup", 5, "Untimed batches before timing each size.")
-flags.DEFINE_integer("num_batches", 50, "Timed batches per size.")
+flags.DEFINE_integer("warmup", 5, "Untimed batches before timing each size.", lower_bound=0)
+flags.DEFINE_integer("num_batches", 50, "Timed batches per size.", lower_bound=1)
 flags.mark_flags_as_required(["config"])
+flags.register_validator(
+    "sizes",
+    lambda sizes: all(size.isdigit() and int(size) > 0 for size in sizes),
+    message="--sizes must be positive whole numbers, e.g. 128,227",
+)
 
 
 def images_per_second(
@@ -49,7 +57,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
     start = time.perf_counter()
-    examples = sources.load_examples(config, "train", config.data.max_train_images)
+    try:
+        config_checks.expand_user(config)
+        config_checks.check_config(config, template=figaro.get_config())
+        examples = sources.load_examples(config, "train", config.data.max_train_images)
+    except (DataError, config_checks.ConfigError) as e:
+        sys.exit(f"FATAL {e}")
     print(
         f"input_pipeline_read split=train images={len(examples)} "
         f"seconds={time.perf_counter() - start:.2f}",

@@ -343,6 +343,46 @@ def test_time_to_dice_stops_with_one_line_before_training(tmp_path, flag, fatal)
     assert result.stderr.strip().splitlines()[-1] == fatal.format(tmp=tmp_path)
 
 
+@pytest.mark.parametrize(
+    "flag, status, error",
+    [
+        # Wrote 1x1 pixel images, with status 0.
+        ("--max_side=0", 2, "error: --max_side=0 must be positive"),
+        ("--out={tmp}", 2, "error: --out={tmp} exists; name a folder to create"),
+        # A traceback after the 735 training images had been written.
+        ("--full_splits=bogus", 1, "FATAL Unknown split 'bogus'; expected one of"),
+    ],
+)
+def test_shrink_figaro_stops_with_one_line_and_leaves_no_partial_copy(
+    figaro_dir, tmp_path, flag, status, error
+):
+    out = tmp_path / "copy"
+    result = run_script(
+        "benchmarks/shrink_figaro.py",
+        [f"--data_dir={figaro_dir}", f"--out={out}", flag.format(tmp=tmp_path)],
+    )
+    assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
+    assert error.format(tmp=tmp_path) in result.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flag, fatal",
+    [
+        # A ValueError traceback, after the split had been read.
+        ("--sizes=64,,96", "FATAL Flags parsing error: flag --sizes=['64', '', '96']: --sizes "),
+        # A TensorFlow traceback.
+        ("--config.train.batch_size=0", "FATAL Bad config: train.batch_size=0 must be at least 2"),
+        # Printed images_per_s=0.0, with status 0.
+        ("--num_batches=0", "FATAL Flags parsing error: flag --num_batches=0: 0 is not a positive"),
+    ],
+)
+def test_input_pipeline_benchmark_stops_with_one_line(flag, fatal):
+    result = run_python("benchmarks/input_pipeline.py", "--config=configs/figaro.py:smoke", flag)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert any(line.startswith(fatal) for line in result.stderr.splitlines()), result.stderr
+
+
 def test_input_pipeline_benchmark_times_augmented_batches(figaro_dir):
     result = run_python(
         "benchmarks/input_pipeline.py",
