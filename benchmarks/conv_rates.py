@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import train_step  # benchmarks/train_step.py: the config helpers; puts the repo on sys.path
 
-from hairseg_jax import models
+from hairseg_jax import cli, models
 from hairseg_jax.models import layers
 
 
@@ -145,7 +145,7 @@ def torch_ms(call: ConvCall, repeats: int, dtype: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     train_step.add_case_flags(parser, size=227, batch=4)
     parser.add_argument(
         "--repeats", type=train_step.positive_int, default=5, help="timed calls per shape (best)"
@@ -193,4 +193,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_interruptibly(main, "while benchmarking")

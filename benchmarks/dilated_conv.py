@@ -21,8 +21,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import train_step  # benchmarks/train_step.py: the flag types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hairseg_jax import cli  # noqa: E402
 from hairseg_jax.models.layers import (  # noqa: E402
     real_fraction,
     space_to_batch_conv,
@@ -72,17 +74,24 @@ CASES = [
 
 
 def parse_case(text: str) -> tuple[int, ...]:
-    """``BATCH,SIDE,CIN,COUT,RATE`` as a tuple of five ints."""
-    case = tuple(int(v) for v in text.split(","))
-    if len(case) != 5:
-        raise argparse.ArgumentTypeError(f"expected BATCH,SIDE,CIN,COUT,RATE, got {text!r}")
+    """``BATCH,SIDE,CIN,COUT,RATE`` as a tuple of five positive ints."""
+    try:
+        case = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        case = ()
+    if len(case) != 5 or min(case) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected BATCH,SIDE,CIN,COUT,RATE (positive integers), got {text!r}"
+        )
     return case
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", help="of the input and kernel")
+    parser.add_argument("--repeats", type=train_step.positive_int, default=5)
+    parser.add_argument(
+        "--dtype", default="float32", choices=train_step.DTYPES, help="of the input and kernel"
+    )
     parser.add_argument(
         "--case",
         type=parse_case,
@@ -124,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_interruptibly(main, "while benchmarking")

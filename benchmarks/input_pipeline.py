@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ import each other
 from configs import figaro  # noqa: E402
-from hairseg_jax import config_checks  # noqa: E402
+from hairseg_jax import cli, config_checks  # noqa: E402
 from hairseg_jax.data import pipeline, sources  # noqa: E402
 from hairseg_jax.data.examples import Examples  # noqa: E402
 from hairseg_jax.data.figaro1k import DataError  # noqa: E402
@@ -55,6 +55,11 @@ def images_per_second(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.run_interruptibly(time_pipeline, "while timing")
+
+
+def time_pipeline() -> None:
+    """Reads the train split, then times each size: a line each."""
     config = FLAGS.config
     start = time.perf_counter()
     try:

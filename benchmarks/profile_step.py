@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 
 import jax
-import train_step  # benchmarks/train_step.py: the case builder
+import train_step  # benchmarks/train_step.py: the case builder; puts the repo on sys.path
+
+from hairseg_jax import cli
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
@@ -138,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_interruptibly(main, "while benchmarking")

@@ -6,14 +6,14 @@
 Nothing is run: the model is traced on the CPU (``jax.eval_shape``), so the figures are the
 same on every machine. Lower bounds on a train step's time:
 - ``compute_ms``: the model FLOPs (``train_step.py``'s count: 3x the forward convolutions and
-  matrix products) at the device's dense bf16 peak, or at ``--conv_efficiency`` of it;
+  matrix products) at the device's dense bf16 peak, the MFU's measure;
 - ``kernels_ms``: the same work kernel by kernel (each ``Conv2d`` call's forward pass, input
   gradient, but not for the images, and weight gradient), each taking at least its FLOPs at
-  that rate and at least its own HBM traffic at the memory bandwidth: its operands read and
-  its result written once, in the map's dtype (weight gradients in float32). A 1x1
-  convolution over 64 channels does about 51 FLOP per byte, below the H100's 295 at which
-  its memory keeps up with its peak, so such kernels are bound by memory (``conv_memory_ms``:
-  all the kernels' traffic alone);
+  ``--conv_efficiency`` of that peak and at least its own HBM traffic at the memory
+  bandwidth: its operands read and its result written once, in the map's dtype (weight
+  gradients in float32). A 1x1 convolution over 64 channels does about 51 FLOP per byte,
+  below the H100's 295 at which its memory keeps up with its peak, so such kernels are bound
+  by memory (``conv_memory_ms``: all the kernels' traffic alone);
 - ``memory_ms``: the HBM traffic of the model's BatchNorms in training at the device's memory
   bandwidth. XLA calls cuDNN and cuBLAS for the convolutions and fuses nothing into them, so
   each BatchNorm over a map of E values moves at least ``--bn_passes`` x E values in the
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import train_step  # benchmarks/train_step.py: the config helpers; puts the repo on sys.path
 
-from hairseg_jax import models, steps
+from hairseg_jax import cli, models, steps
 from hairseg_jax.models import layers
 
 
@@ -108,6 +108,10 @@ def parse_args() -> argparse.Namespace:
         help="fraction of the bf16 peak that the convolutions and matrix products run at",
     )
     args = parser.parse_args()
+    if not 0 < args.conv_efficiency <= 1:
+        parser.error(f"--conv_efficiency={args.conv_efficiency:g} must be in (0, 1]")
+    if not args.bn_passes >= 0:
+        parser.error(f"--bn_passes={args.bn_passes:g} must not be negative")
     for name in args.devices:
         if not train_step.accelerator(name):
             parser.error(f"unknown device {name!r}; known: {', '.join(train_step.ACCELERATORS)}")
@@ -156,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_interruptibly(main, "while benchmarking")

@@ -53,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hairseg_jax import config_checks, models, sharding, steps  # noqa: E402
+from hairseg_jax import cli, config_checks, models, sharding, steps  # noqa: E402
 from hairseg_jax.models import layers  # noqa: E402
 from hairseg_jax.models.deeplab import BACKBONE_NAMES  # noqa: E402
 from hairseg_jax.models.resnet import BACKBONES  # noqa: E402
@@ -534,4 +534,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_interruptibly(main, "while benchmarking")

@@ -134,6 +134,14 @@ def interrupted(what: str) -> NoReturn:
     os._exit(130)
 
 
+def run_interruptibly(main: Callable[[], None], what: str) -> None:
+    """Runs ``main``; a Ctrl-C during it ends the program with ``interrupted(what)``."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        interrupted(what)
+
+
 class _QuietLibraries(logging.Filter):
     """Drops orbax's per-save INFO chatter; its warnings and errors still pass, without their
     tracebacks unless ``--verbosity=1`` or more (a failed background save logs several, and

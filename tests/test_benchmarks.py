@@ -3,7 +3,11 @@ accelerator hosts run as there, without TensorFlow or clu."""
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import flax.linen
@@ -183,6 +187,24 @@ def test_train_step_flags_are_checked_before_any_work(monkeypatch, capsys, args,
     assert exit_info.value.code == 2 and error in capsys.readouterr().err
     monkeypatch.setattr("sys.argv", ["train_step.py", "--predict", "--batches=1", "--fold_bn"])
     assert train_step.parse_args().batches == [1]  # inference takes single images
+
+
+def test_a_ctrl_c_ends_a_benchmark_with_one_line_and_status_130():
+    """It was a KeyboardInterrupt traceback and, during a compile, a segmentation fault."""
+    process = subprocess.Popen(
+        [sys.executable, "benchmarks/train_step.py", "--backbones=resnet18", "--sizes=96"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline().startswith("# devices=")  # then it compiles and steps
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "FATAL Interrupted while benchmarking."
 
 
 def test_the_nvl_cards_have_their_own_peaks():
@@ -410,6 +432,13 @@ def test_dilated_conv_formulations_agree_without_tensorflow():
     ]
     assert all(float(line["max_abs_diff"]) < 1e-5 for line in lines)
     assert {line["real_fraction"] for line in lines} == {"0.73", "0.31"}
+    # Were tracebacks: UnboundLocalError, and a zero-size array.
+    for flag, error in (
+        ("--repeats=0", "argument --repeats: expected a positive integer, got '0'"),
+        ("--case=0,8,32,32,2", "argument --case: expected BATCH,SIDE,CIN,COUT,RATE (positive"),
+    ):
+        result = run_script("benchmarks/dilated_conv.py", [flag])
+        assert result.returncode == 2 and error in result.stderr, result.stderr[-2000:]
 
 
 def test_profile_step_sums_the_step_by_kind_without_tensorflow():
@@ -429,7 +458,7 @@ def test_profile_step_sums_the_step_by_kind_without_tensorflow():
     assert abs(sum(kinds.values()) - 100) < 0.5
 
 
-def test_roofline_counts_every_batch_norm_and_bounds_the_mfu(monkeypatch):
+def test_roofline_counts_every_batch_norm_and_bounds_the_mfu(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location("roofline", REPO / "benchmarks/roofline.py")
     roofline = importlib.util.module_from_spec(spec)
@@ -495,6 +524,16 @@ def test_roofline_counts_every_batch_norm_and_bounds_the_mfu(monkeypatch):
 
     unknown = run_script("benchmarks/roofline.py", ["--devices=TPU"])
     assert unknown.returncode == 2 and "unknown device 'TPU'" in unknown.stderr
+    # Were figures with status 0: kernels_ms=inf and mfu_ceiling=0.000; memory_ms < 0.
+    for flag, error in (
+        ("--conv_efficiency=0", "--conv_efficiency=0 must be in (0, 1]"),
+        ("--conv_efficiency=2", "--conv_efficiency=2 must be in (0, 1]"),
+        ("--bn_passes=-3", "--bn_passes=-3 must not be negative"),
+    ):
+        monkeypatch.setattr("sys.argv", ["roofline.py", flag])
+        with pytest.raises(SystemExit) as exit_info:
+            roofline.parse_args()
+        assert exit_info.value.code == 2 and error in capsys.readouterr().err
 
 
 # Last in the file: by then test_preemption.py (started beside this file) has compiled the
