@@ -116,4 +116,4 @@ def measure(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -83,4 +83,4 @@ def time_pipeline() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

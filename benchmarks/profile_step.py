@@ -111,7 +111,9 @@ def main() -> None:
     train_step.add_case_flags(parser, size=227, batch=4)
     parser.add_argument("--predict", action="store_true", help="profile inference instead")
     parser.add_argument("--steps", type=train_step.positive_int, default=2, help="traced steps")
-    parser.add_argument("--top", type=int, default=15, help="ops listed one by one")
+    parser.add_argument(
+        "--top", type=train_step.positive_int, default=15, help="ops listed one by one"
+    )
     args = parser.parse_args()
     config = train_step.case_from_flags(args)
     case = train_step.compile_jax(config, args.predict)

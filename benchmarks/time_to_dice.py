@@ -96,7 +96,7 @@ def train_and_score(config) -> dict:
     compile_s = time.perf_counter() - start
     print(
         f"{len(train)} train images packed to {packed.images.shape[1]} px, {total_steps} steps "
-        f"of batch {batch_size} at {image_size} px ({total_steps * batch_size / len(train):.0f} "
+        f"of batch {batch_size} at {image_size} px ({total_steps * batch_size / len(train):.3g} "
         f"epochs) on {mesh.size}x{jax.devices()[0].device_kind}; read {read_s:.1f} s, "
         f"compile {compile_s:.1f} s",
         flush=True,
@@ -174,4 +174,4 @@ def train_and_score(config) -> dict:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -138,8 +138,13 @@ def base_config(spec: str, overrides: list[str]):
     if not Path(path).is_file():
         sys.exit(f"--config: no config file {path}.")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if module_spec is None:  # not a .py file
+        sys.exit(f"--config: {path} is not a Python config file.")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except (SyntaxError, ImportError) as e:
+        sys.exit(f"--config: cannot load {path}: {type(e).__name__}: {e}")
     try:
         config = module.get_config(variant) if variant else module.get_config()
     except (AttributeError, TypeError, ValueError) as e:  # no get_config, an unknown variant

@@ -157,6 +157,8 @@ def test_base_config_takes_a_variant_and_only_overrides_of_its_own_fields():
         train_step.base_config("configs/figaro.py:nope", [])
     with pytest.raises(SystemExit, match="^--config: no config file configs/none.py"):
         train_step.base_config("configs/none.py", [])
+    with pytest.raises(SystemExit, match="^--config: README.md is not a Python config file"):
+        train_step.base_config("README.md", [])  # was an AttributeError traceback
     with pytest.raises(
         SystemExit,
         match=r"^--config configs/figaro.py: Bad config: optim.learning_rate=-1.0 must be positive",
@@ -333,6 +335,12 @@ def test_eval_benchmark_scores_the_split_as_eval_does_without_tensorflow(figaro_
         ),
         # A traceback (range() arg 3 must not be zero) after reading the split.
         ("--config.eval.batch_size=0", "FATAL Bad config: eval.batch_size=0 must be positive."),
+        # A 36-line traceback.
+        (
+            "--config=configs/nope.py",
+            "FATAL Cannot load the --config file: [Errno 2] No such file or directory: "
+            "'configs/nope.py'",
+        ),
     ],
 )
 def test_eval_benchmark_stops_with_main_pys_line(tmp_path, flag, fatal):
