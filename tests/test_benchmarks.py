@@ -324,50 +324,44 @@ def test_eval_benchmark_scores_the_split_as_eval_does_without_tensorflow(figaro_
 
 
 @pytest.mark.parametrize(
-    "flag, fatal",
+    "script, flag, fatal",
     [
-        # A mistyped workdir was scored as random weights, with status 0.
-        ("--workdir={tmp}/typo", "FATAL --workdir={tmp}/typo is not a folder."),
+        # eval.py scored a mistyped workdir as random weights, with status 0.
+        ("eval", "--workdir={tmp}/typo", "FATAL --workdir={tmp}/typo is not a folder."),
         (
+            "eval",
             "--workdir={tmp}",
             "FATAL No best checkpoint in {tmp}/best and no config.model.pretrained; train "
             "there first.",
         ),
         # A traceback (range() arg 3 must not be zero) after reading the split.
-        ("--config.eval.batch_size=0", "FATAL Bad config: eval.batch_size=0 must be positive."),
+        (
+            "eval",
+            "--config.eval.batch_size=0",
+            "FATAL Bad config: eval.batch_size=0 must be positive.",
+        ),
         # A 36-line traceback.
         (
+            "eval",
             "--config=configs/nope.py",
             "FATAL Cannot load the --config file: [Errno 2] No such file or directory: "
             "'configs/nope.py'",
         ),
-    ],
-)
-def test_eval_benchmark_stops_with_main_pys_line(tmp_path, flag, fatal):
-    result = run_script(
-        "benchmarks/eval.py",
-        ["--config=configs/figaro.py:smoke", flag.format(tmp=tmp_path)],
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == fatal.format(tmp=tmp_path)
-
-
-@pytest.mark.parametrize(
-    "flag, fatal",
-    [
-        # Written after the run: a traceback then, and the run's summary lost.
-        ("--out={tmp}", "FATAL --out={tmp} is a folder."),
+        # time_to_dice.py wrote --out after the run: a traceback then, the summary lost.
+        ("time_to_dice", "--out={tmp}", "FATAL --out={tmp} is a folder."),
         # Trained with loss nan at -25 img/s, and reported with status 0.
         (
+            "time_to_dice",
             "--config.train.batch_size=-2",
             "FATAL Bad config: train.batch_size=-2 must be at least 2 (BatchNorm over the batch).",
         ),
     ],
 )
-def test_time_to_dice_stops_with_one_line_before_training(tmp_path, flag, fatal):
+def test_eval_and_time_to_dice_stop_with_main_pys_line_before_any_work(
+    tmp_path, script, flag, fatal
+):
     result = run_script(
-        "benchmarks/time_to_dice.py",
-        ["--config=configs/figaro.py:smoke", flag.format(tmp=tmp_path)],
+        f"benchmarks/{script}.py", ["--config=configs/figaro.py:smoke", flag.format(tmp=tmp_path)]
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == fatal.format(tmp=tmp_path)
