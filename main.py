@@ -37,9 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     # Imported after the flags: a mistyped flag or override is answered without loading JAX.
     import jax
 
-    from hairseg_jax import config_checks, evaluate, predict, sharding, steps
-    from hairseg_jax.data.figaro1k import DataError
-    from hairseg_jax.weights.tensors import ConversionError
+    from hairseg_jax import config_checks, evaluate, predict, sharding
 
     cli.quiet_libraries()
     logging.info("Config:\n%s", config)
@@ -58,14 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             result = {"eval": evaluate.evaluate, "predict": predict.predict}[config.mode](
                 config, folder
             )
-    except (
-        config_checks.ConfigError,
-        ConversionError,
-        DataError,
-        OSError,  # a file that cannot be read or written (a full disk, ...), checkpoints' too
-        sharding.ShardingError,
-        steps.NonFiniteError,
-    ) as e:
+    except config_checks.USER_ERRORS as e:
         sys.exit(f"FATAL {e}")
     except MemoryError as e:  # the host's, e.g. NumPy's for a mistyped eval.image_size
         sys.exit(f"FATAL Out of host memory in {config.mode} mode ({e}): lower the sizes.")

@@ -27,10 +27,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ import each other
 from configs import figaro  # noqa: E402
-from hairseg_jax import checkpoints, cli, config_checks, evaluate, models, sharding, steps  # noqa: E402
+from hairseg_jax import cli, config_checks, evaluate, models, sharding, steps  # noqa: E402
 from hairseg_jax.data import sources  # noqa: E402
-from hairseg_jax.data.figaro1k import DataError  # noqa: E402
-from hairseg_jax.weights.tensors import ConversionError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/figaro_cpu.py.")
@@ -53,23 +51,16 @@ def main(argv: list[str]) -> None:
     try:
         config_checks.expand_user(FLAGS.config)
         config_checks.check_config(FLAGS.config, template=figaro.get_config())
-        print(measure(FLAGS.config, FLAGS.workdir), flush=True)
-    except (
-        ConversionError,
-        DataError,
-        FileNotFoundError,
-        checkpoints.UnreadableError,
-        config_checks.ConfigError,
-        sharding.ShardingError,
-    ) as e:
+        print(measure(FLAGS.config, FLAGS.workdir, FLAGS.warm_pass), flush=True)
+    except config_checks.USER_ERRORS as e:
         sys.exit(f"FATAL {e}")
     except KeyboardInterrupt:
         cli.interrupted("while evaluating")
 
 
-def measure(config: ml_collections.ConfigDict, workdir: str) -> str:
+def measure(config: ml_collections.ConfigDict, workdir: str, warm_pass: bool) -> str:
     """The benchmark's line for ``config``'s evaluation of ``workdir`` ("": random weights
-    where ``config`` has no pretrained ones)."""
+    where ``config`` has no pretrained ones), with a second, warm pass if ``warm_pass``."""
     if workdir and not Path(workdir).is_dir():
         raise FileNotFoundError(f"--workdir={workdir} is not a folder.")
     mesh = sharding.data_mesh()
@@ -107,7 +98,7 @@ def measure(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"state_s={state_s:.2f} predict_score_s={predict_s:.2f} "
         f"total_s={read_s + state_s + predict_s:.2f}"
     )
-    if FLAGS.warm_pass:
+    if warm_pass:
         line += f" predict_score_warm_s={predict_and_score()[1]:.2f}"
     return (
         f"{line} dice={summary['dice']:.4f} pooled_dice={summary['pooled_dice']:.4f} "

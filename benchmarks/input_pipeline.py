@@ -23,7 +23,6 @@ from configs import figaro  # noqa: E402
 from hairseg_jax import cli, config_checks  # noqa: E402
 from hairseg_jax.data import pipeline, sources  # noqa: E402
 from hairseg_jax.data.examples import Examples  # noqa: E402
-from hairseg_jax.data.figaro1k import DataError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/figaro.py.")
@@ -66,7 +65,7 @@ def time_pipeline() -> None:
         config_checks.expand_user(config)
         config_checks.check_config(config, template=figaro.get_config())
         examples = sources.load_examples(config, "train", config.data.max_train_images)
-    except (DataError, config_checks.ConfigError) as e:
+    except config_checks.USER_ERRORS as e:
         sys.exit(f"FATAL {e}")
     print(
         f"input_pipeline_read split=train images={len(examples)} "

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ import 
 from configs import figaro  # noqa: E402
 from hairseg_jax import cli, config_checks, evaluate, models, sharding, steps  # noqa: E402
 from hairseg_jax.data import device_augment, sources  # noqa: E402
-from hairseg_jax.data.figaro1k import DataError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/figaro.py:scratch.")
@@ -61,7 +60,7 @@ def main(argv: list[str]) -> None:
         summary = train_and_score(config)
         if FLAGS.out:
             Path(FLAGS.out).write_text(json.dumps(summary, indent=2, default=str))
-    except (DataError, OSError, config_checks.ConfigError, sharding.ShardingError) as e:
+    except config_checks.USER_ERRORS as e:
         sys.exit(f"FATAL {e}")
     except KeyboardInterrupt:
         cli.interrupted("while timing")

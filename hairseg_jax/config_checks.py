@@ -13,10 +13,12 @@ import ml_collections
 from flax import traverse_util
 
 from hairseg_jax import cli
-from hairseg_jax.data.figaro1k import MASK_SOURCES, SPLITS
+from hairseg_jax.data.figaro1k import MASK_SOURCES, SPLITS, DataError
 from hairseg_jax.models.deeplab import BACKBONE_NAMES
 from hairseg_jax.models.resnet import BACKBONES
-from hairseg_jax.steps import TTA_MODES
+from hairseg_jax.sharding import ShardingError
+from hairseg_jax.steps import TTA_MODES, NonFiniteError
+from hairseg_jax.weights.tensors import ConversionError
 
 MODES = ("train", "eval", "predict")
 WHOLE_NUMBER_TUPLES = ("data.progressive_sizes", "eval.tta_sizes", "model.multi_grid")
@@ -29,6 +31,12 @@ DISTRIBUTED_DETECTED = {"coordinator_address": "", "num_processes": 0, "process_
 
 class ConfigError(ValueError):
     """A config value that cannot work."""
+
+
+# What a run's input can be wrong in: its config, data, weights, files (a full disk, a damaged
+# checkpoint), devices, or a diverging step. main.py and the benchmarks report these in one
+# line, "FATAL <error>", rather than as a traceback.
+USER_ERRORS = (ConfigError, ConversionError, DataError, OSError, ShardingError, NonFiniteError)
 
 
 # Config fields that name files or folders (``expand_user``).

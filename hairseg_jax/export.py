@@ -31,7 +31,6 @@ import ml_collections
 from absl import app, flags, logging
 
 from hairseg_jax import cli, config_checks, evaluate, files, models, sharding, steps
-from hairseg_jax.weights.tensors import ConversionError
 
 POLYMORPHIC_SHAPE = "(b, h, w, 3)"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax2tf's native serialization platforms
@@ -189,12 +188,7 @@ def main(argv: Sequence[str]) -> None:
         config_checks.check_config(config)
         sharding.start_backend()
         export(config, workdir, out, FLAGS.platforms)
-    except (
-        config_checks.ConfigError,
-        ConversionError,
-        OSError,  # a file that cannot be read or written (a full disk, ...), checkpoints' too
-        sharding.ShardingError,
-    ) as e:
+    except config_checks.USER_ERRORS as e:
         sys.exit(f"FATAL {e}")
     except KeyboardInterrupt:
         cli.interrupted("while exporting")
