@@ -25,10 +25,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"FATAL Unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
-    try:
-        run(FLAGS.config, FLAGS.workdir)
-    except KeyboardInterrupt:  # training's loop checkpoints and stops instead
-        cli.interrupted(f"in {FLAGS.config.mode} mode")
+    with cli.ending_on_ctrl_c(f"in {FLAGS.config.mode} mode"):  # training's loop checkpoints
+        run(FLAGS.config, FLAGS.workdir)  # and stops at a first Ctrl-C instead
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -48,14 +48,13 @@ def random_state(config: ml_collections.ConfigDict, mesh: Mesh) -> steps.TrainSt
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        config_checks.expand_user(FLAGS.config)
-        config_checks.check_config(FLAGS.config, template=figaro.get_config())
-        print(measure(FLAGS.config, FLAGS.workdir, FLAGS.warm_pass), flush=True)
-    except config_checks.USER_ERRORS as e:
-        sys.exit(f"FATAL {e}")
-    except KeyboardInterrupt:
-        cli.interrupted("while evaluating")
+    with cli.ending_on_ctrl_c("while evaluating"):
+        try:
+            config_checks.expand_user(FLAGS.config)
+            config_checks.check_config(FLAGS.config, template=figaro.get_config())
+            print(measure(FLAGS.config, FLAGS.workdir, FLAGS.warm_pass), flush=True)
+        except config_checks.USER_ERRORS as e:
+            sys.exit(f"FATAL {e}")
 
 
 def measure(config: ml_collections.ConfigDict, workdir: str, warm_pass: bool) -> str:

@@ -49,21 +49,20 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     if config.data.progressive_sizes:
         raise app.UsageError("Progressive resizing is not supported here; pass '()'.")
-    try:
-        config_checks.expand_user(config)
-        config_checks.check_config(config, template=figaro.get_config())
-        if FLAGS.out:  # before the run, not after it
-            out = Path(FLAGS.out)
-            if out.is_dir():
-                raise config_checks.ConfigError(f"--out={FLAGS.out} is a folder.")
-            config_checks.make_folder(out.absolute().parent, "the folder of --out")
-        summary = train_and_score(config)
-        if FLAGS.out:
-            Path(FLAGS.out).write_text(json.dumps(summary, indent=2, default=str))
-    except config_checks.USER_ERRORS as e:
-        sys.exit(f"FATAL {e}")
-    except KeyboardInterrupt:
-        cli.interrupted("while timing")
+    with cli.ending_on_ctrl_c("while timing"):
+        try:
+            config_checks.expand_user(config)
+            config_checks.check_config(config, template=figaro.get_config())
+            if FLAGS.out:  # before the run, not after it
+                out = Path(FLAGS.out)
+                if out.is_dir():
+                    raise config_checks.ConfigError(f"--out={FLAGS.out} is a folder.")
+                config_checks.make_folder(out.absolute().parent, "the folder of --out")
+            summary = train_and_score(config)
+            if FLAGS.out:
+                Path(FLAGS.out).write_text(json.dumps(summary, indent=2, default=str))
+        except config_checks.USER_ERRORS as e:
+            sys.exit(f"FATAL {e}")
 
 
 def train_and_score(config) -> dict:

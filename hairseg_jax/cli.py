@@ -4,11 +4,12 @@ override answered in one line; orbax's INFO chatter and tracebacks left out of t
 Standard library and absl only, so a mistyped flag is answered before JAX is loaded.
 """
 
+import contextlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from absl import flags
@@ -122,24 +123,52 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def fatal_now(message: str, status: int) -> NoReturn:
+    """Ends the program at once, from any thread, with one line, "FATAL ``message``", and exit
+    status ``status``, skipping Python's shutdown (where work still running in another thread
+    could crash it)."""
+    print(f"FATAL {message}", file=sys.stderr)
+    absl_logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def interrupted(what: str) -> NoReturn:
     """Ends the program after a Ctrl-C (KeyboardInterrupt) with one line, "FATAL Interrupted
     ``what``.", and exit status 130, skipping Python's shutdown: an XLA compilation that the
     interrupt stopped waiting for goes on in its own thread, and crashed that shutdown (a
     segmentation fault) by using the backend it freed. Callers' ``finally`` blocks have run."""
-    print(f"FATAL Interrupted {what}.", file=sys.stderr)
-    absl_logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
+    fatal_now(f"Interrupted {what}.", 130)
+
+
+@contextlib.contextmanager
+def ending_on_ctrl_c(what: str) -> Iterator[None]:
+    """Runs the ``with`` block; a Ctrl-C during it ends the program with ``interrupted(what)``.
+    That includes a Ctrl-C whose KeyboardInterrupt Python would print as "Exception ignored"
+    and go on from: one raised in a gc callback (JAX runs one at each collection) or in a
+    finalizer, which left the program running to its end with status 0."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            interrupted(what)
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted(what)
+    finally:
+        if sys.unraisablehook is hook:  # else a hook set in the block wraps it: kept
+            sys.unraisablehook = previous
 
 
 def run_interruptibly(main: Callable[[], None], what: str) -> None:
     """Runs ``main``; a Ctrl-C during it ends the program with ``interrupted(what)``."""
-    try:
+    with ending_on_ctrl_c(what):
         main()
-    except KeyboardInterrupt:
-        interrupted(what)
 
 
 class _QuietLibraries(logging.Filter):

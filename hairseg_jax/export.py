@@ -178,20 +178,19 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_libraries()
-    try:
-        workdir = config_checks.folder_flag(FLAGS.workdir, "--workdir")
-        out = config_checks.folder_flag(FLAGS.out, "--out")
-        if not workdir.is_dir():
-            raise FileNotFoundError(f"--workdir={FLAGS.workdir} is not a folder.")
-        config = FLAGS.config or read_config(workdir)
-        config_checks.expand_user(config)
-        config_checks.check_config(config)
-        sharding.start_backend()
-        export(config, workdir, out, FLAGS.platforms)
-    except config_checks.USER_ERRORS as e:
-        sys.exit(f"FATAL {e}")
-    except KeyboardInterrupt:
-        cli.interrupted("while exporting")
+    with cli.ending_on_ctrl_c("while exporting"):
+        try:
+            workdir = config_checks.folder_flag(FLAGS.workdir, "--workdir")
+            out = config_checks.folder_flag(FLAGS.out, "--out")
+            if not workdir.is_dir():
+                raise FileNotFoundError(f"--workdir={FLAGS.workdir} is not a folder.")
+            config = FLAGS.config or read_config(workdir)
+            config_checks.expand_user(config)
+            config_checks.check_config(config)
+            sharding.start_backend()
+            export(config, workdir, out, FLAGS.platforms)
+        except config_checks.USER_ERRORS as e:
+            sys.exit(f"FATAL {e}")
 
 
 if __name__ == "__main__":

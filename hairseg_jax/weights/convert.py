@@ -428,16 +428,15 @@ def main(argv: list[str]) -> None:
         sys.exit(f"FATAL --out={options.out} must end in .msgpack.")
     cli.quiet_libraries()
     start = time.perf_counter()
-    try:
-        sharding.start_backend()
-        variables, whole = convert_file(options.torch, options.backbone)
-        save_variables(variables, options.out)
-    except (ConversionError, sharding.ShardingError) as e:
-        sys.exit(f"FATAL {e}")
-    except OSError as e:  # --out: no permission, a folder of that name, ...
-        sys.exit(f"FATAL Cannot write --out={options.out}: {e}")
-    except KeyboardInterrupt:
-        cli.interrupted("while converting")
+    with cli.ending_on_ctrl_c("while converting"):
+        try:
+            sharding.start_backend()
+            variables, whole = convert_file(options.torch, options.backbone)
+            save_variables(variables, options.out)
+        except (ConversionError, sharding.ShardingError) as e:
+            sys.exit(f"FATAL {e}")
+        except OSError as e:  # --out: no permission, a folder of that name, ...
+            sys.exit(f"FATAL Cannot write --out={options.out}: {e}")
     what = f"{options.backbone} DeepLabV3+" if whole else f"{options.backbone} backbone"
     print(
         f"Converted {len(jax.tree.leaves(variables))} tensors ({what}) from {options.torch} "
