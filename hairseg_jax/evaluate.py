@@ -575,6 +575,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     checkpoint of the original PyTorch project, imported as it is).
     """
     workdir = Path(workdir)
+    split = config.eval.split
+    tuned_on = {"val": config.eval.max_images} if config.eval.tune_threshold else {}
+    sources.locate_examples(config, tuned_on | {split: config.eval.max_images})
     mesh = sharding.data_mesh()
     state, weights, step = load_state(config, workdir, mesh)
     # Read once, and only where a threshold is tuned or a tuned one is checked.
@@ -611,7 +614,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         config.eval.threshold, workdir, step, settings, tuned, digest
     )
 
-    split = config.eval.split
     examples = sources.load_examples(config, split, config.eval.max_images)
     scores = run(examples, threshold=threshold, num_worst=NUM_WORST)
     rows = scores.rows

@@ -259,8 +259,10 @@ def _train_and_evaluate(
     mesh = sharding.data_mesh()
     batch_size = config.train.batch_size
     sharding.check_batch_size(batch_size, mesh, "config.train.batch_size")
-    train_data = sources.load_examples(config, "train", config.data.max_train_images)
-    val_data = sources.load_examples(config, "val", config.data.max_val_images)
+    limits = {"train": config.data.max_train_images, "val": config.data.max_val_images}
+    sources.locate_examples(config, limits)  # a missing val file before train's long read
+    train_data = sources.load_examples(config, "train", limits["train"])
+    val_data = sources.load_examples(config, "val", limits["val"])
     steps_per_epoch = steps.steps_per_epoch(config.train, len(train_data))
     if not steps_per_epoch:
         raise config_checks.ConfigError(
@@ -272,16 +274,19 @@ def _train_and_evaluate(
     total_steps = steps.total_train_steps(config.train, len(train_data))
     eval_every = config.train.eval_every_steps or steps_per_epoch
     checkpoint_every = config.train.checkpoint_every_steps or eval_every
+    processes = jax.process_count()
     logging.info(
-        "%d train / %d val images, %d steps of batch %d (%.1f epochs) on %d devices of %d "
-        "processes.",
+        "%d train / %d val images, %d steps of batch %d (%.1f epochs) on %d device%s of %d "
+        "process%s.",
         len(train_data),
         len(val_data),
         total_steps,
         batch_size,
         total_steps / steps_per_epoch,
         mesh.size,
-        jax.process_count(),
+        "" if mesh.size == 1 else "s",
+        processes,
+        "" if processes == 1 else "es",
     )
 
     latest = closing.enter_context(

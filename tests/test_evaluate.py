@@ -13,9 +13,11 @@ import pytest
 from configs import synthetic
 from hairseg_jax import checkpoints, config_checks, evaluate, models, sharding, steps
 from hairseg_jax.data.examples import Examples
+from hairseg_jax.data.figaro1k import DataError
 from hairseg_jax.weights import convert
 from hairseg_jax.weights.tensors import ConversionError
 from tests.conftest import TinyNet
+from tests.data.conftest import entry, random_image, random_mask, write_frame
 
 
 def tiny_config():
@@ -307,3 +309,22 @@ def test_the_report_names_the_images_skipped_as_unreadable(
     assert (
         "These scores leave out 1 unreadable image of test (data.skip_unreadable): Frame00009."
     ) in caplog.text
+
+
+def test_a_missing_test_file_is_found_before_the_threshold_is_tuned(tmp_path, monkeypatch):
+    """It was found after the checkpoint's restore and the whole tuning pass over val."""
+    root = tmp_path / "Figaro1k"
+    for i, name in enumerate(["Frame00001", "Frame00002"]):
+        write_frame(root, name, random_image(seed=i), pbm=random_mask(seed=i))
+    lists = {"train": [], "val": [entry("Frame00001")], "test": [entry("Frame00004")]}
+    (root / "train_val_test.json").write_text(json.dumps(lists))
+    config = tiny_config()
+    config.data.dataset, config.data.data_dir = "figaro1k", str(root)
+    config.eval.tune_threshold = True
+
+    def load_state(*args):
+        raise AssertionError("the checkpoint was restored before the test split's files")
+
+    monkeypatch.setattr(evaluate, "load_state", load_state)
+    with pytest.raises(DataError, match="split 'test'.*Frame00004-org.jpg does not exist"):
+        evaluate.evaluate(config, tmp_path / "w")

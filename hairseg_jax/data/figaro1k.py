@@ -53,11 +53,21 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
         raise DataError(f"Split file {path} {what}.")
     try:  # utf-8-sig: a byte order mark, as some Windows editors write, is skipped
         lists = json.loads(path.read_text(encoding="utf-8-sig"))
-        entries = lists[split]
     except OSError as e:  # e.g. another user's file
         raise DataError(f"Cannot read split file {path}: {e.strerror}.") from e
-    except (KeyError, TypeError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise DataError(f"Split file {path} has no readable {split!r} list: {e}") from e
+    except UnicodeDecodeError as e:  # e.g. UTF-16, as some Windows tools write
+        raise DataError(f"Split file {path} is not UTF-8 text: {e}.") from e
+    except ValueError as e:
+        raise DataError(f"Split file {path} is not valid JSON: {e}.") from e
+    if not isinstance(lists, dict):
+        raise DataError(
+            f"Split file {path} must hold a JSON object of 'train', 'val' and 'test' lists; "
+            f"it holds a {type(lists).__name__}."
+        )
+    if split not in lists:
+        found = ", ".join(map(repr, lists)) or "none"
+        raise DataError(f"Split file {path} has no {split!r} list (it has {found}).")
+    entries = lists[split]
     bad = [e for e in entries if not _is_entry(e)] if isinstance(entries, list) else [entries]
     if bad:
         raise DataError(
@@ -66,6 +76,13 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
         )
     if not entries:
         raise DataError(f"Split {split!r} of {path} is empty.")
+    swapped = [e for e in entries if _pairs_two_frames(e)]
+    if swapped:  # the mask of another photo: trained on or scored against wrong labels
+        raise DataError(
+            f"Split file {path}: {len(swapped)} entr{'y' if len(swapped) == 1 else 'ies'} of "
+            f"{split!r} pair an image with another frame's mask, e.g. {json.dumps(swapped[0])}; "
+            "an entry's annotation and image must name the same frame."
+        )
     names = _image_names(entries)
     repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
     if repeated:  # each is read, trained on or scored as often as it is listed
@@ -96,6 +113,17 @@ def _is_entry(entry: object) -> bool:
     return isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ENTRY_KEYS)
 
 
+def _pairs_two_frames(entry: dict[str, str]) -> bool:
+    """Whether a split entry's annotation and image name two different Figaro1k frames (other
+    names follow no convention that could tell)."""
+    try:
+        return frame_number(mask_stem(entry["annotation"])) != frame_number(
+            frame_name(entry["image"])
+        )
+    except ValueError:  # not Figaro1k's names
+        return False
+
+
 def _image_names(entries: object) -> list[str]:
     """The image file names of a split's entries, however their folders are written (none for
     anything but a list of entries)."""
@@ -105,8 +133,9 @@ def _image_names(entries: object) -> list[str]:
 
 
 def frame_name(image_file: str) -> str:
-    """``"Frame00001-org.jpg"`` -> ``"Frame00001"``."""
-    return Path(image_file).name.removesuffix(".jpg").removesuffix("-org")
+    """``"Frame00001-org.jpg"`` -> ``"Frame00001"``, whatever the image file's suffix
+    (``"Frame00001-org.png"``)."""
+    return Path(image_file).stem.removesuffix("-org")
 
 
 def frame_number(frame: str) -> int:
@@ -247,21 +276,15 @@ def _first_errors(errors: list[str], total: int, what: str) -> str:
     return f"{len(errors)} of {total} {what}: {shown}"
 
 
-def read_split(
+def locate_split(
     data_dir: str | os.PathLike,
     split: str,
     split_file: str | os.PathLike = "train_val_test.json",
     mask_source: str = "auto",
     limit: int | None = None,
-    num_threads: int = 8,
-    skip_unreadable: bool = False,
-) -> Examples:
-    """Decodes ``limit`` examples (all for 0 or ``None``) spread over a split into memory.
-
-    Missing files are reported together before anything is decoded. Files that cannot be
-    decoded or do not fit their image fail the read, or are logged and left out with
-    ``skip_unreadable``.
-    """
+) -> tuple[list[dict[str, str]], list[tuple[Path, Path]]]:
+    """The entries of ``limit`` examples (all for 0 or ``None``) spread over a split, and their
+    image and mask files; a DataError reports every missing file together."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         what = "is not a folder" if data_dir.exists() else "does not exist"
@@ -280,7 +303,26 @@ def read_split(
     if missing:
         what = f"examples of split {split!r} in {split_path} are missing files"
         raise DataError(_first_errors(missing, len(entries), what))
+    return entries, paths
 
+
+def read_split(
+    data_dir: str | os.PathLike,
+    split: str,
+    split_file: str | os.PathLike = "train_val_test.json",
+    mask_source: str = "auto",
+    limit: int | None = None,
+    num_threads: int = 8,
+    skip_unreadable: bool = False,
+) -> Examples:
+    """Decodes ``limit`` examples (all for 0 or ``None``) spread over a split into memory.
+
+    Missing files are reported together before anything is decoded (``locate_split``). Files
+    that cannot be decoded or do not fit their image fail the read, or are logged and left out
+    with ``skip_unreadable``.
+    """
+    entries, paths = locate_split(data_dir, split, split_file, mask_source, limit)
+    split_path = resolve_split_file(data_dir, split_file)
     logging.info("Reading %d %s examples from %s.", len(entries), split, data_dir)
 
     def read(pair: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | str:

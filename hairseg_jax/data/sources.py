@@ -23,3 +23,13 @@ def load_examples(config: ml_collections.ConfigDict, split: str, limit: int = 0)
             skip_unreadable=data.skip_unreadable,
         )
     raise ValueError(f"Unknown dataset {data.dataset!r}; use figaro1k or synthetic.")
+
+
+def locate_examples(config: ml_collections.ConfigDict, limits: dict[str, int]) -> None:
+    """Finds the files of the splits ``limits`` names (``{split: limit}``, as
+    ``load_examples``) without decoding any: a DataError for the first split missing some,
+    rather than after another split's long read."""
+    data = config.data
+    if data.dataset == "figaro1k":
+        for split, limit in limits.items():
+            figaro1k.locate_split(data.data_dir, split, data.split_file, data.mask_source, limit)

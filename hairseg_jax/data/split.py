@@ -4,8 +4,9 @@ Usage:
     python -m hairseg_jax.data.split --data_dir=DIR --out=FILE [--seed=0] \
         [--fractions=0.7,0.2,0.1] [--overwrite]
 
-Lists ``DIR/GT/images/*-org.jpg``, splits the frames so that every hair type is cut by the
-same fractions, and writes the split as JSON in the original project's format.
+Lists the frames of ``DIR/GT/images/*-org.jpg`` that have a mask (frames without one are
+left out, with a warning), splits them so that every hair type is cut by the same fractions,
+and writes the split as JSON in the original project's format.
 """
 
 import math
@@ -17,7 +18,14 @@ import numpy as np
 from absl import app, flags
 
 from hairseg_jax import cli, files
-from hairseg_jax.data.figaro1k import HAIR_TYPES, SPLITS, frame_number, hair_type
+from hairseg_jax.data.figaro1k import (
+    HAIR_TYPES,
+    SPLITS,
+    frame_name,
+    frame_number,
+    hair_type,
+    mask_candidates,
+)
 
 
 def bare_frame(frame: str) -> str:
@@ -84,14 +92,44 @@ def split_to_json(split: dict[str, Sequence[str]]) -> dict[str, list[dict[str, s
     }
 
 
-def _write_json(data: dict, out: Path, overwrite: bool) -> None:
-    """Writes `data` to `out` atomically, after checking where `out` is."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Exits with a one-line error if ``out`` cannot be the split file written."""
     if out.is_dir():
         raise SystemExit(f"error: --out {out} is a directory.")
     if out.exists() and not overwrite:
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it.")
     if not out.parent.is_dir():
         raise SystemExit(f"error: output directory {out.parent} does not exist.")
+
+
+def _masked_images(data_dir: Path) -> list[str]:
+    """The names of ``data_dir``'s ``GT/images/*-org.jpg`` that have a mask, sorted; exits with
+    a one-line error if none has, and warns of those left out."""
+    images = sorted(p.name for p in (data_dir / "GT" / "images").glob("*-org.jpg"))
+    if not images:
+        raise SystemExit(f"error: no *-org.jpg images found in {data_dir / 'GT' / 'images'}.")
+    masked = [
+        name
+        for name in images
+        if any(p.is_file() for p in mask_candidates(data_dir, frame_name(name), "auto"))
+    ]
+    if not masked:
+        raise SystemExit(
+            f"error: no image in {data_dir / 'GT' / 'images'} has a mask (GT/labels/*-gt.pbm, "
+            "GT/np_labels/*.npy or GT/labels/*.npy)."
+        )
+    if len(masked) < len(images):
+        unmasked = sorted(set(images) - set(masked))
+        print(
+            f"warning: {len(unmasked)} of {len(images)} images have no mask and are left out "
+            f"(e.g. {unmasked[0]}).",
+            file=sys.stderr,
+        )
+    return masked
+
+
+def _write_json(data: dict, out: Path) -> None:
+    """Writes ``data`` to ``out`` atomically."""
     try:
         files.write_json(out, data)
     except OSError as e:  # e.g. into the dataset's read-only folder
@@ -122,15 +160,14 @@ def main(argv: Sequence[str]) -> None:
     if not data_dir.is_dir():
         what = "is not a folder" if data_dir.exists() else "does not exist"
         raise SystemExit(f"error: data directory {data_dir} {what}.")
-    images = sorted(p.name for p in (data_dir / "GT" / "images").glob("*-org.jpg"))
-    if not images:
-        raise SystemExit(f"error: no *-org.jpg images found in {data_dir / 'GT' / 'images'}.")
+    _check_out(out, flag.overwrite)
+    images = _masked_images(data_dir)
     try:
         fractions = [_number(f, "--fractions") for f in flag.fractions]
         split = stratified_split(images, fractions, flag.seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    _write_json(split_to_json(split), out, flag.overwrite)
+    _write_json(split_to_json(split), out)
     _print_counts(split)
     print(f"wrote {out}")
     if empty := [name for name in SPLITS if not split[name]]:

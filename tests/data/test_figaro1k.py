@@ -11,6 +11,7 @@ from PIL import Image
 from hairseg_jax.data.figaro1k import (
     HAIR_TYPES,
     DataError,
+    frame_name,
     hair_type,
     locate,
     read_example,
@@ -58,6 +59,14 @@ def test_hair_type(frame: str, kind: str):
 def test_hair_type_rejects(frame: str):
     with pytest.raises(ValueError, match="Not a Figaro1k frame"):
         hair_type(frame)
+
+
+@pytest.mark.parametrize(
+    "image", ["Frame00751-org.jpg", "Frame00751-org.png", "Frame00751-org", "x/Frame00751-org.jpg"]
+)
+def test_frame_name_drops_any_image_suffix(image: str):
+    """A PNG's name kept its suffix, and so lost its hair type in the evaluation report."""
+    assert frame_name(image) == "Frame00751" and hair_type(frame_name(image)) == "dreadlocks"
 
 
 # Real data.
@@ -162,6 +171,45 @@ def test_malformed_split_file(folder, text):
         assert "bad.json: 'train' must be a list of {\"annotation\": " in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "{not json",
+            "is not valid JSON: Expecting property name enclosed in double quotes: "
+            "line 1 column 2 (char 1).",
+        ),
+        ("[1, 2]", "must hold a JSON object of 'train', 'val' and 'test' lists; it holds a list."),
+        ('{"val": [], "test": []}', "has no 'train' list (it has 'val', 'test')."),
+        ("{}", "has no 'train' list (it has none)."),
+    ],
+    ids=str,
+)
+def test_a_malformed_split_file_is_named_in_words(folder, text, error):
+    """They read "has no readable 'train' list: list indices must be integers or slices, not
+    str", or ended in the missing key's repr."""
+    (folder / "bad.json").write_text(text)
+    with pytest.raises(DataError) as info:
+        read_split(folder, "train", split_file=folder / "bad.json")
+    assert str(info.value) == f"Split file {folder / 'bad.json'} {error}"
+
+
+def test_an_entry_pairing_an_image_with_another_frames_mask_is_refused(folder):
+    """Both frames being the same size, the other frame's mask was used without a word."""
+    swapped = [
+        {"annotation": "Frame00002.npy", "image": "Frame00001-org.jpg"},
+        {"annotation": "Frame00001-gt.pbm", "image": "Frame00002-org.jpg"},
+    ]
+    (folder / "swapped.json").write_text(json.dumps({"train": swapped, "val": [], "test": []}))
+    with pytest.raises(DataError) as info:
+        read_split(folder, "train", split_file="swapped.json")
+    assert str(info.value) == (
+        f"Split file {folder / 'swapped.json'}: 2 entries of 'train' pair an image with another "
+        f"frame's mask, e.g. {json.dumps(swapped[0])}; an entry's annotation and image must "
+        "name the same frame."
+    )
+
+
 def test_a_split_file_that_cannot_be_read_is_a_data_error(folder, monkeypatch):
     """E.g. another user's file: not a bare PermissionError (as root, chmod cannot show it)."""
 
@@ -178,7 +226,7 @@ def test_split_file_in_utf16_is_named_and_a_byte_order_mark_is_read(folder):
     """As Windows tools may write them: UTF-16 is refused in one line, UTF-8's mark skipped."""
     text = (folder / "train_val_test.json").read_text()
     (folder / "utf16.json").write_text(text, encoding="utf-16")
-    with pytest.raises(DataError, match="utf16.json has no readable 'train' list: 'utf-8'"):
+    with pytest.raises(DataError, match="utf16.json is not UTF-8 text: 'utf-8' codec can't"):
         read_split(folder, "train", split_file="utf16.json")
     (folder / "bom.json").write_text(text, encoding="utf-8-sig")
     assert read_split(folder, "train", split_file="bom.json").names == ["Frame00001", "Frame00002"]

@@ -1,15 +1,24 @@
 """Tests of load_examples: the config's data fields reach the Figaro1k reader, synthetic splits."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import figaro, synthetic
+from hairseg_jax.data import figaro1k
 from hairseg_jax.data.figaro1k import DataError
-from hairseg_jax.data.sources import load_examples
-from tests.data.conftest import as_npy, random_image, random_mask, write_frame, write_split
+from hairseg_jax.data.sources import load_examples, locate_examples
+from tests.data.conftest import (
+    as_npy,
+    entry,
+    random_image,
+    random_mask,
+    write_frame,
+    write_split,
+)
 
 
 def figaro_config(data_dir, **data):
@@ -92,3 +101,17 @@ def test_synthetic_splits_hold_their_counts_and_differ():
 def test_unknown_dataset_is_named(folder):
     with pytest.raises(ValueError, match="Unknown dataset 'celeba'"):
         load_examples(figaro_config(folder, dataset="celeba"), "train")
+
+
+def test_locate_examples_finds_every_named_split_without_decoding(folder, monkeypatch):
+    lists = {"train": [entry("Frame00001")], "val": [entry("Frame00009")], "test": []}
+    (folder / "train_val_test.json").write_text(json.dumps(lists))
+
+    def decode(*args):
+        raise AssertionError("nothing is decoded")
+
+    monkeypatch.setattr(figaro1k, "read_example", decode)
+    locate_examples(figaro_config(folder), {"train": 0})
+    with pytest.raises(DataError, match="split 'val'.*Frame00009-org.jpg does not exist"):
+        locate_examples(figaro_config(folder), {"train": 0, "val": 0})
+    locate_examples(synthetic.get_config(), {"train": 0, "val": 0, "test": 0})  # no files

@@ -93,12 +93,19 @@ def test_split_to_json():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data dir of empty files named like Figaro1k's images."""
+    """A data dir of empty files named like Figaro1k's images and their PBM masks."""
     root = tmp_path_factory.mktemp("figaro")
-    images = root / "GT" / "images"
-    images.mkdir(parents=True)
-    for name in SYNTHETIC_FRAMES:
-        (images / name).touch()
+    return touch_frames(root, SYNTHETIC_FRAMES, SYNTHETIC_FRAMES)
+
+
+def touch_frames(root: Path, images: list[str], masked: list[str]) -> Path:
+    """Empty files under ``root`` named like the ``images`` and the PBM masks of ``masked``."""
+    for folder in ("images", "labels"):
+        (root / "GT" / folder).mkdir(parents=True)
+    for name in images:
+        (root / "GT" / "images" / name).touch()
+    for name in masked:
+        (root / "GT" / "labels" / name.replace("-org.jpg", "-gt.pbm")).touch()
     return root
 
 
@@ -175,6 +182,42 @@ def test_cli_errors(data_dir: Path, tmp_path: Path, args: list[str], error: str)
     assert not out.exists()
 
 
+def test_frames_without_a_mask_are_left_out_with_a_warning(tmp_path: Path):
+    """They were written into the split, and main.py then stopped at their missing masks."""
+    unmasked = SYNTHETIC_FRAMES[::10]
+    masked = [name for name in SYNTHETIC_FRAMES if name not in unmasked]
+    root = touch_frames(tmp_path / "figaro", SYNTHETIC_FRAMES, masked)
+    out = tmp_path / "split.json"
+    result = _cli(f"--data_dir={root}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        f"warning: {len(unmasked)} of {len(SYNTHETIC_FRAMES)} images have no mask and are left "
+        f"out (e.g. {unmasked[0]})."
+    )
+    assert json.loads(out.read_text()) == split_to_json(stratified_split(masked))
+
+
+def test_a_folder_of_images_without_masks_is_refused(tmp_path: Path):
+    root = touch_frames(tmp_path / "figaro", SYNTHETIC_FRAMES, [])
+    result = _cli(f"--data_dir={root}", f"--out={tmp_path / 'split.json'}")
+    assert result.returncode != 0 and not (tmp_path / "split.json").exists()
+    assert result.stderr.strip() == (
+        f"error: no image in {root / 'GT' / 'images'} has a mask (GT/labels/*-gt.pbm, "
+        "GT/np_labels/*.npy or GT/labels/*.npy)."
+    )
+
+
+def test_an_existing_out_is_refused_before_the_frames_are_split(tmp_path: Path):
+    """Three frames are too few to split: the --out problem was reported only after that."""
+    three = SYNTHETIC_FRAMES[:3]
+    root = touch_frames(tmp_path / "figaro", three, three)
+    out = tmp_path / "split.json"
+    out.write_text("{}")
+    result = _cli(f"--data_dir={root}", f"--out={out}")
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: {out} exists; pass --overwrite to replace it."
+
+
 def test_an_empty_out_is_named_not_taken_for_the_current_folder(data_dir: Path):
     result = _cli(f"--data_dir={data_dir}", "--out=")
     assert result.returncode != 0
@@ -209,6 +252,6 @@ def test_an_out_file_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(files, "write_json", read_only)
     with pytest.raises(SystemExit) as error:
-        split._write_json({}, tmp_path / "split.json", overwrite=False)
+        split._write_json({}, tmp_path / "split.json")
     out = tmp_path / "split.json"
     assert str(error.value) == f"error: cannot write {out}: Read-only file system."
