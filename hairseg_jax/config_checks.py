@@ -5,7 +5,6 @@ import itertools
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from hairseg_jax import cli
 from hairseg_jax.data.figaro1k import MASK_SOURCES, SPLITS, DataError
 from hairseg_jax.models.deeplab import BACKBONE_NAMES
 from hairseg_jax.models.resnet import BACKBONES
-from hairseg_jax.sharding import ShardingError
+from hairseg_jax.sharding import ShardingError, coordinator_port
 from hairseg_jax.steps import TTA_MODES, NonFiniteError
 from hairseg_jax.weights.tensors import ConversionError
 
@@ -181,12 +180,15 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     )
     address = dist.get("coordinator_address", "")
     need(
-        not address or re.fullmatch(r"[^\s]+:[0-9]+", address) is not None,
+        not address or coordinator_port(address) is not None,
         "distributed.coordinator_address",
-        "must be HOST:PORT (process 0's)",
+        "must be HOST:PORT (process 0's), PORT in 1-65535",
     )
     need(data.dataset in ("figaro1k", "synthetic"), "data.dataset", "is not figaro1k or synthetic")
     need(data.mask_source in MASK_SOURCES, "data.mask_source", f"is not one of {MASK_SOURCES}")
+    if data.dataset == "figaro1k" and config.mode != "predict":  # e.g. an unset shell variable
+        need(data.data_dir.strip() != "", "data.data_dir", "must name the Figaro1k folder")
+        need(data.split_file.strip() != "", "data.split_file", "must name the split file")
     if data.dataset == "synthetic":
         need(
             "synthetic_size" in data,

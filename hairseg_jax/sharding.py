@@ -7,7 +7,9 @@ global batch (XLA inserts the all-reduces): synchronised BatchNorm with no expli
 
 import errno
 import os
+import re
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +20,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from hairseg_jax import cli
+
 DATA_AXIS = "data"
+# How much longer than distributed.initialization_timeout JAX's own wait for the processes
+# may take: that wait ends in a C++ abort, so initialize_distributed's own ends first.
+JAX_WAIT_MARGIN_S = 60
 
 
 class ShardingError(ValueError):
@@ -35,37 +42,65 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """
     if not config.enabled:
         return
-    address, timeout = config.coordinator_address, config.initialization_timeout
+    name, address = "distributed.coordinator_address", config.coordinator_address
+    if not address and os.environ.get("JAX_COORDINATOR_ADDRESS"):  # which JAX reads
+        name, address = "$JAX_COORDINATOR_ADDRESS", os.environ["JAX_COORDINATOR_ADDRESS"]
+        if coordinator_port(address) is None:
+            raise ShardingError(f"{name}={address!r} must be HOST:PORT, PORT in 1-65535.")
+    timeout = config.initialization_timeout
     if address and config.process_id == 0:
-        check_port_free(address)
+        check_port_free(address, name)
         logging.info("Process 0: waiting up to %d s for the others at %s.", timeout, address)
     elif address and config.process_id > 0:
-        wait_for_coordinator(address, timeout)
+        wait_for_coordinator(address, timeout, name)
+    processes = f"the {config.num_processes} processes" if config.num_processes else "the processes"
+    watchdog = threading.Timer(  # JAX's own wait for them ends in a C++ abort
+        timeout,
+        cli.fatal_now,
+        (
+            f"distributed: {processes} did not all join in {timeout:g} s (distributed."
+            "initialization_timeout). Start every process with the same coordinator_address "
+            "and num_processes, and its own process_id.",
+            1,
+        ),
+    )
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=address or None,
             num_processes=config.num_processes or None,
             process_id=None if config.process_id < 0 else config.process_id,
-            initialization_timeout=timeout,
+            initialization_timeout=timeout + JAX_WAIT_MARGIN_S,
         )
     except ValueError as e:  # no cluster detected and the addresses not given
         raise ShardingError(
-            f"distributed.enabled=True, but the processes cannot join ({e}). Outside SLURM, "
+            f"distributed.enabled=True, but the processes cannot join ({str(e).rstrip('.')}). "
+            "Outside SLURM, "
             "Open MPI, Kubernetes or Cloud TPU pass --config.distributed.coordinator_address, "
             "num_processes and process_id."
         ) from e
     except RuntimeError as e:  # JaxRuntimeError: e.g. the coordinator's port is taken
         raise ShardingError(
             f"distributed.enabled=True, but the processes cannot join: "
-            f"{str(e).strip().splitlines()[0]} (coordinator {config.coordinator_address!r})."
+            f"{str(e).strip().splitlines()[0]} (coordinator {address!r})."
         ) from e
+    finally:
+        watchdog.cancel()
 
 
-def check_port_free(address: str) -> None:
+def coordinator_port(address: str) -> int | None:
+    """The port of a coordinator address ``HOST:PORT``; None if ``address`` is not of that form
+    or its port is not in 1-65535 (0 would listen on a port the others cannot know)."""
+    match = re.fullmatch(r"[^\s]+:([0-9]+)", address)
+    return int(match.group(1)) if match and 1 <= int(match.group(1)) <= 65535 else None
+
+
+def check_port_free(address: str, name: str = "distributed.coordinator_address") -> None:
     """Raises ShardingError if this machine cannot listen on the port of ``address``
-    (``HOST:PORT``), where process 0's coordinator listens: JAX's service crashes the process
-    (a segmentation fault) on a port in use."""
-    port = int(address.rpartition(":")[2])
+    (``HOST:PORT``, given by ``name``), where process 0's coordinator listens: JAX's service
+    crashes the process (a segmentation fault) on a port in use."""
+    port = coordinator_port(address)
     try:
         with socket.socket(socket.AF_INET6) as probe:  # as the service binds: [::]:PORT
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as it does
@@ -73,14 +108,17 @@ def check_port_free(address: str) -> None:
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise ShardingError(
-                f"distributed.coordinator_address={address!r}: port {port} is in use on this "
+                f"{name}={address!r}: port {port} is in use on this "
                 "machine (by an earlier run still alive?), and process 0 must listen on it."
             ) from e
 
 
-def wait_for_coordinator(address: str, timeout: float) -> None:
-    """Waits until process 0's coordinator accepts connections at ``address`` (``HOST:PORT``),
-    or raises ShardingError after ``timeout`` seconds: JAX's own wait ends in a C++ abort."""
+def wait_for_coordinator(
+    address: str, timeout: float, name: str = "distributed.coordinator_address"
+) -> None:
+    """Waits until process 0's coordinator accepts connections at ``address`` (``HOST:PORT``,
+    given by ``name``), or raises ShardingError after ``timeout`` seconds: JAX's own wait ends
+    in a C++ abort."""
     host, _, port = address.rpartition(":")
     start = last_log = time.monotonic()
     while True:
@@ -88,14 +126,12 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
                 return
         except socket.gaierror as e:
-            raise ShardingError(
-                f"distributed.coordinator_address={address!r}: host {host!r} is unknown ({e})."
-            ) from e
+            raise ShardingError(f"{name}={address!r}: host {host!r} is unknown ({e}).") from e
         except OSError as e:
             now = time.monotonic()
             if now - start >= timeout:
                 raise ShardingError(
-                    f"distributed.coordinator_address={address!r}: no coordinator answered in "
+                    f"{name}={address!r}: no coordinator answered in "
                     f"{timeout:g} s ({e.strerror or e}). Start process 0 (process_id=0) on that "
                     "host, or correct the address (distributed.initialization_timeout: the wait)."
                 ) from e

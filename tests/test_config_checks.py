@@ -114,6 +114,9 @@ BAD_VALUES = [
         "png",
         "data.mask_source='png' is not one of ('auto', 'pbm', 'npy')",
     ),
+    # E.g. an unset shell variable: the current folder, used if it held a Figaro1k layout.
+    ("data.data_dir", "", "data.data_dir='' must name the Figaro1k folder"),
+    ("data.split_file", " ", "data.split_file=' ' must name the split file"),
     ("data.max_train_images", -1, "data.max_train_images=-1 must not be negative (0: all)"),
     ("data.max_val_images", -2, "data.max_val_images=-2 must not be negative (0: all)"),
     ("data.image_size", 0, "data.image_size=0 must be positive"),
@@ -170,7 +173,8 @@ BAD_VALUES = [
     (
         "distributed.coordinator_address",
         "localhost",
-        "distributed.coordinator_address='localhost' must be HOST:PORT (process 0's)",
+        "distributed.coordinator_address='localhost' must be HOST:PORT (process 0's), PORT in "
+        "1-65535",
     ),
     (
         "distributed.initialization_timeout",
@@ -276,10 +280,15 @@ BAD_VALUES = [
         "count twice)",
     ),
     ("model.decoder_channels", -8, "model.decoder_channels=-8 must be positive"),
-    (  # with distributed.enabled (RELATED)
-        "distributed.coordinator_address",
-        "localhost:",
-        "distributed.coordinator_address='localhost:' must be HOST:PORT (process 0's)",
+    *(  # with distributed.enabled (RELATED)
+        (
+            "distributed.coordinator_address",
+            address,
+            f"distributed.coordinator_address={address!r} must be HOST:PORT (process 0's), "
+            "PORT in 1-65535",
+        )
+        # A port over 65535 ended in a traceback; port 0 hung, the others unable to know it.
+        for address in ("localhost:", "localhost:99999", "localhost:0")
     ),
     *(
         (
@@ -305,7 +314,10 @@ BAD_VALUES = [
 # The other settings a rule needs before it applies.
 RELATED = {
     ("distributed.process_id", 2): {"distributed.enabled": True, "distributed.num_processes": 2},
-    ("distributed.coordinator_address", "localhost:"): {"distributed.enabled": True},
+    **{
+        ("distributed.coordinator_address", address): {"distributed.enabled": True}
+        for address in ("localhost:", "localhost:99999", "localhost:0")
+    },
 }
 
 

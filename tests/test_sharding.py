@@ -247,6 +247,58 @@ def test_a_coordinator_that_never_answers_is_named_in_one_line():
         sharding.wait_for_coordinator("nohost.invalid:1234", 60)
 
 
+# Process 0 of two, whose peer never comes.
+LONELY_PROCESS_0 = """
+import sys
+from configs import figaro
+from hairseg_jax import sharding
+
+config = figaro.get_config().distributed
+config.update(enabled=True, coordinator_address=sys.argv[1], num_processes=2, process_id=0)
+config.initialization_timeout = 3
+sharding.initialize_distributed(config)
+print("joined")
+"""
+
+
+def test_processes_that_never_all_join_end_with_one_line_at_the_timeout():
+    """JAX's own wait for them ended, later than the timeout, in a C++ abort (status 134)."""
+    start = time.monotonic()
+    result = run_python("-c", LONELY_PROCESS_0, f"localhost:{free_port()}", timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert 3 <= time.monotonic() - start < 30 and "joined" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        "FATAL distributed: the 2 processes did not all join in 3 s (distributed."
+        "initialization_timeout). Start every process with the same coordinator_address and "
+        "num_processes, and its own process_id."
+    )
+
+
+@pytest.mark.parametrize("address", ["localhost", "localhost:70000"])
+def test_a_bad_jax_coordinator_address_variable_is_named(monkeypatch, address):
+    """JAX reads it where the config gives no address: it ended in an IndexError traceback."""
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", address)
+    config = figaro.get_config().distributed
+    config.update(enabled=True, num_processes=1, process_id=0)
+    with pytest.raises(sharding.ShardingError) as info:
+        sharding.initialize_distributed(config)
+    assert str(info.value) == (
+        f"$JAX_COORDINATOR_ADDRESS={address!r} must be HOST:PORT, PORT in 1-65535."
+    )
+
+
+def test_the_checks_of_the_coordinator_name_the_variable_that_gave_it(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("localhost", free_port()))
+        taken.listen()
+        address = f"localhost:{taken.getsockname()[1]}"
+        monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", address)
+        config = figaro.get_config().distributed
+        config.update(enabled=True, num_processes=1, process_id=0)
+        with pytest.raises(sharding.ShardingError, match="^.JAX_COORDINATOR_ADDRESS='localhost:"):
+            sharding.initialize_distributed(config)
+
+
 def test_the_wait_for_the_coordinator_ends_when_it_listens():
     with socket.socket() as coordinator:
         coordinator.bind(("localhost", free_port()))
