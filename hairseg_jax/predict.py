@@ -23,6 +23,7 @@ import glob
 import io
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -99,9 +100,11 @@ def without_outputs(files: Sequence[Path], output: Path) -> list[Path]:
 
     def earlier_output(f: Path) -> bool:
         suffix = next((s for s in OUTPUT_SUFFIXES if f.name.endswith(s)), None)
-        return suffix is not None and (
-            f.resolve().parent == output or f.name.removesuffix(suffix) in sources
-        )
+        if suffix is None:
+            return False
+        name = f.name.removesuffix(suffix)
+        uncounted = re.sub(r"_[0-9]+$", "", name)  # output_names' a_jpg_2 for a second a.jpg
+        return f.resolve().parent == output or name in sources or uncounted in sources
 
     kept = [f for f in files if not earlier_output(f)]
     if len(kept) < len(files):  # by their names: a photo named x_mask.png beside x.jpg too
@@ -118,17 +121,24 @@ def without_outputs(files: Sequence[Path], output: Path) -> list[Path]:
 
 
 def output_names(files: Sequence[Path]) -> list[str]:
-    """The output name of each file: its stem, or its name with the dot replaced by "_" where
-    two files share a stem (``a.jpg`` and ``a.png``), and a counter if that still clashes."""
-    stems = collections.Counter(f.stem for f in files)
-    names, used = [], set()
+    """The output name of each file: its stem, or where two files share a stem (``a.jpg`` and
+    ``a.png``) its name with the dot replaced by "_", with a counter (``a_jpg_2``) where that
+    is taken. A file's own stem is never another file's name (``a_jpg.png`` keeps ``a_jpg``),
+    and names differ in more than case (``B.JPG`` and ``b.jpg``: a Mac's or Windows' disk
+    would hold one ``b_mask.png``)."""
+    stems = collections.Counter(f.stem.casefold() for f in files)
+    used = {stem for stem, count in stems.items() if count == 1}  # kept by their own files
+    names = []
     for f in files:
-        name = f.stem if stems[f.stem] == 1 else f.name.replace(".", "_")
-        base, count = name, 1
-        while name in used:
+        if stems[f.stem.casefold()] == 1:
+            names.append(f.stem)
+            continue
+        base = name = f.name.replace(".", "_")
+        count = 1
+        while name.casefold() in used:
             count += 1
             name = f"{base}_{count}"
-        used.add(name)
+        used.add(name.casefold())
         names.append(name)
     return names
 
@@ -313,6 +323,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     output = Path(pc.output)
     files = without_outputs(find_inputs(pc.input), output)
     names = output_names(files)
+    for file, name in zip(files, names, strict=True):
+        if name != file.stem:  # the only record of which photo these outputs are
+            logging.info("The outputs of %s are named %s_*.", file, name)
     leader = jax.process_index() == 0
     mesh = sharding.data_mesh()
     state, weights, step = evaluate.load_state(config, workdir, mesh)

@@ -273,6 +273,14 @@ def test_inputs_and_output_names(inputs, tmp_path):
     assert predict.output_names([Path("a/x.jpg"), Path("b/x.png")]) == ["x_jpg", "x_png"]
 
 
+def test_a_photos_own_stem_is_never_another_photos_output_name():
+    """a_jpg.png's outputs were a_jpg_2_*, and a_jpg_* those of d1/a.jpg; B.JPG and b.jpg were
+    B_* and b_*, one file on a disk blind to case (a Mac's, Windows')."""
+    files = [Path(p) for p in ("d1/a.jpg", "d1/a.png", "d1/a_jpg.png", "d2/a.jpg", "d1/b.jpg")]
+    assert predict.output_names(files) == ["a_jpg_2", "a_png", "a_jpg", "a_jpg_3", "b"]
+    assert predict.output_names([Path("B.JPG"), Path("b.jpg")]) == ["B_JPG", "b_jpg_2"]
+
+
 def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path, caplog):
     """Predicting a folder into itself twice does not predict its own masks, and nor does
     predicting that folder into another one later, nor a pattern that reaches the folder
@@ -314,6 +322,21 @@ def test_earlier_outputs_in_the_output_folder_are_not_inputs(tmp_path, caplog):
     ]
     with pytest.raises(FileNotFoundError, match="The only images .* are outputs in"):
         predict.without_outputs([tmp_path / "a_mask.png"], tmp_path)
+
+
+def test_earlier_outputs_with_a_counter_in_their_names_are_not_inputs(tmp_path):
+    """A second a.jpg's outputs, a_jpg_2_*, in an earlier output folder that ** reaches: they
+    were predicted as photos (a_jpg_2_mask_mask.png, ...)."""
+    for name in ("d1/a.jpg", "d1/a.png", "d2/a.jpg", "out/a_jpg_2_mask.png", "out/a_png_mask.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = predict.find_inputs(str(tmp_path / "**" / "*"))
+    kept = predict.without_outputs(found, tmp_path / "elsewhere")
+    assert [p.relative_to(tmp_path).as_posix() for p in kept] == [
+        "d1/a.jpg",
+        "d1/a.png",
+        "d2/a.jpg",
+    ]
 
 
 def test_threshold_json_of_another_step_or_predictor_is_ignored(tmp_path, caplog):
@@ -460,3 +483,22 @@ def test_running_out_of_host_memory_stops_instead_of_blaming_each_file(workdir, 
     config.predict.image_size = 100000
     with pytest.raises(MemoryError):
         predict.predict(config, workdir)
+
+
+def test_the_log_names_the_outputs_of_each_renamed_photo(workdir, tmp_path, caplog):
+    """The log was the only place to learn which a.png became a_png_2, and it did not say."""
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (12, 10)).save(tmp_path / folder / "a.png")
+    Image.new("RGB", (12, 10)).save(tmp_path / "x" / "b.png")
+    config = tiny_config()
+    config.predict.input = str(tmp_path / "**" / "*.png")
+    config.predict.output = str(tmp_path / "out")
+    with caplog.at_level(logging.INFO):
+        predict.predict(config, workdir)
+    renamed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("The outputs")]
+    assert renamed == [
+        f"The outputs of {tmp_path / 'x' / 'a.png'} are named a_png_*.",
+        f"The outputs of {tmp_path / 'y' / 'a.png'} are named a_png_2_*.",
+    ]
+    assert (tmp_path / "out" / "a_png_2_mask.png").is_file()
