@@ -240,9 +240,17 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
       UnreadableError: its metadata or arrays cannot be read.
     """
     try:
-        stored = _shapes(manager.item_metadata(step).tree)
+        metadata = manager.item_metadata(step)
     except Exception as e:
-        raise _unreadable(manager.directory, step, e) from e
+        cause = (  # orbax's words for no default/ folder name its handler registry
+            ValueError("its default/ folder is missing")
+            if "Unable to retrieve default item" in str(e)
+            else e
+        )
+        raise _unreadable(manager.directory, step, cause) from e
+    if metadata is None:  # orbax's answer where the item's _METADATA file is missing
+        raise _unreadable(manager.directory, step, ValueError("its _METADATA file is missing"))
+    stored = _shapes(metadata.tree)
     wanted = _shapes(target)
     differences = [
         f"{name} is {stored.get(name, 'missing')} there, {wanted.get(name, 'missing')} here"

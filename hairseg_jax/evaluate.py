@@ -471,7 +471,9 @@ def load_state(
         raise FileNotFoundError(
             f"No best checkpoint in {best} and no config.model.pretrained; "
             + (
-                "resume training there until its first validation."
+                "resume training there until its next validation (a run that trained all its "
+                "steps, its best/ since deleted, validates again with more steps: "
+                "--config.train.num_steps and --config.train.allow_config_change=True)."
                 if started
                 else "train there first."
             )

@@ -76,9 +76,8 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:  # no cluster detected and the addresses not given
         raise ShardingError(
             f"distributed.enabled=True, but the processes cannot join ({str(e).rstrip('.')}). "
-            "Outside SLURM, "
-            "Open MPI, Kubernetes or Cloud TPU pass --config.distributed.coordinator_address, "
-            "num_processes and process_id."
+            "Outside SLURM, Open MPI, Kubernetes or Cloud TPU pass "
+            "--config.distributed.coordinator_address, num_processes and process_id."
         ) from e
     except RuntimeError as e:  # JaxRuntimeError: e.g. the coordinator's port is taken
         raise ShardingError(

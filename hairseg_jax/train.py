@@ -57,6 +57,12 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: Path) -> None
     """
     saved = config_checks.saved_config(workdir)
     if saved is None:
+        if checkpoints.holds_checkpoints(workdir):
+            logging.warning(
+                "%s holds checkpoints but no config.json: this run's config cannot be checked "
+                "against the one they were trained with.",
+                workdir,
+            )
         return
     saved_path = workdir / "config.json"
     changes = config_checks.config_changes(saved, config)
@@ -293,7 +299,21 @@ def _train_and_evaluate(
         checkpoints.closed_after(checkpoints.latest_manager(workdir, config.train.keep_checkpoints))
     )
     best = closing.enter_context(checkpoints.closed_after(checkpoints.best_manager(workdir)))
-    resume_step = latest.latest_step()
+    resume_step, best_step = latest.latest_step(), best.best_step()
+    if resume_step is None and best_step is not None:
+        logging.warning(
+            "%s holds a best model (step %d) but checkpoints/ no train state to resume from: "
+            "training starts over from step 1, and its evaluations may replace that model.",
+            best.directory,
+            best_step,
+        )
+    elif resume_step is not None and best_step is None and resume_step >= eval_every:
+        logging.warning(
+            "%s holds no model although training resumes from step %d, past evaluations: the "
+            "best model is chosen among the evaluations from here on.",
+            best.directory,
+            resume_step,
+        )
     # Resuming, only the state's shapes are made (nothing is initialised) to restore into.
     state, schedule = steps.initial_train_state(
         config,
@@ -303,6 +323,8 @@ def _train_and_evaluate(
         abstract=resume_step is not None,
     )
     if resume_step is not None:
+        # Read first: a checkpoint that cannot resume stops the run before anything is written.
+        resume_metadata = checkpoints.step_metadata(latest, resume_step)
         state = resumed_state(config, workdir, latest, resume_step, state)
     elif config.model.get("pretrained"):  # a resumed run has its weights in the checkpoint
         state = load_pretrained(state, config, mesh)
@@ -376,7 +398,7 @@ def _train_and_evaluate(
         report_progress(start_step)
     train_metrics = None  # the loss since the last log: a checkpoint keeps it
     if resume_step is not None:
-        train_metrics = resumed_loss_window(checkpoints.step_metadata(latest, resume_step))
+        train_metrics = resumed_loss_window(resume_metadata)
     val_summary = {}
     unchecked = []  # (step, its "nonfinite" flag on the device) not read yet
     skipped = start_step - steps.optimizer_count(state.opt_state)  # by earlier runs too
@@ -519,7 +541,7 @@ def _train_and_evaluate(
                         writer.write_images(step, {"val_image_truth_prediction": previews})
             if save_now:  # with the loss since the last log, which a resume logs with its own
                 checkpoints.save(latest, step, state, custom_metadata=loss_window(train_metrics))
-            if stopping:
+            if stopping and step < total_steps:  # at the last, training is complete
                 logging.warning("Stopped at step %d; the same command resumes from it.", step)
                 break
     except asynclib.AsyncError:  # TensorBoard's events of an earlier write cannot be written

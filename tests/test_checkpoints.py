@@ -1,6 +1,7 @@
 """The workdir's orbax checkpoint managers: latest train states and the best model."""
 
 import math
+import shutil
 import sys
 import time
 
@@ -129,6 +130,33 @@ def test_a_damaged_checkpoint_is_named_as_unreadable(tmp_path, monkeypatch):
     )
     assert str(error.value).endswith(
         f"): delete {tmp_path / 'checkpoints' / '3'} to use an earlier one, if any."
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "cause"),
+    [
+        ("default/_METADATA", "its _METADATA file is missing"),
+        ("default", "its default/ folder is missing"),
+    ],
+)
+def test_a_checkpoint_missing_its_metadata_or_item_says_so_in_words(tmp_path, damage, cause):
+    """They read "'NoneType' object has no attribute 'tree'" and orbax's advice to register
+    a handler."""
+    with checkpoints.latest_manager(tmp_path) as manager:
+        checkpoints.save(manager, 2, TREE)
+        manager.wait_until_finished()
+    path = tmp_path / "checkpoints" / "2" / damage
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    unreadable = pytest.raises(checkpoints.UnreadableError)
+    with checkpoints.latest_manager(tmp_path, read_only=True) as manager, unreadable as error:
+        checkpoints.restore(manager, 2, TREE)
+    assert str(error.value) == (
+        f"The checkpoint at step 2 of {tmp_path / 'checkpoints'} cannot be read ({cause}): "
+        f"delete {tmp_path / 'checkpoints' / '2'} to use an earlier one, if any."
     )
 
 

@@ -103,8 +103,13 @@ def test_no_best_checkpoint_says_whether_training_began(tmp_path, trained_variab
         evaluate.load_state(tiny_config(), tmp_path, mesh)
     with checkpoints.latest_manager(tmp_path) as latest:  # stopped before its first validation
         checkpoints.save(latest, 2, trained_variables)
-    with pytest.raises(FileNotFoundError, match="resume training there until its first"):
+    with pytest.raises(FileNotFoundError) as error:
         evaluate.load_state(tiny_config(), tmp_path, mesh)
+    assert str(error.value).endswith(  # a finished run resumed validated nothing more
+        "resume training there until its next validation (a run that trained all its steps, "
+        "its best/ since deleted, validates again with more steps: --config.train.num_steps "
+        "and --config.train.allow_config_change=True)."
+    )
 
 
 def test_whole_pretrained_file_is_loaded_into_shapes(tmp_path, trained_variables, monkeypatch):

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -421,7 +422,9 @@ def test_a_second_ctrl_c_stops_at_once_a_repeated_sigterm_does_not():
 
 def test_a_stop_asked_for_during_an_evaluation_stops_at_its_step(tmp_path, monkeypatch, caplog):
     """SIGTERM while step 2 is validated: step 2 is saved and training stops there, not after
-    another step. The rerun has one step left, and still logs its progress line."""
+    another step. The rerun has one step left, and still logs its progress line; a SIGTERM
+    while that last step is validated does not call the complete run stopped (it did, and
+    said that the same command resumes it)."""
     score_examples = evaluate.score_examples
 
     def score_then_terminate(*args, **kwargs):
@@ -437,11 +440,12 @@ def test_a_stop_asked_for_during_an_evaluation_stops_at_its_step(tmp_path, monke
     assert "Stopped at step 2; the same command resumes from it." in caplog.text
     assert checkpoints.latest_manager(tmp_path).all_steps() == [2]
 
-    monkeypatch.setattr(evaluate, "score_examples", score_examples)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         train.train_and_evaluate(config, tmp_path)
     assert re.search(r"100\.0% \(3/3\)", caplog.text)  # clu's first call alone logs nothing
+    assert "Stopped at step" not in caplog.text
+    assert checkpoints.latest_manager(tmp_path).all_steps() == [2, 3]
 
 
 def test_the_events_writer_of_several_processes_is_closed_after_its_error():
@@ -580,3 +584,44 @@ def test_a_missing_val_file_is_found_before_the_training_images_are_decoded(tmp_
     monkeypatch.setattr(figaro1k, "read_example", decode)
     with pytest.raises(figaro1k.DataError, match="split 'val'.*Frame00003-org.jpg does not"):
         train.train_and_evaluate(config, tmp_path / "w")
+
+
+def test_a_checkpoint_that_cannot_resume_leaves_the_workdir_as_it_was(tmp_path, pixel_net):
+    """Its metadata was read after config.json had been rewritten and an event file made, so
+    the next run was refused for a config that never trained."""
+    config = tiny_config()
+    train.train_and_evaluate(config, tmp_path)
+    (tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA").unlink()
+    before = snapshot(tmp_path)
+    config.train.num_steps, config.optim.learning_rate = 6, 0.5
+    config.train.allow_config_change = True
+    with pytest.raises(checkpoints.UnreadableError, match="_CHECKPOINT_METADATA"):
+        train.train_and_evaluate(config, tmp_path)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_workdir_missing_its_train_states_best_model_or_config_is_warned_about(
+    tmp_path, pixel_net, caplog
+):
+    """Each was silent: training started over beside the best model, chose the best among
+    later evaluations only, or took any config."""
+    config = tiny_config()
+    train.train_and_evaluate(config, tmp_path)
+    config.train.num_steps, config.train.allow_config_change = 6, True
+    with caplog.at_level(logging.WARNING):
+        (tmp_path / "config.json").unlink()
+        shutil.rmtree(tmp_path / "best")
+        train.train_and_evaluate(config, tmp_path)
+        shutil.rmtree(tmp_path / "checkpoints")
+        config.train.num_steps = 8
+        train.train_and_evaluate(config, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if not w.startswith("Config changed")][:3] == [
+        f"{tmp_path} holds checkpoints but no config.json: this run's config cannot be checked "
+        "against the one they were trained with.",
+        f"{tmp_path / 'best'} holds no model although training resumes from step 4, past "
+        "evaluations: the best model is chosen among the evaluations from here on.",
+        f"{tmp_path / 'best'} holds a best model (step 6) but checkpoints/ no train state to "
+        "resume from: training starts over from step 1, and its evaluations may replace that "
+        "model.",
+    ]

@@ -43,8 +43,11 @@ def resolve_split_file(data_dir: str | os.PathLike, split_file: str | os.PathLik
 ENTRY_KEYS = ("annotation", "image")  # of each entry of a split file's lists
 
 
-def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[str, str]]:
-    """Returns the ``{"annotation", "image"}`` entries of one split of a split file."""
+def read_split_entries(
+    split_file: str | os.PathLike, split: str, warn: bool = True
+) -> list[dict[str, str]]:
+    """Returns the ``{"annotation", "image"}`` entries of one split of a split file; with
+    ``warn``, logs the images it lists twice or shares with another split."""
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r}; expected one of {SPLITS}.")
     path = Path(split_file)
@@ -83,6 +86,8 @@ def read_split_entries(split_file: str | os.PathLike, split: str) -> list[dict[s
             f"{split!r} pair an image with another frame's mask, e.g. {json.dumps(swapped[0])}; "
             "an entry's annotation and image must name the same frame."
         )
+    if not warn:
+        return entries
     names = _image_names(entries)
     repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
     if repeated:  # each is read, trained on or scored as often as it is listed
@@ -282,9 +287,11 @@ def locate_split(
     split_file: str | os.PathLike = "train_val_test.json",
     mask_source: str = "auto",
     limit: int | None = None,
+    warn: bool = True,
 ) -> tuple[list[dict[str, str]], list[tuple[Path, Path]]]:
     """The entries of ``limit`` examples (all for 0 or ``None``) spread over a split, and their
-    image and mask files; a DataError reports every missing file together."""
+    image and mask files; a DataError reports every missing file together. ``warn``: as
+    ``read_split_entries``'s."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         what = "is not a folder" if data_dir.exists() else "does not exist"
@@ -293,7 +300,12 @@ def locate_split(
             "Figaro1k folder (see data/README.md)."
         )
     split_path = resolve_split_file(data_dir, split_file)
-    entries = spread(read_split_entries(split_path, split), limit)
+    if not split_path.exists() and Path(split_file).is_file():  # from this folder, not data_dir
+        raise DataError(
+            f"Split file {split_path} does not exist: a relative data.split_file is read from "
+            f"data.data_dir; pass {Path(split_file).absolute()} for the one in this folder."
+        )
+    entries = spread(read_split_entries(split_path, split, warn), limit)
     paths, missing = [], []
     for entry in entries:
         try:

@@ -28,8 +28,11 @@ def load_examples(config: ml_collections.ConfigDict, split: str, limit: int = 0)
 def locate_examples(config: ml_collections.ConfigDict, limits: dict[str, int]) -> None:
     """Finds the files of the splits ``limits`` names (``{split: limit}``, as
     ``load_examples``) without decoding any: a DataError for the first split missing some,
-    rather than after another split's long read."""
+    rather than after another split's long read. Warnings about the split file are left to
+    ``load_examples``."""
     data = config.data
     if data.dataset == "figaro1k":
         for split, limit in limits.items():
-            figaro1k.locate_split(data.data_dir, split, data.split_file, data.mask_source, limit)
+            figaro1k.locate_split(
+                data.data_dir, split, data.split_file, data.mask_source, limit, warn=False
+            )

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -115,3 +116,28 @@ def test_locate_examples_finds_every_named_split_without_decoding(folder, monkey
     with pytest.raises(DataError, match="split 'val'.*Frame00009-org.jpg does not exist"):
         locate_examples(figaro_config(folder), {"train": 0, "val": 0})
     locate_examples(synthetic.get_config(), {"train": 0, "val": 0, "test": 0})  # no files
+
+
+def test_a_split_files_warnings_are_logged_once_for_a_located_then_loaded_split(folder, caplog):
+    lists = json.loads((folder / "train_val_test.json").read_text())
+    lists["test"] = lists["train"][:1]  # tests on a training image
+    (folder / "train_val_test.json").write_text(json.dumps(lists))
+    with caplog.at_level(logging.WARNING):
+        locate_examples(figaro_config(folder), {"train": 0})
+        load_examples(figaro_config(folder), "train")
+    warnings = [r.getMessage() for r in caplog.records if "in 'test' too" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+
+def test_a_relative_split_file_found_only_in_the_current_folder_is_named(
+    folder, tmp_path, monkeypatch
+):
+    """It said only that the file inside data_dir does not exist."""
+    monkeypatch.chdir(tmp_path)
+    write_split(tmp_path / "mine.json", ["Frame00001"], split="train")
+    with pytest.raises(DataError) as info:
+        load_examples(figaro_config(folder, split_file="mine.json"), "train")
+    assert str(info.value) == (
+        f"Split file {folder / 'mine.json'} does not exist: a relative data.split_file is read "
+        f"from data.data_dir; pass {tmp_path / 'mine.json'} for the one in this folder."
+    )
